@@ -1,0 +1,148 @@
+"""Config of the data stage (the `data:` section of a stage YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmfleet.config import StrictModel
+
+Format = Literal["jsonl", "json", "parquet", "text", "hf_dataset", "python_docstrings"]
+
+
+class SourceConfig(StrictModel):
+    """One named input. Every row it yields is tagged with `source: <name>`."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    format: Format
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Files, dirs or globs. Empty only for python_docstrings (default: this Python's stdlib).",
+    )
+    text_field: str | list[str] = Field(
+        "text", description="Field holding the text; a list joins the non-empty fields with a blank line."
+    )
+    id_field: str | None = Field(None, description="Field holding a stable id; default: source/file:row.")
+    text_unit: Literal["file", "block"] = Field(
+        "file", description="text format: one document per file, or per blank-line-separated block."
+    )
+    split: str = Field("train", description="hf_dataset: split of a saved DatasetDict.")
+    glob: str = Field("*", description="Pattern for the files inside a directory path.")
+
+    @model_validator(mode="after")
+    def _paths_required(self):
+        if not self.paths and self.format != "python_docstrings":
+            raise ValueError(f"source {self.name!r}: 'paths' is required for format {self.format!r}")
+        return self
+
+
+class FilterConfig(StrictModel):
+    min_chars: int = Field(1, ge=1, description="Shorter documents (after normalization) are rejected.")
+    max_chars: int = Field(1_000_000, ge=1, description="Longer documents are rejected, not truncated.")
+
+
+class NormalizeConfig(StrictModel):
+    nfkc: bool = True
+    whitespace: bool = Field(True, description="Collapse runs of spaces/tabs, trim lines, at most one blank line.")
+
+
+class DedupConfig(StrictModel):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity of near-duplicates.")
+    num_perm: int = Field(128, ge=8, le=1024)
+    ngram: int = Field(5, ge=1, le=32, description="Tokens (or characters with char_ngrams) per shingle.")
+    char_ngrams: bool = False
+    bands: tuple[int, int] | None = Field(None, description="(b, r); default: optimal for threshold.")
+    false_positive_weight: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Weight of LSH false positives vs negatives when choosing bands; default 0.1 with "
+        "verify (verification drops false positives, so banding favours recall), 0.5 without.",
+    )
+    verify: bool = Field(True, description="Drop candidate pairs whose estimated Jaccard < threshold.")
+    max_bucket_pairs: int = Field(
+        64, ge=2, description="Buckets larger than this link to their first doc instead of all pairs."
+    )
+
+    @model_validator(mode="after")
+    def _bands_fit(self):
+        if self.bands is not None:
+            b, r = self.bands
+            if b < 1 or r < 1 or b * r > self.num_perm:
+                raise ValueError(f"bands {self.bands}: need b, r >= 1 and b*r <= num_perm ({self.num_perm})")
+        return self
+
+
+class MixingConfig(StrictModel):
+    """Static mixing of the deduplicated corpus, measured in characters (a proxy for tokens).
+
+    Target share of source i: `weights[i]` if given, else n_i^(1/T) / sum_j n_j^(1/T) (temperature T;
+    T=1 keeps natural proportions, larger T flattens towards uniform). A source below its target is
+    repeated (whole epochs, then a seeded fraction) up to `max_epochs`; above it, sampled down.
+    """
+
+    weights: dict[str, float] | None = None
+    temperature: float = Field(1.0, gt=0.0)
+    max_epochs: float | dict[str, float] = Field(4.0, description="Upsampling cap, global or per source.")
+    caps: dict[str, int] = Field(default_factory=dict, description="Per-source cap in characters.")
+    total_chars: int | None = Field(None, ge=1, description="Size of the mix; default: size of the corpus.")
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for name, w in (self.weights or {}).items():
+            if w < 0:
+                raise ValueError(f"weights.{name} = {w}: must be >= 0")
+        if self.weights is not None and sum(self.weights.values()) <= 0:
+            raise ValueError("weights: at least one must be > 0")
+        epochs = self.max_epochs.values() if isinstance(self.max_epochs, dict) else [self.max_epochs]
+        if any(e <= 0 for e in epochs):
+            raise ValueError(f"max_epochs {self.max_epochs}: must be > 0")
+        return self
+
+
+class TokenizerConfig(StrictModel):
+    path: Path | None = Field(None, description="Reuse this tokenizer dir instead of training one.")
+    vocab_size: int = Field(8000, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+    max_train_docs: int | None = Field(None, ge=1, description="Train on at most this many documents.")
+
+    @model_validator(mode="after")
+    def _specials_declared(self):
+        if self.path is None:
+            for tok in (self.eos_token, self.pad_token):
+                if tok not in self.special_tokens:
+                    raise ValueError(f"{tok!r} must be listed in special_tokens")
+        return self
+
+
+class PackConfig(StrictModel):
+    seq_len: int = Field(256, ge=8, description="Model context; each stored sample holds seq_len + 1 tokens.")
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Documents held out for validation.")
+    samples_per_shard: int = Field(4096, ge=16)
+
+
+class DataConfig(StrictModel):
+    sources: list[SourceConfig] = Field(..., min_length=1)
+    filter: FilterConfig = FilterConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    dedup: DedupConfig = DedupConfig()
+    mixing: MixingConfig = MixingConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pack: PackConfig | None = PackConfig()
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        for key in ("weights", "caps"):
+            unknown = sorted(set(getattr(self.mixing, key) or {}) - set(names))
+            if unknown:
+                raise ValueError(f"mixing.{key}: unknown sources {unknown}; sources are {names}")
+        return self

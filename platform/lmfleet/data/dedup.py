@@ -1,0 +1,227 @@
+"""Exact and MinHash-LSH near-duplicate removal on Ray Data.
+
+Both steps hash-partition rows into `partitions` buckets with `groupby(bucket).map_groups`, so every
+row sharing a key (content hash, LSH band hash) meets in one task; nothing of the corpus goes to the
+driver. The driver sees only candidate edges (pairs of 64-bit doc ids) for the connected components.
+
+Representative rule (exact and near): within a group of duplicates keep the document of the source
+listed first in the config, then the smallest `id` (string order). It is deterministic and lets the
+user rank sources by trust.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from lmfleet.data import minhash
+from lmfleet.data.config import DedupConfig
+
+_KEY_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _bucket_of(values: np.ndarray, partitions: int) -> np.ndarray:
+    """Partition index of 64-bit keys; a multiplicative mix so structured keys spread evenly."""
+    return ((values.astype(np.uint64) * _KEY_MIX) >> np.uint64(40)).astype(np.int64) % partitions
+
+
+def _rank_sorted(table: pa.Table, key: str) -> pa.Table:
+    return table.sort_by([(key, "ascending"), ("source_index", "ascending"), ("id", "ascending")])
+
+
+def _first_of_runs(keys: np.ndarray) -> np.ndarray:
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return first
+
+
+# ---- exact dedup -------------------------------------------------------------------------------
+
+
+def _with_hash_bucket(table: pa.Table, partitions: int) -> pa.Table:
+    prefix = np.array([int(h[:16], 16) for h in table["content_hash"].to_pylist()], dtype=np.uint64)
+    return table.append_column("bucket", pa.array(_bucket_of(prefix, partitions)))
+
+
+def _keep_first_per_hash(table: pa.Table) -> pa.Table:
+    table = _rank_sorted(table, "content_hash")
+    keep = _first_of_runs(np.asarray(table["content_hash"].to_pylist(), dtype=object))
+    return table.filter(pa.array(keep)).drop_columns(["bucket"])
+
+
+def exact_dedup(ds, partitions: int):
+    """One row per distinct normalized text (content_hash), chosen by the representative rule."""
+    return (
+        ds.map_batches(_with_hash_bucket, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
+        .groupby("bucket", num_partitions=partitions)
+        .map_groups(_keep_first_per_hash, batch_format="pyarrow")
+    )
+
+
+# ---- near dedup --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LshParams:
+    num_perm: int
+    ngram: int
+    char_ngrams: bool
+    bands: int
+    rows: int
+    threshold: float
+    verify: bool
+    max_bucket_pairs: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: DedupConfig, seed: int) -> LshParams:
+        fp = cfg.false_positive_weight
+        if fp is None:
+            fp = 0.1 if cfg.verify else 0.5
+        b, r = cfg.bands or minhash.optimal_bands(cfg.threshold, cfg.num_perm, fp, 1.0 - fp)
+        return cls(cfg.num_perm, cfg.ngram, cfg.char_ngrams, b, r, cfg.threshold, cfg.verify,
+                   cfg.max_bucket_pairs, seed)
+
+
+def _band_rows(table: pa.Table, p: LshParams, partitions: int) -> pa.Table:
+    """One row per (document, band): the band's hash and who the document is."""
+    sigs = minhash.minhash_signatures(
+        table["text"].to_pylist(), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed, char_ngrams=p.char_ngrams
+    )
+    bands = minhash.band_hashes(sigs, p.bands, p.rows, seed=p.seed)  # (n, b) uint64
+    n = len(table)
+    doc = np.repeat(np.arange(n), p.bands)
+    keys = bands.reshape(-1)
+    cols = {
+        "band_key": pa.array(keys),
+        "bucket": pa.array(_bucket_of(keys, partitions)),
+        "uid": table["uid"].take(pa.array(doc)),
+        "source_index": table["source_index"].take(pa.array(doc)),
+        "id": table["id"].take(pa.array(doc)),
+    }
+    if p.verify:
+        flat = pa.array(sigs.reshape(-1))
+        cols["sig"] = pa.FixedSizeListArray.from_arrays(flat, p.num_perm).take(pa.array(doc))
+    return pa.table(cols)
+
+
+def _bucket_edges(table: pa.Table, p: LshParams) -> pa.Table:
+    """Edges between documents sharing a band hash.
+
+    Small buckets link all pairs (so verification can judge each pair); a bucket larger than
+    max_bucket_pairs links every member to its first member only, bounding the edge count.
+    """
+    table = _rank_sorted(table, "band_key")
+    keys = table["band_key"].to_numpy()
+    starts = np.flatnonzero(_first_of_runs(keys))
+    sizes = np.diff(np.append(starts, len(keys)))
+    left, right = [], []
+    for s, m in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+        if m <= p.max_bucket_pairs:
+            i, j = np.triu_indices(m, k=1)
+        else:
+            i, j = np.zeros(m - 1, dtype=np.int64), np.arange(1, m)
+        left.append(i + s)
+        right.append(j + s)
+    if not left:
+        return EDGE_SCHEMA.empty_table()
+    u, v = np.concatenate(left), np.concatenate(right)
+    similarity = np.full(len(u), np.nan)
+    if p.verify:
+        sigs = table["sig"].combine_chunks().flatten().to_numpy().reshape(len(table), p.num_perm)
+        similarity = (sigs[u] == sigs[v]).mean(axis=1)
+        keep = similarity >= p.threshold
+        u, v, similarity = u[keep], v[keep], similarity[keep]
+    cols = {}
+    for side, idx in (("u", u), ("v", v)):
+        taken = table.select(["uid", "source_index", "id"]).take(pa.array(idx, type=pa.int64()))
+        cols.update({f"{side}_{name}": taken[name] for name in ("uid", "source_index", "id")})
+    cols["similarity"] = pa.array(similarity, pa.float64(), from_pandas=True)  # NaN -> null when not verified
+    return pa.table(cols, schema=EDGE_SCHEMA)
+
+
+EDGE_SCHEMA = pa.schema(
+    [(f"{side}_{name}", t) for side in ("u", "v")
+     for name, t in (("uid", pa.uint64()), ("source_index", pa.int32()), ("id", pa.string()))]
+    + [("similarity", pa.float64())]
+)
+
+
+def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
+    """All (verified) near-duplicate edges, deduplicated, as a small table on the driver."""
+    import ray
+
+    edges = (
+        ds.select_columns(["uid", "source_index", "id", "text"])
+        .map_batches(_band_rows, batch_format="pyarrow", batch_size=2000,
+                     fn_kwargs={"p": params, "partitions": partitions})
+        .groupby("bucket", num_partitions=partitions)
+        .map_groups(_bucket_edges, batch_format="pyarrow", fn_kwargs={"p": params})
+    )
+    edges = pa.concat_tables([EDGE_SCHEMA.empty_table(), *ray.get(edges.to_arrow_refs())])
+    # The same pair may collide in several bands.
+    pairs = np.stack([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()], axis=1)
+    pairs.sort(axis=1)
+    _, first = np.unique(pairs, axis=0, return_index=True)
+    return edges.take(pa.array(np.sort(first)))
+
+
+@dataclass
+class Clusters:
+    """Near-duplicate clusters (size >= 2) found from edges on the driver."""
+
+    member_uids: np.ndarray  # uint64, sorted
+    representative_ids: list[str]  # cluster_id (= id of the kept representative), aligned with member_uids
+    removed_uids: np.ndarray  # uint64, sorted: members that are not their cluster's representative
+    num_clusters: int
+
+
+def clusters_from_edges(edges: pa.Table) -> Clusters:
+    uids = np.concatenate([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()]).astype(np.uint64)
+    src = np.concatenate([edges["u_source_index"].to_numpy(), edges["v_source_index"].to_numpy()])
+    ids = edges["u_id"].to_pylist() + edges["v_id"].to_pylist()
+    nodes, first, inverse = np.unique(uids, return_index=True, return_inverse=True)
+    if len(nodes) == 0:
+        empty = np.array([], dtype=np.uint64)
+        return Clusters(empty, [], empty, 0)
+    n_edges = len(edges)
+    labels = minhash.connected_components(len(nodes), inverse[:n_edges], inverse[n_edges:])
+    node_src = src[first]
+    node_ids = [ids[i] for i in first]
+    # Representative: smallest (source_index, id) per component.
+    order = sorted(range(len(nodes)), key=lambda k: (labels[k], node_src[k], node_ids[k]))
+    rep_of_label: dict[int, int] = {}
+    for k in order:
+        rep_of_label.setdefault(int(labels[k]), k)
+    reps = np.array([rep_of_label[int(label)] for label in labels])
+    removed = nodes[reps != np.arange(len(nodes))]
+    return Clusters(nodes, [node_ids[r] for r in reps], np.sort(removed), len(rep_of_label))
+
+
+def _assign_clusters(table: pa.Table, member_uids: np.ndarray, representative_ids: list[str]) -> pa.Table:
+    uid = table["uid"].to_numpy()
+    pos = np.searchsorted(member_uids, uid)
+    pos_c = np.minimum(pos, max(len(member_uids) - 1, 0))
+    hit = (pos < len(member_uids)) & (member_uids[pos_c] == uid) if len(member_uids) else np.zeros(len(uid), bool)
+    ids = table["id"].to_pylist()
+    cluster = [representative_ids[p] if h else i for p, h, i in zip(pos_c, hit, ids, strict=True)]
+    return table.append_column("cluster_id", pa.array(cluster, pa.string()))
+
+
+def with_cluster_ids(ds, clusters: Clusters):
+    """Adds `cluster_id` (the representative's id; a document's own id when it has no near-duplicate)."""
+    return ds.map_batches(
+        _assign_clusters, batch_format="pyarrow",
+        fn_kwargs={"member_uids": clusters.member_uids, "representative_ids": clusters.representative_ids},
+    )
+
+
+def _drop_uids(table: pa.Table, removed_uids: np.ndarray) -> pa.Table:
+    return table.filter(pa.array(~np.isin(table["uid"].to_numpy(), removed_uids)))
+
+
+def drop_removed(ds, clusters: Clusters):
+    """The documents that survive near-dedup: every cluster's representative and all singletons."""
+    return ds.map_batches(_drop_uids, batch_format="pyarrow", fn_kwargs={"removed_uids": clusters.removed_uids})

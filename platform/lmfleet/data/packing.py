@@ -1,0 +1,140 @@
+"""Tokenize and pack documents into fixed-length samples, and read them back from any offset.
+
+On disk (`packed/`):
+  index.json                         format, sample_len, dtypes, special ids, shard list per split
+  <split>/<source>-<part>.tokens.npy     (num_samples, sample_len) token ids
+  <split>/<source>-<part>.positions.npy  (num_samples, sample_len) position of each token in its document
+
+Documents are concatenated with EOS after each and cut every `sample_len = seq_len + 1` tokens (a
+sample gives seq_len input/target pairs). A position id of 0 starts a document segment: a new
+document, or the part of a long document that continues in the next sample. Attention restricted to
+a segment never crosses documents. Only the last sample of each shard is padded (pad id, position 0).
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_right
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+INDEX_FORMAT = "lmfleet.packed/1"
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def pack_tokens(docs: list[list[int]], eos_id: int, pad_id: int, sample_len: int):
+    """Concatenate docs (each followed by EOS) into (n, sample_len) tokens and segment positions."""
+    lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+    stream = np.empty(int(lengths.sum()), dtype=np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for d, s in zip(docs, starts, strict=True):
+        stream[s : s + len(d)] = d
+    stream[ends - 1] = eos_id
+    n = -(-len(stream) // sample_len)
+    real = len(stream)
+    tokens = np.full(n * sample_len, pad_id, dtype=np.int64)
+    tokens[:real] = stream
+    idx = np.arange(n * sample_len)
+    seg_start = np.zeros(n * sample_len, dtype=bool)
+    seg_start[starts] = True
+    seg_start[::sample_len] = True
+    seg_start[real:] = True  # padding: every pad token is its own segment
+    positions = idx - np.maximum.accumulate(np.where(seg_start, idx, 0))
+    return tokens.reshape(n, sample_len), positions.reshape(n, sample_len), real
+
+
+def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: int, eos_id: int, pad_id: int,
+               vocab_size: int, seed: int) -> pa.Table:
+    """Pack one (split, source, part) group into one shard; returns its metadata row."""
+    from lmfleet.data.mixing import unit_hash
+
+    split, source, part = table["split"][0].as_py(), table["source"][0].as_py(), table["part"][0].as_py()
+    # Seeded document order, independent of how Ray laid out blocks.
+    order = np.lexsort((table["epoch"].to_numpy(), unit_hash(table["uid"].to_numpy(), seed, epoch=-2)))
+    texts = table["text"].take(pa.array(order)).to_pylist()
+    encoded = _load_tokenizer(tokenizer_dir).encode_batch(texts, add_special_tokens=False)
+    tokens, positions, real = pack_tokens([e.ids for e in encoded], eos_id, pad_id, sample_len)
+    shard_dir = Path(out_dir) / split
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{source}-{part:05d}"
+    np.save(shard_dir / f"{stem}.tokens.npy", tokens.astype(token_dtype(vocab_size)))
+    np.save(shard_dir / f"{stem}.positions.npy", positions.astype(np.uint32 if sample_len > 2**16 else np.uint16))
+    return pa.table({
+        "split": [split], "source": [source], "part": [part], "stem": [f"{split}/{stem}"],
+        "num_samples": [len(tokens)], "docs": [len(texts)], "real_tokens": [real],
+        "pad_tokens": [tokens.size - real],
+    })
+
+
+def write_index(out_dir: Path, shards: list[dict], meta: dict) -> dict:
+    """index.json: shards in a fixed order (split, source, part) with their global sample offsets."""
+    index = {"format": INDEX_FORMAT, **meta, "splits": {}}
+    for split in sorted({s["split"] for s in shards}):
+        offset, entries = 0, []
+        for s in sorted((s for s in shards if s["split"] == split), key=lambda s: (s["source"], s["part"])):
+            entries.append({"source": s["source"], "tokens": f"{s['stem']}.tokens.npy",
+                            "positions": f"{s['stem']}.positions.npy", "num_samples": s["num_samples"],
+                            "offset": offset, "real_tokens": s["real_tokens"], "pad_tokens": s["pad_tokens"]})
+            offset += s["num_samples"]
+        index["splits"][split] = {"num_samples": offset, "shards": entries}
+    (out_dir / "index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return index
+
+
+class PackedDataset:
+    """Random access to packed samples of one split: `ds[i] -> (tokens, positions)` as int64 arrays.
+
+    Shards are memory-mapped on first use, so a training worker can start at any sample offset
+    (exact resume) and reads only what it touches. `source_ranges()` gives each source's global
+    sample ranges, for per-source sampling (dynamic mixing).
+    """
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        self.root = Path(root)
+        self.index = json.loads((self.root / "index.json").read_text(encoding="utf-8"))
+        if self.index.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{self.root}/index.json: not an lmfleet packed index ({self.index.get('format')})")
+        if split not in self.index["splits"]:
+            raise ValueError(f"{self.root}: no split {split!r}; has {sorted(self.index['splits'])}")
+        self.shards = self.index["splits"][split]["shards"]
+        self._offsets = [s["offset"] for s in self.shards]
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.sample_len = self.index["sample_len"]
+
+    def __len__(self) -> int:
+        return sum(s["num_samples"] for s in self.shards)
+
+    def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in self._arrays:
+            s = self.shards[k]
+            self._arrays[k] = (np.load(self.root / s["tokens"], mmap_mode="r"),
+                               np.load(self.root / s["positions"], mmap_mode="r"))
+        return self._arrays[k]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range [0, {len(self)})")
+        k = bisect_right(self._offsets, i) - 1
+        tokens, positions = self._shard(k)
+        j = i - self.shards[k]["offset"]
+        return tokens[j].astype(np.int64), positions[j].astype(np.int64)
+
+    def source_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for s in self.shards:
+            ranges.setdefault(s["source"], []).append((s["offset"], s["offset"] + s["num_samples"]))
+        return ranges

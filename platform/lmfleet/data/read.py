@@ -1,0 +1,305 @@
+"""Readers: input files -> rows of `id, source, text, meta` or quarantined rejects with a reason.
+
+A reader never raises on a bad record: it yields a reject row (reason, location, a prefix of the raw
+input) so the job finishes and the report counts every record. Only a missing input path is an
+error, raised by `expand_paths` before any work starts.
+
+Row schema (ROW_SCHEMA): text is the normalized text for kept rows, None for rejects; meta is a JSON
+object of the record's other fields, so heterogeneous sources share one Parquet schema losslessly.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import hashlib
+import json
+import re
+import sysconfig
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+from lmfleet.data.config import FilterConfig, NormalizeConfig, SourceConfig
+from lmfleet.errors import InputError
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("source_index", pa.int32()),
+        ("text", pa.string()),
+        ("meta", pa.string()),
+        ("location", pa.string()),
+        ("reject_reason", pa.string()),
+        ("raw", pa.string()),
+        ("content_hash", pa.string()),
+        ("uid", pa.uint64()),
+    ]
+)
+REJECT_REASONS = (
+    "invalid_json",
+    "invalid_utf8",
+    "invalid_python",
+    "not_an_object",
+    "missing_text",
+    "text_not_string",
+    "empty_text",
+    "too_short",
+    "too_long",
+)
+RAW_PREFIX = 2000  # chars of a rejected record kept in rejects/, enough to see what was wrong
+ROWS_PER_BATCH = 5000
+
+_SUFFIXES = {
+    "jsonl": (".jsonl", ".jsonl.gz", ".ndjson"),
+    "json": (".json",),
+    "parquet": (".parquet",),
+    "text": (".txt", ".md", ".rst"),
+    "python_docstrings": (".py",),
+}
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def expand_paths(src: SourceConfig) -> list[Path]:
+    """Files of a source, sorted; raises InputError naming the path that matched nothing."""
+    patterns = src.paths or ([str(stdlib_dir())] if src.format == "python_docstrings" else [])
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
+        matches = [m for m in matches if m.exists()]
+        if not matches:
+            raise InputError(f"source {src.name!r}: input path {pattern!r} does not exist")
+        for m in matches:
+            if src.format == "hf_dataset":
+                if not (m / "dataset_info.json").exists() and not (m / "dataset_dict.json").exists():
+                    raise InputError(
+                        f"source {src.name!r}: {m} is not a dataset saved with datasets' save_to_disk"
+                    )
+                files.append(m)
+            elif m.is_dir():
+                suffixes = _SUFFIXES[src.format]
+                found = sorted(
+                    p for p in m.rglob(src.glob)
+                    if p.is_file() and p.name.endswith(suffixes) and "site-packages" not in p.parts
+                )
+                if not found:
+                    raise InputError(f"source {src.name!r}: no {'/'.join(suffixes)} files under {m}")
+                files.extend(found)
+            else:
+                files.append(m)
+    for f in files:
+        if f.is_file() and not _readable(f):
+            raise InputError(f"source {src.name!r}: cannot read {f}")
+    return files
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
+
+
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def normalize_text(text: str, cfg: NormalizeConfig) -> str:
+    if cfg.nfkc:
+        text = unicodedata.normalize("NFKC", text)
+    if cfg.whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+        text = _BLANKS.sub("\n\n", text).strip()
+    return text
+
+
+def content_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def doc_uid(source: str, doc_id: str) -> int:
+    """A 64-bit integer id of (source, id) for the array-based dedup steps."""
+    return int.from_bytes(hashlib.blake2b(f"{source}\0{doc_id}".encode(), digest_size=8).digest(), "little")
+
+
+class RecordBuilder:
+    """Turns raw records of one source into schema rows, classifying bad ones."""
+
+    def __init__(self, src: SourceConfig, source_index: int, norm: NormalizeConfig, filt: FilterConfig):
+        self.src, self.source_index, self.norm, self.filt = src, source_index, norm, filt
+        self.rows: list[dict] = []
+
+    def reject(self, location: str, reason: str, raw: str | bytes, doc_id: str | None = None) -> None:
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace")
+        self.rows.append(
+            {"id": doc_id or location, "source": self.src.name, "source_index": self.source_index,
+             "location": location, "reject_reason": reason, "raw": raw[:RAW_PREFIX]}
+        )
+
+    def record(self, location: str, default_id: str, obj: dict) -> None:
+        """A parsed record (dict): extract id and text, validate, normalize."""
+        fields = [self.src.text_field] if isinstance(self.src.text_field, str) else self.src.text_field
+        doc_id = default_id
+        if self.src.id_field and obj.get(self.src.id_field) not in (None, ""):
+            doc_id = str(obj[self.src.id_field])
+        if not any(f in obj for f in fields):
+            return self.reject(location, "missing_text", _dump(obj), doc_id)
+        values = [obj.get(f) for f in fields]
+        if any(v is not None and not isinstance(v, str) for v in values):
+            return self.reject(location, "text_not_string", _dump(obj), doc_id)
+        text = "\n\n".join(v for v in values if v and v.strip())
+        meta = {k: v for k, v in obj.items() if k not in fields and k != self.src.id_field}
+        self.text(location, doc_id, text, meta)
+
+    def text(self, location: str, doc_id: str, text: str, meta: dict | None = None) -> None:
+        norm = normalize_text(text, self.norm)
+        reason = None
+        if not norm.strip():
+            reason = "empty_text"
+        elif len(norm) < self.filt.min_chars:
+            reason = "too_short"
+        elif len(norm) > self.filt.max_chars:
+            reason = "too_long"
+        if reason:
+            return self.reject(location, reason, text, doc_id)
+        self.rows.append(
+            {"id": doc_id, "source": self.src.name, "source_index": self.source_index, "text": norm,
+             "meta": _dump(meta or {}), "location": location, "content_hash": content_hash(norm),
+             "uid": doc_uid(self.src.name, doc_id)}
+        )
+
+    def flush(self, force: bool = False) -> Iterator[pa.Table]:
+        if self.rows and (force or len(self.rows) >= ROWS_PER_BATCH):
+            yield pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA)
+            self.rows = []
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator[pa.Table]:
+    """Yield row tables for one input file (or one HF dataset dir)."""
+    src = SourceConfig.model_validate_json(task["source"])
+    rb = RecordBuilder(src, task["source_index"], norm, filt)
+    path, rel = Path(task["path"]), task["relpath"]
+    prefix = f"{src.name}/{rel}"
+    if src.format == "jsonl":
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue  # blank lines separate nothing in JSONL; they are not records
+                loc = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    rb.reject(loc, "invalid_utf8", raw)
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    rb.reject(loc, "invalid_json", line)
+                    continue
+                if not isinstance(obj, dict):
+                    rb.reject(loc, "not_an_object", line)
+                    continue
+                rb.record(loc, f"{prefix}:{lineno}", obj)
+                yield from rb.flush()
+    elif src.format == "json":
+        raw = path.read_bytes()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            rb.reject(str(path), "invalid_utf8", raw)
+            data = None
+        except json.JSONDecodeError:
+            rb.reject(str(path), "invalid_json", raw)
+            data = None
+        if isinstance(data, dict):
+            data = [data]
+        for i, obj in enumerate(data or []):
+            loc = f"{path}[{i}]"
+            if isinstance(obj, dict):
+                rb.record(loc, f"{prefix}:{i}", obj)
+            else:
+                rb.reject(loc, "not_an_object", _dump(obj))
+            yield from rb.flush()
+    elif src.format == "parquet":
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH):
+            for obj in batch.to_pylist():
+                rb.record(f"{path}#{row}", f"{prefix}:{row}", obj)
+                row += 1
+            yield from rb.flush()
+    elif src.format == "hf_dataset":
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[src.split]
+        row = 0
+        for batch in ds.data.table.to_batches(max_chunksize=ROWS_PER_BATCH):
+            for obj in batch.to_pylist():
+                rb.record(f"{path}#{row}", f"{prefix}:{row}", obj)
+                row += 1
+            yield from rb.flush()
+    elif src.format == "text":
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rb.reject(str(path), "invalid_utf8", raw)
+            text = None
+        if text is not None and src.text_unit == "file":
+            rb.text(str(path), prefix, text)
+        elif text is not None:
+            for i, block in enumerate(re.split(r"\n\s*\n", text)):
+                if block.strip():
+                    rb.text(f"{path}#block{i}", f"{prefix}:{i}", block)
+                    yield from rb.flush()
+    elif src.format == "python_docstrings":
+        yield from _docstrings(path, prefix, rb)
+    yield from rb.flush(force=True)
+
+
+def _docstrings(path: Path, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:
+    """Module, class and function docstrings of a Python file; functions carry their signature."""
+    raw = path.read_bytes()
+    try:
+        tree = ast.parse(raw, filename=str(path))
+    except (SyntaxError, ValueError):
+        rb.reject(str(path), "invalid_python", raw)
+        return
+    stack: list[tuple[ast.AST, str]] = [(tree, "")]
+    seen: set[str] = set()
+    while stack:
+        node, qualname = stack.pop()
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            doc_id = f"{prefix}:{qualname or '<module>'}"
+            if doc_id in seen:  # redefinitions (property setters, platform branches) share a name
+                doc_id = f"{doc_id}@{node.lineno}"
+            seen.add(doc_id)
+            kind = type(node).__name__.removesuffix("Def").lower()
+            meta = {"kind": kind, "qualname": qualname or "<module>", "file": str(path)}
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                meta["signature"] = f"{node.name}({ast.unparse(node.args)})"
+            rb.text(f"{path}:{getattr(node, 'lineno', 1)}", doc_id, doc, meta)
+        for child in reversed(getattr(node, "body", [])):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                stack.append((child, f"{qualname}.{child.name}" if qualname else child.name))
+    yield from rb.flush()

@@ -1,0 +1,264 @@
+"""The data stage on Ray Data: read -> quarantine -> exact dedup -> near dedup -> mix -> tokenizer -> pack.
+
+Outputs (in the stage dir):
+  rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record
+  kept/             Parquet: id, source, text (normalized), meta (other fields as JSON) of surviving docs
+  clusters.parquet  Parquet dir: id, source, cluster_id for every doc that survived exact dedup
+  pairs.parquet     the near-duplicate pairs found: id_a, id_b, estimated Jaccard (null if not verified)
+  tokenizer/        HF tokenizer dir (AutoTokenizer.from_pretrained loads it)
+  packed/           index.json + token/position shards (see lmfleet.data.packing)
+  report.json       counts per step and source, seconds per step
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lmfleet.data import dedup, mixing, packing
+from lmfleet.data.config import DataConfig
+from lmfleet.data.read import expand_paths, read_file
+from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
+
+OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
+
+
+def check_inputs(cfg: DataConfig) -> dict[str, list[Path]]:
+    """Every source path exists and is readable, and a reused tokenizer dir has a tokenizer."""
+    files = {src.name: expand_paths(src) for src in cfg.sources}
+    if cfg.tokenizer.path is not None:
+        check_tokenizer_dir(cfg.tokenizer.path)
+    return files
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _count_by(ds, column: str) -> Counter:
+    """Counts of a column's values, computed per block and summed on the driver (no shuffle)."""
+
+    def count(table: pa.Table) -> pa.Table:
+        c = Counter(table[column].to_pylist())
+        return pa.table({"key": list(c), "n": list(c.values())})
+
+    out: Counter = Counter()
+    for row in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_rows():
+        out[row["key"]] += row["n"]
+    return out
+
+
+def _source_chars(ds) -> dict[str, int]:
+    def chars(table: pa.Table) -> pa.Table:
+        c: Counter = Counter()
+        for s, t in zip(table["source"].to_pylist(), table["text"].to_pylist(), strict=True):
+            c[s] += len(t)
+        return pa.table({"key": list(c), "n": list(c.values())})
+
+    out: Counter = Counter()
+    for row in ds.map_batches(chars, batch_format="pyarrow", batch_size=None).iter_rows():
+        out[row["key"]] += row["n"]
+    return dict(out)
+
+
+def _read_batch(table: pa.Table, norm, filt) -> pa.Table:
+    from lmfleet.data.read import ROW_SCHEMA
+
+    out = [t for task in table.to_pylist() for t in read_file(task, norm, filt)]
+    return pa.concat_tables([ROW_SCHEMA.empty_table(), *out])
+
+
+def _write_parquet(ds, path: Path) -> None:
+    """Ray Data writes no file for an empty dataset; readers still expect a dir with the schema."""
+    ds.write_parquet(str(path))
+    if not any(path.glob("*.parquet")):
+        path.mkdir(parents=True, exist_ok=True)
+        pq.write_table(ds.schema().base_schema.empty_table(), path / "empty.parquet")
+
+
+def _is_reject(table: pa.Table, want: bool) -> pa.Table:
+    return table.filter(pc.is_valid(table["reject_reason"]) if want else pc.is_null(table["reject_reason"]))
+
+
+def _relpaths(files: list[Path]) -> list[str]:
+    """File names relative to the source's common folder: stable ids whatever the absolute location."""
+    root = Path(os.path.commonpath([str(f) for f in files])) if len(files) > 1 else files[0].parent
+    return [str(f.relative_to(root)) if f != root else f.name for f in files]
+
+
+def run_data_stage(cfg: DataConfig, ctx) -> dict:
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic outputs
+    out = ctx.out_dir
+    cpus = _cluster_cpus()
+    report: dict = {"outputs": {}}
+
+    with ctx.step("read"):
+        files = check_inputs(cfg)
+        tasks = [
+            {"source": src.model_dump_json(), "source_index": i, "path": str(f), "relpath": rel}
+            for i, src in enumerate(cfg.sources)
+            for f, rel in zip(files[src.name], _relpaths(files[src.name]), strict=True)
+        ]
+        records = (
+            ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
+            .map_batches(_read_batch, batch_size=1, batch_format="pyarrow",
+                         fn_kwargs={"norm": cfg.normalize, "filt": cfg.filter})
+            .materialize()
+        )
+        rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
+        _write_parquet(rejects.select_columns(["id", "source", "location", "reject_reason", "raw"]), out / "rejects")
+        reasons = _count_by(rejects, "reject_reason")
+        docs_in_by_source = _count_by(records, "source")
+        valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
+            ["reject_reason", "raw"]
+        ).materialize()
+        n_in, n_valid = sum(docs_in_by_source.values()), valid.count()
+        report.update(files=len(tasks), docs_in=n_in, rejected=n_in - n_valid, rejects=dict(sorted(reasons.items())),
+                      valid_docs=n_valid)
+        report["outputs"]["rejects"] = str(out / "rejects")
+
+    partitions = max(cpus, math.ceil((valid.size_bytes() or 1) / 128e6))
+    with ctx.step("exact_dedup"):
+        unique = dedup.exact_dedup(valid, partitions).materialize() if cfg.dedup.exact else valid
+        n_unique = unique.count()
+        report["exact_duplicates_removed"] = n_valid - n_unique
+
+    with ctx.step("near_dedup"):
+        if cfg.dedup.near:
+            params = dedup.LshParams.from_config(cfg.dedup, ctx.seed)
+            edges = dedup.candidate_edges(unique, params, partitions)
+            clusters = dedup.clusters_from_edges(edges)
+        else:
+            params, edges = None, dedup.EDGE_SCHEMA.empty_table()
+            clusters = dedup.clusters_from_edges(edges)
+        pq.write_table(edges.select(["u_id", "v_id", "similarity"]).rename_columns(["id_a", "id_b", "similarity"]),
+                       out / "pairs.parquet")
+        clustered = dedup.with_cluster_ids(unique, clusters)
+        _write_parquet(clustered.select_columns(["id", "source", "cluster_id"]), out / "clusters.parquet")
+        kept = dedup.drop_removed(clustered, clusters).select_columns(OUTPUT_COLUMNS + ["uid"]).materialize()
+        _write_parquet(kept.select_columns(OUTPUT_COLUMNS), out / "kept")
+        report.update(
+            near_duplicates_removed=len(clusters.removed_uids),
+            clusters=clusters.num_clusters,
+            docs_kept=kept.count(),
+            lsh=None if params is None else {
+                "num_perm": params.num_perm, "ngram": params.ngram, "bands": params.bands, "rows": params.rows,
+                "threshold": params.threshold, "verified_edges": len(edges)},
+        )
+        report["outputs"].update(kept=str(out / "kept"), clusters=str(out / "clusters.parquet"),
+                                 pairs=str(out / "pairs.parquet"))
+
+    kept_chars = _source_chars(kept)
+    kept_by_source = _count_by(kept, "source")
+    report["per_source"] = {
+        s.name: {"docs_in": docs_in_by_source.get(s.name, 0), "docs_kept": kept_by_source.get(s.name, 0),
+                 "chars_kept": kept_chars.get(s.name, 0)} for s in cfg.sources
+    }
+
+    with ctx.step("tokenizer"):
+        if cfg.tokenizer.path is not None:
+            tok_dir = Path(cfg.tokenizer.path)
+        else:
+            tok_dir = out / "tokenizer"
+            limit = cfg.tokenizer.max_train_docs
+            sample = kept if limit is None else kept.map_batches(
+                _sample_rows, batch_format="pyarrow", fn_kwargs={"fraction": limit / max(report["docs_kept"], 1),
+                                                                 "seed": ctx.seed})
+            texts = (t for b in sample.iter_batches(batch_size=1000, batch_format="pyarrow") for t in b["text"].to_pylist())
+            report["tokenizer_training"] = train_tokenizer(texts, cfg.tokenizer, tok_dir)
+        tok = tokenizer_info(tok_dir, cfg.tokenizer)
+        report["tokenizer"] = tok
+        report["outputs"]["tokenizer"] = str(tok_dir)
+
+    if cfg.pack is not None:
+        with ctx.step("mix_and_pack"):
+            report["mixing"] = plan = mixing.mixing_rates({k: kept_chars.get(k, 0) for k in
+                                                            (s.name for s in cfg.sources)}, cfg.mixing)
+            report["packing"] = _mix_and_pack(kept, cfg, ctx.seed, tok, plan, out / "packed", cpus)
+            report["outputs"]["packed"] = str(out / "packed")
+
+    report["summary"] = _summary(report)
+    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    ctx.metrics.write(ctx.name, **{k: report[k] for k in ("docs_in", "rejected", "exact_duplicates_removed",
+                                                           "near_duplicates_removed", "docs_kept")})
+    return report
+
+
+def _sample_rows(table: pa.Table, fraction: float, seed: int) -> pa.Table:
+    return table.filter(pa.array(mixing.unit_hash(table["uid"].to_numpy(), seed, epoch=-3) < fraction))
+
+
+def _with_part(table: pa.Table, parts: dict[str, int], seed: int) -> pa.Table:
+    h = mixing.unit_hash(table["uid"].to_numpy(), seed, epoch=-4)
+    n = np.array([parts[f"{s}/{sp}"] for s, sp in zip(table["source"].to_pylist(), table["split"].to_pylist(), strict=True)])
+    return table.append_column("part", pa.array((h * n).astype(np.int64)))
+
+
+def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: Path, cpus: int) -> dict:
+    sample_len = cfg.pack.seq_len + 1
+    rates = {k: v["rate"] for k, v in plan.items()}
+    mixed = kept.map_batches(mixing.apply_rates, batch_format="pyarrow",
+                             fn_kwargs={"rates": rates, "seed": seed, "val_fraction": cfg.pack.val_fraction})
+    # Shards per (source, split) from an estimate of its tokens (~4 chars per token): about
+    # samples_per_shard samples each, but never so many that padded shard tails cost > 0.5%.
+    parts = {}
+    for name, p in plan.items():
+        for split, share in (("train", p["rate"] * (1 - cfg.pack.val_fraction)), ("val", cfg.pack.val_fraction)):
+            est_samples = p["chars"] * share / 4 / sample_len
+            parts[f"{name}/{split}"] = int(max(1, min(math.ceil(est_samples / cfg.pack.samples_per_shard),
+                                                      est_samples // 200)))
+    shards = (
+        mixed.map_batches(_with_part, batch_format="pyarrow", fn_kwargs={"parts": parts, "seed": seed})
+        .groupby(["split", "source", "part"], num_partitions=max(1, min(len(parts) * 2, 4 * cpus)))
+        .map_groups(packing.pack_group, batch_format="pyarrow", fn_kwargs={
+            "tokenizer_dir": tok["path"], "out_dir": str(out), "sample_len": sample_len, "eos_id": tok["eos_id"],
+            "pad_id": tok["pad_id"], "vocab_size": tok["vocab_size"], "seed": seed})
+        .take_all()
+    )
+    index = packing.write_index(out, shards, {
+        "sample_len": sample_len, "seq_len": cfg.pack.seq_len, "eos_id": tok["eos_id"], "pad_id": tok["pad_id"],
+        "vocab_size": tok["vocab_size"], "tokenizer": os.path.relpath(tok["path"], out),
+        "tokens_dtype": str(packing.token_dtype(tok["vocab_size"])),
+    })
+    real = sum(s["real_tokens"] for s in shards)
+    total = real + sum(s["pad_tokens"] for s in shards)
+    per_source: dict = {}
+    for s in shards:
+        d = per_source.setdefault(s["source"], {"train_tokens": 0, "val_tokens": 0, "docs": 0})
+        d[f"{s['split']}_tokens"] += s["real_tokens"]
+        d["docs"] += s["docs"]
+    return {
+        "seq_len": cfg.pack.seq_len, "samples": {k: v["num_samples"] for k, v in index["splits"].items()},
+        "real_tokens": real, "pad_tokens": total - real, "efficiency": round(real / total, 5) if total else 0.0,
+        "shards": len(shards), "per_source": per_source,
+    }
+
+
+def _summary(r: dict) -> list[str]:
+    rejects = ", ".join(f"{k} {v}" for k, v in r["rejects"].items()) or "none"
+    lines = [
+        f"documents read: {r['docs_in']} from {r['files']} files; rejected {r['rejected']} ({rejects})",
+        f"exact duplicates removed: {r['exact_duplicates_removed']}",
+        f"near duplicates removed: {r['near_duplicates_removed']} in {r['clusters']} clusters"
+        + (f" (MinHash {r['lsh']['num_perm']} perms, {r['lsh']['bands']}x{r['lsh']['rows']} bands, "
+           f"threshold {r['lsh']['threshold']})" if r.get("lsh") else ""),
+        f"documents kept: {r['docs_kept']}",
+        f"tokenizer: vocab {r['tokenizer']['vocab_size']} at {r['tokenizer']['path']}",
+    ]
+    if "packing" in r:
+        p = r["packing"]
+        lines.append(f"packed: {p['samples']} samples of {p['seq_len']}+1 tokens, {p['real_tokens']} real tokens, "
+                     f"efficiency {100 * p['efficiency']:.2f}%")
+    return lines

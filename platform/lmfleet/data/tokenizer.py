@@ -1,0 +1,58 @@
+"""Byte-level BPE tokenizer: trained with HF `tokenizers`, saved so `AutoTokenizer.from_pretrained` loads it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from lmfleet.data.config import TokenizerConfig
+from lmfleet.errors import InputError
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -> dict:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=cfg.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=False,
+    )
+    count = 0
+
+    def counted():
+        nonlocal count
+        for t in texts:
+            count += 1
+            yield t
+
+    tok.train_from_iterator(counted(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=cfg.eos_token, bos_token=cfg.eos_token, pad_token=cfg.pad_token
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return {"path": str(out_dir), "trained_on_docs": count, "vocab_size": tok.get_vocab_size()}
+
+
+def check_tokenizer_dir(path: Path) -> None:
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"tokenizer.path {path}: no tokenizer.json there (expected a saved HF tokenizer dir)")
+
+
+def tokenizer_info(path: Path, cfg: TokenizerConfig) -> dict:
+    """Ids the packer needs, read back from a saved dir (trained here or reused)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    ids = {}
+    for role, token in (("eos_id", cfg.eos_token), ("pad_id", cfg.pad_token)):
+        ids[role] = tok.token_to_id(token)
+        if ids[role] is None:
+            raise InputError(f"tokenizer {path}: has no {role[:3]} token {token!r} (set tokenizer.{role[:3]}_token)")
+    return {"path": str(path), "vocab_size": tok.get_vocab_size(), **ids}

@@ -1,0 +1,150 @@
+"""The one runner every stage goes through: config -> run dir -> Ray -> stages in order -> report.
+
+A run writes `runs/<name>/` (or `output_dir`): `config.yaml` (resolved, defaults filled in),
+`logs/lmfleet.log`, `metrics.jsonl`, one folder per stage with its outputs, and `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
+from lmfleet.stages import StageSpec, resolve_stages
+
+log = logging.getLogger("lmfleet")
+
+
+@dataclass
+class LoadedRun:
+    source: str
+    config: RunConfig
+    stages: list[StageSpec]
+
+    def resolved(self) -> dict:
+        data = self.config.model_dump(mode="json")
+        data["stages"] = {
+            s.name: {"kind": s.kind, **s.config.model_dump(mode="json")} for s in self.stages
+        }
+        return data
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None) -> LoadedRun:
+    source = str(path)
+    data = apply_overrides(load_yaml(path), overrides or [], source)
+    config = validate_model(RunConfig, data, source)
+    return LoadedRun(source, config, resolve_stages(config, source))
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl; every record carries stage and wall time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, stage: str, **metrics) -> None:
+        record = {"time": round(time.time(), 3), "stage": stage, **metrics}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets besides its config: where to write, the seed, logging and metrics."""
+
+    name: str
+    out_dir: Path
+    run_dir: Path
+    seed: int
+    metrics: MetricsLog
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, step: str):
+        """Times a named step, logs it, and records its seconds for the stage report."""
+        log.info("[%s] %s ...", self.name, step)
+        start = time.perf_counter()
+        yield
+        took = time.perf_counter() - start
+        self.seconds[step] = round(took, 3)
+        self.metrics.write(self.name, step=step, seconds=round(took, 3))
+        log.info("[%s] %s done in %.1f s", self.name, step, took)
+
+
+def _setup_logging(run_dir: Path) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("lmfleet")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(run_dir / "logs" / "lmfleet.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.propagate = False
+    # Ray Data logs every dataset execution at INFO; our step lines say what matters.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS); without either, start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # Progress bars only on a terminal; Ray job logs and CI get periodic log lines instead.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None) -> dict:
+    """Run the stages of a loaded config in order; returns the run report (also written to report.json)."""
+    cfg = loaded.config
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(loaded.resolved(), sort_keys=False), encoding="utf-8")
+    stages = [s for s in loaded.stages if not only or s.name in only]
+
+    # Every stage checks its inputs before any stage does work, so a typo fails in seconds.
+    for spec in stages:
+        spec.preflight()
+
+    init_ray(address or cfg.ray.address, cfg.ray.num_cpus)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    report: dict = {"name": cfg.name, "run_dir": str(run_dir), "status": "running", "stages": {}}
+    report_path = run_dir / "report.json"
+    started = time.perf_counter()
+    for spec in stages:
+        ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics)
+        # A stage rewrites its whole output dir: stale files of an earlier run must not mix in.
+        shutil.rmtree(ctx.out_dir, ignore_errors=True)
+        ctx.out_dir.mkdir(parents=True)
+        log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out_dir)
+        try:
+            stage_report = spec.run(ctx)
+        except BaseException as err:
+            report["status"] = "failed"
+            report["failed_stage"] = spec.name
+            report["error"] = f"{type(err).__name__}: {err}"
+            report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+            raise
+        report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
+        report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report["status"] = "succeeded"
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report

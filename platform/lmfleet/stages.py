@@ -1,0 +1,69 @@
+"""The stage registry: each stage kind is a config model plus one function that runs it on Ray.
+
+Modules are imported on first use, so `lmfleet validate` does not import torch or Ray for stages a
+config does not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from lmfleet.config import RunConfig, StrictModel, validate_model
+from lmfleet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config: str  # "module:ConfigModel"
+    run: str  # "module:function(config, ctx) -> report dict"
+    preflight: str | None = None  # "module:function(config)": raises InputError before any work
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "data": _Entry(
+        "lmfleet.data.config:DataConfig",
+        "lmfleet.data.stage:run_data_stage",
+        "lmfleet.data.stage:check_inputs",
+    ),
+}
+
+
+def _load(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: str
+    config: StrictModel
+
+    def run(self, ctx) -> dict:
+        return _load(_REGISTRY[self.kind].run)(self.config, ctx)
+
+    def preflight(self) -> None:
+        ref = _REGISTRY[self.kind].preflight
+        if ref is not None:
+            _load(ref)(self.config)
+
+
+def resolve_stages(run: RunConfig, source: str) -> list[StageSpec]:
+    """Validate each stage's section against the model of its kind (kind = `kind:` field or the key)."""
+    specs = []
+    for name, section in run.stages.items():
+        section = dict(section or {})
+        kind = section.pop("kind", name)
+        if kind not in _REGISTRY:
+            raise ConfigError(
+                f"{source}: stages.{name}: unknown stage kind {kind!r}; expected one of {', '.join(kinds())}"
+            )
+        model = _load(_REGISTRY[kind].config)
+        specs.append(StageSpec(name, kind, validate_model(model, section, source, ("stages", name))))
+    return specs

@@ -1,0 +1,45 @@
+"""`lmfleet run` end to end in a subprocess, as a user (or a Ray job) runs it."""
+
+import json
+import subprocess
+
+import yaml
+from conftest import REPO, lmfleet_cmd, shared, write_config
+
+
+def test_cli_run_writes_run_dir_and_summary(tmp_path):
+    cfg = {
+        "name": "cli",
+        "output_dir": str(tmp_path / "run"),
+        "ray": {"num_cpus": 2},
+        "stages": {"data": {
+            "sources": [{"name": "c4", "format": "jsonl", "paths": [str(shared("c4_demo.jsonl"))]}],
+            "tokenizer": {"vocab_size": 500},
+            "pack": {"seq_len": 64},
+        }},
+    }
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run(
+        [*lmfleet_cmd(), "run", str(path), "--set", "stages.data.dedup.threshold=0.7", "--set", "seed=5"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run cli: succeeded" in proc.stdout and "documents read: 300 from 1 files" in proc.stdout
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["seed"] == 5 and resolved["stages"]["data"]["dedup"]["threshold"] == 0.7
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "succeeded" and report["stages"]["data"]["docs_in"] == 300
+    assert set(report["stages"]["data"]["seconds"]) == {"read", "exact_dedup", "near_dedup", "tokenizer", "mix_and_pack"}
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "step" in s][:2] == ["read", "exact_dedup"]
+    assert "[data] near_dedup done" in (run / "logs" / "lmfleet.log").read_text()
+    for out in ("kept", "rejects", "clusters.parquet", "pairs.parquet", "tokenizer", "packed/index.json", "report.json"):
+        assert (run / "data" / out).exists(), out
+    assert "\r" not in proc.stderr  # no progress bars redrawn in a non-TTY log
+
+
+def test_quickstart_config_validates():
+    proc = subprocess.run([*lmfleet_cmd(), "validate", str(REPO / "jobs" / "quickstart.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,105 @@
+"""Config loading and the CLI's handling of user mistakes: clear messages, no tracebacks."""
+
+import subprocess
+
+import pytest
+from conftest import lmfleet_cmd, write_config
+
+from lmfleet.errors import ConfigError
+from lmfleet.runner import load_run
+
+GOOD = {
+    "name": "t",
+    "stages": {"data": {"sources": [{"name": "a", "format": "jsonl", "paths": ["x.jsonl"]}]}},
+}
+
+
+def _with(**data_overrides):
+    cfg = {"name": "t", "stages": {"data": {"sources": [{"name": "a", "format": "jsonl", "paths": ["x.jsonl"]}]}}}
+    cfg["stages"]["data"].update(data_overrides)
+    return cfg
+
+
+def test_valid_config_fills_defaults(tmp_path):
+    loaded = load_run(write_config(tmp_path / "c.yaml", GOOD))
+    (spec,) = loaded.stages
+    assert spec.kind == "data" and spec.config.dedup.num_perm == 128
+    assert str(loaded.config.run_dir) == "runs/t"
+    assert loaded.resolved()["stages"]["data"]["dedup"]["threshold"] == 0.8
+
+
+def test_unknown_key_names_file_and_path(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _with(dedup={"treshold": 0.5}))
+    with pytest.raises(ConfigError) as err:
+        load_run(path)
+    msg = str(err.value)
+    assert str(path) in msg and "stages.data.dedup.treshold" in msg and "unknown key" in msg
+
+
+def test_wrong_type_and_range_name_value_and_expectation(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _with(dedup={"num_perm": "many", "threshold": 1.5}))
+    with pytest.raises(ConfigError) as err:
+        load_run(path)
+    msg = str(err.value)
+    assert "stages.data.dedup.num_perm: got 'many'" in msg and "integer" in msg
+    assert "stages.data.dedup.threshold: got 1.5" in msg and "less than 1" in msg
+
+
+def test_cross_field_checks(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _with(mixing={"weights": {"nope": 1.0}}))
+    with pytest.raises(ConfigError, match=r"stages.data: mixing.weights: unknown sources \['nope'\]"):
+        load_run(path)
+    path = write_config(tmp_path / "c.yaml", _with(dedup={"bands": [20, 10]}))
+    with pytest.raises(ConfigError, match=r"stages.data.dedup: bands \(20, 10\): need b, r >= 1 and b\*r <= num_perm"):
+        load_run(path)
+
+
+def test_unknown_stage_kind(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"name": "t", "stages": {"pretrian": {}}})
+    with pytest.raises(ConfigError, match=r"stages.pretrian: unknown stage kind 'pretrian'"):
+        load_run(path)
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    path = write_config(tmp_path / "c.yaml", GOOD)
+    loaded = load_run(path, ["stages.data.dedup.threshold=0.7", "stages.data.sources.0.name=b", "seed=7",
+                             "stages.data.dedup.bands=[16, 8]"])
+    cfg = loaded.stages[0].config
+    assert cfg.dedup.threshold == 0.7 and cfg.sources[0].name == "b" and cfg.dedup.bands == (16, 8)
+    assert loaded.config.seed == 7
+    with pytest.raises(ConfigError, match="not a list index"):
+        load_run(path, ["stages.data.sources.x.name=b"])
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_run(path, ["seed"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run(tmp_path / "missing.yaml")
+
+
+def test_cli_validate_reports_errors_without_traceback(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _with(dedup={"num_perm": -3}))
+    proc = subprocess.run([*lmfleet_cmd(), "validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "stages.data.dedup.num_perm: got -3" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+    ok = subprocess.run([*lmfleet_cmd(), "validate", str(write_config(tmp_path / "ok.yaml", GOOD))],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+
+
+def test_cli_run_missing_input_fails_before_work(tmp_path):
+    cfg = {"name": "t", "output_dir": str(tmp_path / "run"),
+           "stages": {"data": {"sources": [{"name": "a", "format": "jsonl", "paths": [str(tmp_path / "nope.jsonl")]}]}}}
+    proc = subprocess.run([*lmfleet_cmd(), "run", str(write_config(tmp_path / "c.yaml", cfg))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "input path" in proc.stderr and "nope.jsonl" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr  # failed before any work

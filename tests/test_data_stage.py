@@ -1,0 +1,225 @@
+"""The data stage end to end on local Ray with real text, against brute-force ground truth."""
+
+import json
+import random
+import re
+from itertools import combinations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import shared, write_config
+from test_read import messy_jsonl
+
+from lmfleet.data.minhash import normalize_for_hash
+from lmfleet.data.packing import PackedDataset
+from lmfleet.data.read import expand_paths, normalize_text, read_file
+from lmfleet.data.config import NormalizeConfig
+from lmfleet.runner import load_run, run
+
+THRESHOLD = 0.8
+EDIT_RATES = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.3)
+
+
+def shingles(text: str, n: int = 5) -> frozenset:
+    toks = re.findall(r"\w+", normalize_for_hash(text))
+    if len(toks) < n:
+        return frozenset([tuple(toks)]) if toks else frozenset()
+    return frozenset(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+
+
+def edit_words(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), max(1, int(rate * len(words)))):
+        words[i] = rng.choice(vocab)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """c4 docs + injected exact and near duplicates + an alpaca slice + Shakespeare files + bad records."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    c4 = [json.loads(line) for line in shared("c4_demo.jsonl").read_text().splitlines()]
+    vocab = sorted({w for d in c4 for w in d["text"].split()})
+    (root / "web").mkdir()
+    (root / "web" / "c4.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in c4))
+    injected = []
+    long_docs = [i for i, d in enumerate(c4) if len(d["text"].split()) > 150]
+    for i in long_docs[:10]:  # exact duplicates, one with only whitespace/NFKC differences
+        injected.append({"text": c4[i]["text"]})
+    injected.append({"text": "  " + c4[long_docs[10]]["text"].replace(" ", "\u00a0 ") + "\n\n\n"})
+    for k, i in enumerate(long_docs[20:62]):  # near duplicates at several edit rates
+        injected.append({"text": edit_words(c4[i]["text"], EDIT_RATES[k % len(EDIT_RATES)], rng, vocab)})
+    (root / "web" / "injected.jsonl").write_text("".join(json.dumps(d) + "\n" for d in injected))
+    messy_jsonl(root / "web" / "messy.jsonl")
+
+    alpaca = json.loads(shared("alpaca_5000.json").read_text())[:800]
+    (root / "alpaca.json").write_text(json.dumps(alpaca))
+
+    (root / "plays").mkdir()
+    lines = shared("tinyshakespeare.txt").read_text().splitlines()
+    for k in range(8):
+        (root / "plays" / f"part{k}.txt").write_text("\n".join(lines[k * 400 : (k + 1) * 400]))
+    (root / "plays" / "part0_copy.txt").write_text(
+        edit_words((root / "plays" / "part0.txt").read_text(), 0.005, rng, vocab))
+    return root
+
+
+def data_config(corpus, out, seed=1, **data):
+    return {
+        "name": "it", "seed": seed, "output_dir": str(out),
+        "stages": {"data": {
+            "sources": [
+                {"name": "web", "format": "jsonl", "paths": [str(corpus / "web")]},
+                {"name": "alpaca", "format": "json", "paths": [str(corpus / "alpaca.json")],
+                 "text_field": ["instruction", "input", "output"]},
+                {"name": "plays", "format": "text", "paths": [str(corpus / "plays" / "*.txt")]},
+            ],
+            "filter": {"max_chars": 100_000},
+            "dedup": {"threshold": THRESHOLD},
+            "tokenizer": {"vocab_size": 1000},
+            "pack": {"seq_len": 128, "val_fraction": 0.05, "samples_per_shard": 256},
+            **data,
+        }},
+    }
+
+
+@pytest.fixture(scope="module")
+def result(corpus, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("run")
+    report = run(load_run(write_config(out / "c.yaml", data_config(corpus, out / "run"))))
+    return report["stages"]["data"], out / "run" / "data"
+
+
+def _input_docs(corpus):
+    """All valid input docs as (source, normalized text), read independently of the stage."""
+    docs = []
+    for f in sorted((corpus / "web").glob("*.jsonl")):
+        for line in f.read_bytes().splitlines():
+            try:
+                t = json.loads(line.decode()).get("text")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(t, str) and t.strip() and len(t) <= 100_000:
+                docs.append(("web", normalize_text(t, NormalizeConfig())))
+    for r in json.loads((corpus / "alpaca.json").read_text()):
+        docs.append(("alpaca", normalize_text("\n\n".join(v for v in (r["instruction"], r["input"], r["output"])
+                                                           if v.strip()), NormalizeConfig())))
+    for f in sorted((corpus / "plays").glob("*.txt")):
+        docs.append(("plays", normalize_text(f.read_text(), NormalizeConfig())))
+    return docs
+
+
+def test_rejects_counted_exactly_and_written(result):
+    report, out = result
+    assert report["rejects"] == {"invalid_json": 1, "invalid_utf8": 1, "empty_text": 1, "text_not_string": 1,
+                                 "missing_text": 1, "not_an_object": 1, "too_long": 1}
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    assert len(rejects) == 7 and all(r["source"] == "web" and r["location"] for r in rejects)
+
+
+def test_no_valid_document_lost(corpus, result):
+    """Every valid input text is kept, or is an exact duplicate / near-duplicate of a kept document."""
+    report, out = result
+    docs = _input_docs(corpus)
+    assert report["valid_docs"] == len(docs)
+    kept = pq.read_table(out / "kept").to_pylist()
+    clusters = {r["id"]: r["cluster_id"] for r in pq.read_table(out / "clusters.parquet").to_pylist()}
+    kept_ids = {r["id"] for r in kept}
+    kept_texts = {r["text"] for r in kept}
+    distinct = {t for _, t in docs}
+    assert report["exact_duplicates_removed"] == len(docs) - len(distinct) == 11
+    assert len(clusters) == len(distinct)  # one clusters row per doc surviving exact dedup
+    assert all(cid in kept_ids for cid in clusters.values())  # every cluster's representative is kept
+    assert len(kept) == len(distinct) - report["near_duplicates_removed"]
+    assert kept_texts <= distinct
+    assert len([c for i, c in clusters.items() if i != c]) == report["near_duplicates_removed"]
+
+
+def _stage_docs(corpus) -> dict[str, str]:
+    """id -> normalized text of every valid input doc, via the (separately tested) readers."""
+    cfg = load_run(write_config(corpus / "c.yaml", data_config(corpus, corpus / "unused"))).stages[0].config
+    docs = {}
+    for i, src in enumerate(cfg.sources):
+        files = expand_paths(src)
+        for f in files:
+            task = {"source": src.model_dump_json(), "source_index": i, "path": str(f),
+                    "relpath": f.name}
+            for t in read_file(task, cfg.normalize, cfg.filter):
+                docs.update((r["id"], r["text"]) for r in t.to_pylist() if r["reject_reason"] is None)
+    return docs
+
+
+def test_near_dup_recall_and_precision_vs_exact_jaccard(corpus, result):
+    report, out = result
+    text = _stage_docs(corpus)
+    cluster = {r["id"]: r["cluster_id"] for r in pq.read_table(out / "clusters.parquet").to_pylist()}
+    sets = {i: shingles(text[i]) for i in cluster}
+    # Brute force over all pairs sharing a shingle (an inverted index; others have Jaccard 0).
+    by_shingle: dict = {}
+    for i, sh in sets.items():
+        for s in sh:
+            by_shingle.setdefault(s, []).append(i)
+    candidates = {tuple(sorted(p)) for ids in by_shingle.values() if len(ids) < 200 for p in combinations(ids, 2)}
+    jaccard = {p: len(sets[p[0]] & sets[p[1]]) / len(sets[p[0]] | sets[p[1]]) for p in candidates}
+    true_pairs = {p for p, j in jaccard.items() if j >= THRESHOLD}
+    found = {tuple(sorted((r["id_a"], r["id_b"]))) for r in pq.read_table(out / "pairs.parquet").to_pylist()}
+    same_cluster = {p for p in true_pairs if cluster[p[0]] == cluster[p[1]]}
+    recall = len(same_cluster) / len(true_pairs)
+    clear = {p for p in true_pairs if jaccard[p] >= THRESHOLD + 0.05}
+    clear_recall = len(clear & same_cluster) / len(clear)
+    exact_of_found = [jaccard.get(p, 0.0) for p in found]
+    precision = np.mean([j >= THRESHOLD for j in exact_of_found])
+    near_precision = np.mean([j >= THRESHOLD - 0.1 for j in exact_of_found])
+    print(f"true pairs {len(true_pairs)}, found {len(found)}, recall {recall:.3f} "
+          f"(J >= t+0.05: {clear_recall:.3f} of {len(clear)}), precision {precision:.3f}, within 0.1: {near_precision:.3f}")
+    assert len(true_pairs) >= 19  # injected 0.5-2% edits (6 each) and the Shakespeare copy, at least
+    # MinHash is an estimate (std ~0.035 at J=0.8 with 128 perms): pairs just above the threshold are
+    # found with probability ~1/2 after verification; pairs clearly above it must all be found.
+    assert clear_recall >= 0.95 and recall >= 0.7
+    assert precision >= 0.8 and near_precision == 1.0
+    assert report["lsh"]["bands"] * report["lsh"]["rows"] <= 128
+
+
+def test_kept_ids_deterministic_for_a_seed(corpus, result, tmp_path):
+    _, out = result
+    again = tmp_path / "again"
+    run(load_run(write_config(tmp_path / "c.yaml", data_config(corpus, again))))
+    ids = lambda d: sorted(r["id"] for r in pq.read_table(d / "kept").to_pylist())  # noqa: E731
+    assert ids(again / "data") == ids(out)
+    a, b = PackedDataset(out / "packed"), PackedDataset(again / "data" / "packed")
+    assert len(a) == len(b) and all(np.array_equal(a[i][0], b[i][0]) for i in range(0, len(a), 7))
+
+
+def test_packing_roundtrip_boundaries_and_efficiency(result):
+    from transformers import AutoTokenizer
+
+    report, out = result
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    ds = PackedDataset(out / "packed", "train")
+    assert report["packing"]["efficiency"] >= 0.99
+    assert set(ds.source_ranges()) == {"web", "alpaca", "plays"}
+    eos, pad = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|pad|>")
+    kept_texts = {r["text"] for r in pq.read_table(out / "kept").to_pylist()}
+    whole_docs = 0
+    for i in range(len(ds)):
+        tokens, positions = ds[i]
+        assert tokens.shape == positions.shape == (129,)
+        assert positions[0] == 0
+        # a new segment starts exactly after each EOS (a new document) or at a pad
+        after_eos = np.flatnonzero(tokens[:-1] == eos) + 1
+        assert np.all(positions[after_eos] == 0)
+        steps = np.diff(positions)
+        assert np.all((steps == 1) | (positions[1:] == 0))
+        # segments that start at position 0 and end with EOS inside the sample decode to a kept doc
+        starts = np.flatnonzero(positions == 0)
+        for s, e in zip(starts[:-1], starts[1:], strict=True):
+            if tokens[e - 1] == eos and (s == 0 and i > 0 and ds[i - 1][0][-1] == eos or s > 0 and tokens[s - 1] == eos):
+                if tokens[s] != pad:
+                    assert tok.decode(tokens[s : e - 1].tolist()) in kept_texts
+                    whole_docs += 1
+    assert whole_docs > 100
+    per_source = report["packing"]["per_source"]
+    assert sum(v["train_tokens"] + v["val_tokens"] for v in per_source.values()) == report["packing"]["real_tokens"]
+    assert len(PackedDataset(out / "packed", "val")) > 0
