@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import yaml
+
 from conftest import REPO, lmfleet_cmd, shared, write_config
 
 
@@ -32,7 +33,7 @@ def test_cli_run_writes_run_dir_and_summary(tmp_path):
     assert report["status"] == "succeeded" and report["stages"]["data"]["docs_in"] == 300
     assert set(report["stages"]["data"]["seconds"]) == {"read", "exact_dedup", "near_dedup", "tokenizer", "mix_and_pack"}
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if "step" in s][:2] == ["read", "exact_dedup"]
+    assert [s["phase"] for s in steps if "phase" in s][:2] == ["read", "exact_dedup"]
     assert "[data] near_dedup done" in (run / "logs" / "lmfleet.log").read_text()
     for out in ("kept", "rejects", "clusters.parquet", "pairs.parquet", "tokenizer", "packed/index.json", "report.json"):
         assert (run / "data" / out).exists(), out

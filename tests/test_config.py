@@ -3,10 +3,11 @@
 import subprocess
 
 import pytest
-from conftest import lmfleet_cmd, write_config
 
 from lmfleet.errors import ConfigError
 from lmfleet.runner import load_run
+
+from conftest import lmfleet_cmd, write_config
 
 GOOD = {
     "name": "t",

@@ -8,14 +8,15 @@ from itertools import combinations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared, write_config
-from test_read import messy_jsonl
 
+from lmfleet.data.config import NormalizeConfig
 from lmfleet.data.minhash import normalize_for_hash
 from lmfleet.data.packing import PackedDataset
 from lmfleet.data.read import expand_paths, normalize_text, read_file
-from lmfleet.data.config import NormalizeConfig
 from lmfleet.runner import load_run, run
+
+from conftest import shared, write_config
+from test_read import messy_jsonl
 
 THRESHOLD = 0.8
 EDIT_RATES = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.3)

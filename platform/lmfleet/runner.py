@@ -76,7 +76,7 @@ class StageContext:
         yield
         took = time.perf_counter() - start
         self.seconds[step] = round(took, 3)
-        self.metrics.write(self.name, step=step, seconds=round(took, 3))
+        self.metrics.write(self.name, phase=step, seconds=round(took, 3))
         log.info("[%s] %s done in %.1f s", self.name, step, took)
 
 
@@ -120,8 +120,8 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
     stages = [s for s in loaded.stages if not only or s.name in only]
 
     # Every stage checks its inputs before any stage does work, so a typo fails in seconds.
-    for spec in stages:
-        spec.preflight()
+    for i, spec in enumerate(stages):
+        spec.preflight({s.name for s in stages[:i]}, run_dir)
 
     init_ray(address or cfg.ray.address, cfg.ray.num_cpus)
     metrics = MetricsLog(run_dir / "metrics.jsonl")

@@ -18,7 +18,7 @@ from lmfleet.errors import ConfigError
 class _Entry:
     config: str  # "module:ConfigModel"
     run: str  # "module:function(config, ctx) -> report dict"
-    preflight: str | None = None  # "module:function(config)": raises InputError before any work
+    preflight: str | None = None  # "module:function(config, upstream, run_dir)": InputError before any work
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -26,6 +26,11 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.data.config:DataConfig",
         "lmfleet.data.stage:run_data_stage",
         "lmfleet.data.stage:check_inputs",
+    ),
+    "pretrain": _Entry(
+        "lmfleet.train.config:PretrainConfig",
+        "lmfleet.train.stage:run_pretrain_stage",
+        "lmfleet.train.stage:check_inputs",
     ),
 }
 
@@ -48,10 +53,11 @@ class StageSpec:
     def run(self, ctx) -> dict:
         return _load(_REGISTRY[self.kind].run)(self.config, ctx)
 
-    def preflight(self) -> None:
+    def preflight(self, upstream: set[str], run_dir) -> None:
+        """Check inputs exist; those of `upstream` stages (run before this one now) come later."""
         ref = _REGISTRY[self.kind].preflight
         if ref is not None:
-            _load(ref)(self.config)
+            _load(ref)(self.config, upstream, run_dir)
 
 
 def resolve_stages(run: RunConfig, source: str) -> list[StageSpec]:

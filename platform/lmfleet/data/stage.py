@@ -31,7 +31,7 @@ from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_to
 OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
 
 
-def check_inputs(cfg: DataConfig) -> dict[str, list[Path]]:
+def check_inputs(cfg: DataConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> dict[str, list[Path]]:
     """Every source path exists and is readable, and a reused tokenizer dir has a tokenizer."""
     files = {src.name: expand_paths(src) for src in cfg.sources}
     if cfg.tokenizer.path is not None:

@@ -1,0 +1,628 @@
+"""Vectorized MinHash, LSH banding and connected components for near-duplicate detection (numpy only).
+
+Shingling contract (the tests check it against a brute-force reference)
+----------------------------------------------------------------------
+* Every text is normalized with :func:`normalize_for_hash`: NFKC, then ``str.lower``.
+* Word mode (default): tokens are the maximal runs of ``\\w`` characters exactly as Python's ``re``
+  defines ``\\w`` for str patterns, i.e. ``re.findall(r"\\w+", normalize_for_hash(text))``.
+  Shingles are the contiguous ``ngram``-token sequences.  A document with 1 <= tokens < ``ngram``
+  has exactly one shingle: the sequence of all its tokens.
+* Char mode (``char_ngrams=True``): the normalized text with whitespace collapsed
+  (``" ".join(normalized.split())``, so also stripped); shingles are its ``ngram``-character
+  substrings, and a non-empty text shorter than ``ngram`` is one shingle (the whole text).
+* Only the shingle SET matters: repeating a shingle does not change the signature.
+* A document with no shingle at all (empty; whitespace- or punctuation-only in word mode) gets
+  ``EMPTY_VALUE`` (0xFFFFFFFF) in every position.  Two such documents therefore compare as identical
+  (their empty sets are equal), and against a non-empty document the estimate is ~0.
+
+Signatures
+----------
+``uint32`` arrays of shape ``(n_docs, num_perm)`` (32-bit values halve memory; two different shingle
+minima collide with probability ~2**-32, negligible next to the sampling error of ``num_perm`` bins).
+They come from one-permutation hashing with optimal densification (Shrivastava 2017): each shingle's
+seeded 64-bit hash picks one of ``num_perm`` bins (high bits) and a value (low 32 bits); each bin keeps
+its minimum; an empty bin ``i`` copies the value of the first originally non-empty bin in a probe
+sequence that depends only on ``(i, attempt, seed)``, never on the document, so equal sets give equal
+signatures.  ``P[sig_a[i] == sig_b[i]] = J(A, B)`` for every bin, as for classic k-permutation
+MinHash, at the cost of one hash per shingle instead of ``num_perm``.  (Docs with fewer shingles than
+bins have somewhat correlated bins, so their estimates are a little noisier than k-permutation ones.)
+
+Hashing is deterministic for a given seed (no Python ``hash``), independent of how documents are
+batched, and different seeds give unrelated signatures.  Everything is vectorized with numpy over all
+characters, tokens and shingles of a batch; Python loops run only per document for the Unicode
+normalization of non-ASCII docs, per position within an n-gram, and per round of densification.
+
+LSH and clustering: :func:`optimal_bands` (datasketch's parameter choice), :func:`band_hashes`,
+:func:`candidate_pairs`, :func:`estimate_jaccard_rows` for verification, and
+:func:`connected_components` to turn verified pairs into duplicate clusters.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = [
+    "EMPTY_VALUE",
+    "band_hashes",
+    "candidate_pairs",
+    "connected_components",
+    "estimate_jaccard",
+    "estimate_jaccard_rows",
+    "minhash_signatures",
+    "normalize_for_hash",
+    "optimal_bands",
+]
+
+EMPTY_VALUE = np.uint32(0xFFFFFFFF)
+
+_MASK64 = (1 << 64) - 1
+_U64 = np.uint64
+
+
+def _mix_int(x: int) -> int:
+    """splitmix64 on a Python int (used to derive constants from seeds)."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _rand64(tag: int, i: int = 0) -> int:
+    return _mix_int(_mix_int(tag & _MASK64) ^ (i & _MASK64))
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer, in place on a uint64 array (a full-avalanche bijection).
+
+    A strong mixer matters: order-preserving hashes (e.g. small-multiplier multiply-shift) make all
+    bins agree and every pair look similar.
+    """
+    z ^= z >> _U64(30)
+    z *= _U64(0xBF58476D1CE4E5B9)
+    z ^= z >> _U64(27)
+    z *= _U64(0x94D049BB133111EB)
+    z ^= z >> _U64(31)
+    return z
+
+
+# Fixed (seed-independent) hashing constants; the seed enters only when shingle hashes are mixed.
+_G = 0x9E3779B97F4A7C15
+_LEN_MUL = _U64(_rand64(0x1E9) | 1)
+_CHAR_ADD = _U64(_rand64(0xC4A2))
+_MAX_NGRAM = 64
+_OFFSET_MUL = np.array([_rand64(0x5A1, k) | 1 for k in range(_MAX_NGRAM)], dtype=np.uint64)
+
+_WORD_RE = re.compile(r"\w")
+# Per non-ASCII code point c, lazily filled: (ord(chr(c).lower()) << 1) | is_word(chr(c).lower()), or -1.
+# Each distinct code point is classified once by ``str.lower`` and ``re`` themselves, so the vectorized
+# path agrees with ``re.findall(r"\w+", normalize_for_hash(text))`` by construction.
+_HIGH_INFO: np.ndarray | None = None
+# The only code points whose ``str.lower`` is not a per-character 1:1 map: U+0130 (two characters) and
+# U+03A3 (final sigma depends on context).  Docs containing them are lowercased by ``str.lower`` first.
+_SPECIAL_LOWER = ("\u0130", "\u03a3")
+
+_POW: np.ndarray = np.ones(1, dtype=np.uint64)  # _POW[j] = G**j mod 2**64, grown on demand
+
+
+def normalize_for_hash(text: str) -> str:
+    """NFKC-normalize and lowercase ``text`` (the form that is shingled)."""
+    if text.isascii():  # NFKC is the identity on ASCII
+        return text.lower()
+    return unicodedata.normalize("NFKC", text).lower()
+
+
+def _prenormalize(text: str) -> str:
+    """The per-document Python part of :func:`normalize_for_hash`: NFKC, and ``str.lower`` only where
+    it is not a per-character map.  Everything else is lowercased vectorized later, because
+    ``str.lower`` on non-ASCII strings costs several ns per character."""
+    if not unicodedata.is_normalized("NFKC", text):
+        text = _nfkc(text)
+    if _SPECIAL_LOWER[0] in text or _SPECIAL_LOWER[1] in text:
+        text = text.lower()
+    return text
+
+
+def _nfkc(text: str, piece: int = 256) -> str:
+    """``unicodedata.normalize("NFKC", text)``, normalizing only the pieces that need it (4x faster on
+    web text, where a few no-break spaces or ligatures would otherwise renormalize the whole doc).
+
+    Splitting right before an ASCII character is exact: ASCII characters have canonical combining
+    class 0 and NFKC_Quick_Check=Yes, so nothing reorders or composes across them.
+    """
+    out, i = [], 0
+    while i < len(text):
+        j = text.find(" ", i + max(piece, 1))
+        j = len(text) if j < 0 else j
+        part = text[i:j]
+        out.append(part if unicodedata.is_normalized("NFKC", part) else unicodedata.normalize("NFKC", part))
+        i = j
+    return "".join(out)
+
+
+def _powers(n: int) -> np.ndarray:
+    global _POW
+    if _POW.size < n:
+        size = max(n, 2 * _POW.size)
+        _POW = np.concatenate(
+            [np.ones(1, dtype=np.uint64), np.cumprod(np.full(size - 1, _G, dtype=np.uint64))]
+        )
+    return _POW[:n]
+
+
+def _high_info(c: np.ndarray) -> np.ndarray:
+    global _HIGH_INFO
+    if _HIGH_INFO is None:
+        _HIGH_INFO = np.full(0x110000, -1, dtype=np.int32)
+    info = _HIGH_INFO[c]
+    if (info < 0).any():
+        for u in np.unique(c[info < 0]).tolist():
+            low = chr(u).lower()
+            low = low if len(low) == 1 else chr(u)  # U+0130: its docs were lowercased by str.lower
+            _HIGH_INFO[u] = ord(low) << 1 | (_WORD_RE.match(low) is not None)
+        info = _HIGH_INFO[c]
+    return info
+
+
+def _code_points(text: str) -> np.ndarray:
+    if text.isascii():  # 1 byte per character instead of 4
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _lowered_code_points(text: str) -> np.ndarray:
+    """``[ord(c) for c in text]`` after per-character lowercasing, as uint64 (char-shingle mode)."""
+    cp = _code_points(text)
+    low = cp.astype(np.uint8)  # exact for ASCII positions; the others are overwritten below
+    low |= ((low - np.uint8(ord("A"))) < 26).view(np.uint8) << np.uint8(5)
+    x = low.astype(np.uint64)
+    if cp.dtype != np.uint8:
+        high = np.flatnonzero(cp >= 128)
+        x[high] = _high_info(cp[high]) >> 1
+    return x
+
+
+def _load8(words: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The 8 bytes starting at byte offsets ``pos`` as little-endian uint64, from aligned words."""
+    shift = ((pos & 7) << 3).astype(np.uint64)
+    out = words.take(pos >> 3) >> shift
+    high = words.take((pos >> 3) + 1) << np.uint64(1)  # two shifts: a shift by 64 must give 0
+    high <<= np.uint64(63) - shift
+    out |= high
+    return out
+
+
+_BYTE_MASK = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
+_CHUNK_MUL = np.array([_rand64(0xC4C, c) | 1 for c in range(2)], dtype=np.uint64)
+_POLY_TAG = _U64(_rand64(0x71DE))
+
+
+def _word_token_hashes(joined: str, doc_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hash every ``\\w+`` token of ``joined``; return (token hashes, first-token index per doc + end).
+
+    ``joined`` must start and end with a separator.  The hash is a function of the lowercased token
+    only, by one of two routes chosen by the token itself: tokens of at most 16 characters that are all
+    < 256 after lowercasing (nearly all tokens of European text) are read as one or two 8-byte words of
+    one byte per character, so no per-character 64-bit arithmetic is needed; longer tokens and tokens
+    with other characters get a polynomial hash of their characters.
+    """
+    cp = _code_points(joined)
+    raw = cp.astype(np.uint8)  # exact for ASCII positions; the others are patched below
+    # One symbol byte per character: ASCII letters case-folded by the 0x20 bit, digits unchanged, "_"
+    # -> 0x7F; unambiguous on word characters, which are all that is hashed.
+    sym = raw | np.uint8(0x20)
+    word = (sym - np.uint8(ord("a"))) < 26
+    word |= (raw - np.uint8(ord("0"))) < 10
+    word |= raw == ord("_")
+    wide_pos = wide_val = None
+    if cp.dtype != np.uint8:
+        high = np.flatnonzero(cp >= 128)
+        if high.size:
+            info = _high_info(cp[high])
+            low = info >> 1
+            word[high] = (info & 1).astype(np.bool_)
+            sym[high] = (np.where(low < 128, low | 0x20, low) & 0xFF).astype(np.uint8)  # Latin-1: itself
+            is_wide = low >= 256
+            wide_pos, wide_val = high[is_wide], low[is_wide]
+
+    bounds = np.flatnonzero(word[1:] != word[:-1])  # alternating token starts and ends, minus 1
+    bounds += 1
+    starts, ends = bounds[0::2].copy(), bounds[1::2].copy()
+    tok_off = np.searchsorted(starts, doc_starts)
+    if starts.size == 0:
+        return np.empty(0, dtype=np.uint64), tok_off
+
+    words = np.concatenate([sym, np.zeros(16 - sym.size % 8, dtype=np.uint8)]).view("<u8")
+    length = ends - starts
+    h = _load8(words, starts)
+    h &= _BYTE_MASK.take(np.minimum(length, 8))
+    h *= _CHUNK_MUL[0]
+    mid = np.flatnonzero((length > 8) & (length <= 16))
+    part = _load8(words, starts[mid] + 8)
+    part &= _BYTE_MASK.take(length[mid] - 8)
+    part *= _CHUNK_MUL[1]
+    h[mid] += part
+    poly = length > 16
+    if wide_pos is not None and wide_pos.size:
+        tok = np.maximum(np.searchsorted(starts, wide_pos, side="right") - 1, 0)
+        poly[tok[(wide_pos >= starts[tok]) & (wide_pos < ends[tok])]] = True
+    else:
+        wide_pos = wide_val = np.empty(0, dtype=np.int64)
+    poly = np.flatnonzero(poly)
+    if poly.size:
+        h[poly] = _poly_token_hashes(sym, wide_pos, wide_val, starts[poly], length[poly])
+    h ^= length.astype(np.uint64) * _LEN_MUL
+    return _mix(h), tok_off
+
+
+def _poly_token_hashes(sym, wide_pos, wide_val, starts, length) -> np.ndarray:
+    """Polynomial hash ``sum_p symbol[p] * G**p`` of the given tokens, vectorized over all of them;
+    the symbol of a character is its ``sym`` byte, or its code point where that is >= 256."""
+    offs = np.cumsum(length) - length
+    rel = np.arange(length.sum()) - np.repeat(offs, length)  # position inside the token
+    idx = np.repeat(starts, length) + rel
+    vals = sym.take(idx).astype(np.uint64)
+    if wide_pos.size:
+        j = np.minimum(np.searchsorted(wide_pos, idx), wide_pos.size - 1)
+        hit = wide_pos[j] == idx
+        vals[hit] = wide_val[j[hit]]
+    vals *= _powers(int(length.max())).take(rel)
+    return np.add.reduceat(vals, offs) ^ _POLY_TAG
+
+
+def _shingle_hashes(th: np.ndarray, tok_off: np.ndarray, ngram: int, seed_key: int):
+    """Seeded 64-bit hash and doc index of every shingle (contiguous ``ngram`` tokens within a doc)."""
+    n_tok = th.size
+    cnt = np.diff(tok_off)
+    mul = _OFFSET_MUL[:ngram]
+    parts_v, parts_d = [], []
+    if n_tok >= ngram:
+        width = n_tok - ngram + 1
+        acc = th[:width] * mul[0]
+        tmp = np.empty_like(acc)
+        for k in range(1, ngram):
+            acc += np.multiply(th[k : k + width], mul[k], out=tmp)
+        # A window starting in the last ngram-1 tokens before a doc boundary crosses it.
+        valid = np.ones(width, dtype=np.bool_)
+        inner = tok_off[1:-1]
+        bad = (inner[:, None] - np.arange(1, ngram)).ravel()
+        valid[bad[(bad >= 0) & (bad < width)]] = False
+        acc = acc[valid]
+        acc += _U64((ngram * int(_LEN_MUL) + seed_key) & _MASK64)
+        parts_v.append(_mix(acc))
+        parts_d.append(np.repeat(np.arange(cnt.size), np.maximum(cnt - ngram + 1, 0)))
+    short = np.flatnonzero((cnt > 0) & (cnt < ngram))
+    if short.size:  # rare: docs with fewer tokens than ngram form one shingle of all their tokens
+        first, length = tok_off[short], cnt[short]
+        acc = np.zeros(short.size, dtype=np.uint64)
+        for k in range(ngram - 1):
+            m = length > k
+            acc[m] += th[first[m] + k] * mul[k]
+        acc += length.astype(np.uint64) * _LEN_MUL
+        acc += _U64(seed_key)
+        parts_v.append(_mix(acc))
+        parts_d.append(short)
+    if not parts_v:
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.intp)
+    return np.concatenate(parts_v), np.concatenate(parts_d)
+
+
+@functools.lru_cache(maxsize=2048)
+def _probe(num_perm: int, attempt: int, seed_key: int) -> np.ndarray:
+    """Bin probed by empty bin ``i`` at ``attempt``: a hash of (i, attempt, seed) only, never of the doc."""
+    if attempt >= 64 * num_perm:  # never reached in practice; a sequential scan guarantees termination
+        return (np.arange(num_perm) + attempt) % num_perm
+    z = np.arange(num_perm, dtype=np.uint64) * _U64(0xD6E8FEB86659FD93)
+    z += _U64(_rand64(seed_key, attempt))
+    return ((_mix(z) >> _U64(32)) * _U64(num_perm) >> _U64(32)).astype(np.intp)
+
+
+_TABLE_MAX_PERM = 1024  # bounds the first-hit table to num_perm**2 entries
+
+
+@functools.lru_cache(maxsize=8)
+def _first_hit_codes(num_perm: int, seed_key: int) -> tuple[np.ndarray, int]:
+    """``codes[j, i] = (1 + first attempt at which bin i probes bin j) * num_perm + j`` (``i == j``: just
+    ``i``), for attempts below the returned horizon; the dtype's max where ``j`` is not probed that soon.
+
+    For a fixed ``i`` each attempt probes one bin, so the codes of different ``j`` differ; the minimum
+    over a doc's filled bins therefore encodes both the first hit and (mod ``num_perm``) its bin.
+    """
+    dtype = np.uint16 if num_perm <= 128 else np.uint32  # 16-bit codes halve the hot loop's memory
+    horizon = min(8 * num_perm, int(np.iinfo(dtype).max) // num_perm - 2)
+    codes = np.full((num_perm, num_perm), np.iinfo(dtype).max, dtype=dtype)
+    cols = np.arange(num_perm)
+    for attempt in reversed(range(horizon)):  # earlier attempts overwrite later ones
+        j = _probe(num_perm, attempt, seed_key)
+        codes[j, cols] = (attempt + 1) * num_perm + j
+    codes[cols, cols] = cols
+    return codes, horizon
+
+
+def _one_permutation(v: np.ndarray, doc: np.ndarray, n_docs: int, num_perm: int, seed_key: int):
+    # Bin = high bits via multiply-shift range reduction ("fastrange"), value = low 32 bits.
+    if num_perm & (num_perm - 1) == 0:  # identical result to the general formula, one pass cheaper
+        shift = 64 - (num_perm.bit_length() - 1)
+        b = (v >> _U64(shift)) if shift < 64 else np.zeros_like(v)
+    else:
+        b = (v >> _U64(32)) * _U64(num_perm) >> _U64(32)
+    group = doc * num_perm + b.view(np.int64)
+    sig = np.full(n_docs * num_perm, EMPTY_VALUE, dtype=np.uint32)
+    np.minimum.at(sig, group, v.astype(np.uint32))  # per-(doc, bin) min; much faster than a sort
+    filled = np.zeros(n_docs * num_perm, dtype=np.bool_)
+    filled[group] = True
+    n_filled = np.count_nonzero(filled.reshape(n_docs, num_perm), axis=1)
+    _densify(sig.reshape(n_docs, num_perm), filled.reshape(n_docs, num_perm), n_filled, seed_key)
+    return sig.reshape(n_docs, num_perm)  # docs without shingles keep EMPTY_VALUE everywhere
+
+
+def _densify(sig: np.ndarray, filled: np.ndarray, n_filled: np.ndarray, seed_key: int) -> None:
+    """Optimal densification, in place on ``(n_docs, num_perm)`` arrays: every empty bin copies the
+    first originally non-empty bin of its probe sequence (two equivalent routes, same result).
+
+    Probing needs ~``num_perm / n_filled`` rounds per empty bin, so docs with few filled bins (short
+    docs, the bulk of the cost) instead take the minimum of ``_first_hit_codes`` over their filled bins:
+    ``n_filled`` vectorized row minima per doc, no rounds.
+    """
+    n_docs, num_perm = sig.shape
+    flat_sig, flat_filled = sig.reshape(-1), filled.reshape(-1)
+    small = np.zeros(n_docs, dtype=np.bool_)
+    if num_perm <= _TABLE_MAX_PERM:
+        codes, horizon = _first_hit_codes(num_perm, seed_key)
+        small = (n_filled > 0) & (n_filled <= num_perm // 2)  # measured crossover is around 1/2..2/3
+        docs = np.flatnonzero(small)
+        if docs.size:
+            docs = docs[np.argsort(-n_filled[docs], kind="stable")]  # most filled bins first
+            k = n_filled[docs]
+            # by_rank[t, r]: the t-th filled bin of the r-th doc (only defined for t < k[r]).
+            row = np.repeat(np.arange(docs.size), k)
+            flat = np.flatnonzero(filled[docs])  # row * num_perm + bin, doc after doc
+            pos = np.arange(flat.size) - np.repeat(np.cumsum(k) - k, k)  # rank t of each filled bin
+            pos *= docs.size
+            pos += row
+            by_rank = np.empty((int(k[0]), docs.size), dtype=np.intp)
+            by_rank.reshape(-1)[pos] = flat - row * num_perm
+            n_active = np.searchsorted(-k, -np.arange(k[0]), side="left")  # docs with > t filled bins
+            best = codes.take(by_rank[0], axis=0)
+            for t in range(1, int(k[0])):
+                a = n_active[t]
+                np.minimum(best[:a], codes.take(by_rank[t, :a], axis=0), out=best[:a])
+            src = best & np.uint16(num_perm - 1) if num_perm & (num_perm - 1) == 0 else best % num_perm
+            src = src.astype(np.intp)
+            src += (docs * num_perm)[:, None]
+            sig[docs] = flat_sig.take(src)  # filled bins hit themselves (code i), so they keep their value
+            late = np.flatnonzero(best == np.iinfo(codes.dtype).max)
+            if late.size:  # not hit within the horizon: keep probing from there
+                late = docs[late // num_perm] * num_perm + late % num_perm
+                _probe_bins(flat_sig, flat_filled, late, horizon, num_perm, seed_key)
+    empty = np.flatnonzero(~flat_filled & np.repeat(~small & (n_filled > 0), num_perm))
+    _probe_bins(flat_sig, flat_filled, empty, 0, num_perm, seed_key)
+
+
+def _probe_bins(sig, filled, empty, attempt: int, num_perm: int, seed_key: int) -> None:
+    """Resolve the flat indices ``empty`` by probing, vectorized over bins, one iteration per round.
+
+    Resolved bins are only masked out, and the arrays compacted once 80% are resolved, because
+    compacting every round cost more than the probes themselves."""
+    while empty.size:
+        col = empty % num_perm
+        base = empty - col
+        src_of = np.empty_like(empty)
+        pending = np.ones(empty.size, dtype=np.bool_)
+        left = empty.size
+        while left > empty.size // 5:
+            src = _probe(num_perm, attempt, seed_key)[col]
+            src += base
+            hit = filled[src]  # only originally non-empty bins count, never densified ones
+            hit &= pending
+            np.copyto(src_of, src, where=hit)
+            pending ^= hit
+            left = np.count_nonzero(pending)
+            attempt += 1
+        done = ~pending
+        sig[empty[done]] = sig[src_of[done]]
+        empty = empty[pending]
+
+
+def minhash_signatures(
+    texts: Iterable[str],
+    *,
+    num_perm: int = 128,
+    ngram: int = 5,
+    seed: int = 1,
+    char_ngrams: bool = False,
+    batch_chars: int = 1 << 18,
+    batch_docs: int = 1024,
+) -> np.ndarray:
+    """MinHash signatures, shape ``(len(texts), num_perm)``, dtype ``uint32`` (see module docstring).
+
+    Work is vectorized over all characters/tokens/shingles of a batch.  Text is processed ``batch_chars``
+    characters at a time and binning/densification ``batch_docs`` documents at a time; both only
+    trade memory against per-call overhead (~256K characters avoided page faults on fresh memory and
+    measured fastest) and never change the result.
+    """
+    if num_perm < 1:
+        raise ValueError("num_perm must be >= 1")
+    if not 1 <= ngram <= _MAX_NGRAM:
+        raise ValueError(f"ngram must be in [1, {_MAX_NGRAM}]")
+    docs = list(texts)
+    is_ascii = np.array(list(map(str.isascii, docs)), dtype=np.bool_)
+    for i in np.flatnonzero(~is_ascii).tolist():
+        docs[i] = _prenormalize(docs[i])
+    if char_ngrams:
+        docs = [" ".join(d.split()) for d in docs]  # lowercasing never changes what is whitespace
+    seed_key = _rand64(0x5EED, seed)
+    lengths = np.array(list(map(len, docs)), dtype=np.int64) + 1
+    out = np.empty((len(docs), num_perm), dtype=np.uint32)
+    # ASCII docs are batched apart from the others so that their batches stay 1 byte per character.
+    for group in (np.flatnonzero(is_ascii), np.flatnonzero(~is_ascii)):
+        ends = np.cumsum(lengths[group])
+        lo = done = 0
+        parts_v, parts_d = [], []
+        while lo < group.size:
+            # Up to batch_chars characters (but at least one doc) per text batch.
+            hi = int(np.searchsorted(ends, ends[lo] - lengths[group[lo]] + batch_chars, side="right"))
+            hi = min(max(hi, lo + 1), done + batch_docs)
+            v, d = _batch_shingles([docs[i] for i in group[lo:hi].tolist()], ngram, seed_key, char_ngrams)
+            parts_v.append(v)
+            parts_d.append(d + (lo - done))
+            lo = hi
+            if lo - done >= batch_docs or lo == group.size:
+                v, d = np.concatenate(parts_v), np.concatenate(parts_d)
+                out[group[done:lo]] = _one_permutation(v, d, lo - done, num_perm, seed_key)
+                done, parts_v, parts_d = lo, [], []
+    return out
+
+
+def _batch_shingles(docs: list[str], ngram: int, seed_key: int, char_ngrams: bool):
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    if char_ngrams:
+        # Characters are the tokens; doc boundaries come from the lengths, so no separator is needed.
+        x = _lowered_code_points("".join(docs))
+        x *= _U64(_G)
+        x += _CHAR_ADD
+        th = _mix(x)
+        tok_off = np.concatenate([[0], np.cumsum(lengths)])
+    else:
+        # A space before and after every doc keeps tokens from running across documents.
+        doc_starts = np.concatenate([[1], 1 + np.cumsum(lengths + 1)])
+        th, tok_off = _word_token_hashes(" ".join(["", *docs, ""]), doc_starts)
+    return _shingle_hashes(th, tok_off, ngram, seed_key)
+
+
+def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    """Estimated Jaccard similarity of two signatures: the fraction of equal positions."""
+    sig_a, sig_b = np.asarray(sig_a), np.asarray(sig_b)
+    if sig_a.shape != sig_b.shape:
+        raise ValueError("signatures must have the same shape")
+    return float(np.count_nonzero(sig_a == sig_b)) / sig_a.size
+
+
+def estimate_jaccard_rows(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
+    """Row-wise :func:`estimate_jaccard` for two ``(n, num_perm)`` arrays -> float64 ``(n,)``."""
+    return (np.asarray(sigs_a) == np.asarray(sigs_b)).mean(axis=-1)
+
+
+def _integrate(f, lo: float, hi: float) -> np.ndarray:
+    # Composite Gauss-Legendre (32 panels x 16 nodes): the integrands are polynomials of degree
+    # b*r <= num_perm, so this matches an adaptive quadrature to ~1e-12 for any realistic num_perm.
+    nodes, weights = np.polynomial.legendre.leggauss(16)
+    edges = np.linspace(lo, hi, 33)
+    half = (edges[1:] - edges[:-1])[:, None] / 2
+    s = ((edges[:-1, None] + edges[1:, None]) / 2 + half * nodes).ravel()
+    w = (half * weights).ravel()
+    return f(s) @ w
+
+
+def optimal_bands(
+    threshold: float,
+    num_perm: int,
+    false_positive_weight: float = 0.5,
+    false_negative_weight: float = 0.5,
+) -> tuple[int, int]:
+    """LSH bands ``b`` and rows per band ``r`` (``b * r <= num_perm``) for a Jaccard ``threshold``.
+
+    Minimizes ``fp_w * FP + fn_w * FN`` with ``FP = integral_0^t 1 - (1 - s**r)**b ds`` and
+    ``FN = integral_t^1 (1 - s**r)**b ds`` (the probability a pair of similarity ``s`` shares a band is
+    ``1 - (1 - s**r)**b``), the same objective and tie-breaking (first in ``b``-then-``r`` order) as
+    datasketch's ``MinHashLSH``.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError("threshold must be in [0, 1]")
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
+    error = np.empty(len(pairs))
+    for lo in range(0, len(pairs), 2048):  # chunks bound the (pairs x nodes) temporaries
+        b, r = pairs[lo : lo + 2048, :1].astype(float), pairs[lo : lo + 2048, 1:].astype(float)
+        fp = _integrate(lambda s, b=b, r=r: 1 - (1 - s**r) ** b, 0.0, threshold)
+        fn = _integrate(lambda s, b=b, r=r: (1 - s**r) ** b, threshold, 1.0)
+        error[lo : lo + 2048] = false_positive_weight * fp + false_negative_weight * fn
+    best = int(np.argmin(error))  # first minimum, as datasketch's strict "<" scan
+    return int(pairs[best, 0]), int(pairs[best, 1])
+
+
+def band_hashes(signatures: np.ndarray, b: int, r: int, seed: int = 0) -> np.ndarray:
+    """One uint64 hash per LSH band: ``(n, num_perm)`` signatures -> ``(n, b)``.
+
+    Band ``j`` covers columns ``[j*r, (j+1)*r)``; its index is mixed in, so equal values in different
+    bands give different hashes.  Equal band contents always give equal hashes.
+    """
+    sig = np.asarray(signatures)
+    if sig.ndim != 2 or b * r > sig.shape[1] or b < 1 or r < 1:
+        raise ValueError(f"need 2-D signatures with at least b*r={b * r} columns")
+    bands = sig[:, : b * r].astype(np.uint64).reshape(sig.shape[0], b, r)
+    mul = np.array([_rand64(0xBA2D, k) | 1 for k in range(r)], dtype=np.uint64)
+    h = (bands * mul).sum(axis=2, dtype=np.uint64)  # random odd multipliers per row: order matters
+    h += np.arange(b, dtype=np.uint64) * _U64(_rand64(0xBA2E) | 1) + _U64(_rand64(0xBA2F, seed))
+    return _mix(h)
+
+
+def candidate_pairs(bands: np.ndarray, all_pairs: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of rows sharing at least one band hash (deduplicated, sorted).
+
+    Per band: sort, find runs of equal hashes, emit pairs from each run (vectorized).  With
+    ``all_pairs`` every pair in a run is emitted, quadratic in the run length (k identical docs give
+    k*(k-1)/2 pairs); ``all_pairs=False`` links each member to the first row of its run instead
+    (k-1 edges), which gives the same :func:`connected_components`.
+    """
+    bands = np.asarray(bands)
+    n = bands.shape[0]
+    codes = []
+    for j in range(bands.shape[1]):
+        order = np.argsort(bands[:, j], kind="stable")
+        h = bands[order, j]
+        same = h[1:] == h[:-1]
+        if not same.any():
+            continue
+        if all_pairs:
+            pos = np.flatnonzero(same)  # sorted positions that have an equal successor
+            # Element at sorted position p pairs with every later element of its run [.., run_end).
+            run_ends = np.append(np.flatnonzero(~same) + 1, n)
+            n_after = run_ends[np.searchsorted(run_ends, pos, side="right")] - pos - 1
+            first = np.repeat(pos, n_after)
+            second = first + 1 + (np.arange(first.size) - np.repeat(np.cumsum(n_after) - n_after, n_after))
+        else:
+            second = np.flatnonzero(same) + 1  # sorted positions with an equal predecessor
+            run_start = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(n), 0))
+            first = run_start[second]
+        a, c = order[first], order[second]
+        codes.append(np.minimum(a, c).astype(np.int64) * n + np.maximum(a, c))
+    if not codes:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    code = np.unique(np.concatenate(codes))
+    return code // n, code % n
+
+
+def connected_components(n: int, edges_u: np.ndarray, edges_v: np.ndarray) -> np.ndarray:
+    """Component label of each of ``n`` nodes: the smallest node index in its component.
+
+    Vectorized hooking + pointer jumping: every root is hooked onto the smallest root it shares an
+    edge with (``np.minimum.at``), then paths are compressed until every node points at its root.
+    Labels only ever decrease and satisfy ``label[x] <= x``, so each root is its tree's minimum; the
+    number of trees per component at least halves per round, hence O(log n) rounds.
+    """
+    labels = np.arange(n, dtype=np.int64)
+    u = np.asarray(edges_u, dtype=np.int64).ravel()
+    v = np.asarray(edges_v, dtype=np.int64).ravel()
+    if u.shape != v.shape:
+        raise ValueError("edges_u and edges_v must have the same length")
+    if u.size and (min(u.min(), v.min()) < 0 or max(u.max(), v.max()) >= n):
+        raise ValueError("edge endpoint out of range")
+    while u.size:
+        lu, lv = labels[u], labels[v]
+        keep = lu != lv  # edges inside an already merged tree are done for good
+        u, v, lu, lv = u[keep], v[keep], lu[keep], lv[keep]
+        if not u.size:
+            break
+        low = np.minimum(lu, lv)
+        np.minimum.at(labels, lu, low)
+        np.minimum.at(labels, lv, low)
+        while True:  # pointer jumping
+            nxt = labels[labels]
+            if np.array_equal(nxt, labels):
+                break
+            labels = nxt
+    return labels

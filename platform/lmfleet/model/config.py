@@ -1,0 +1,75 @@
+"""Model architecture config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmfleet.config import StrictModel
+
+
+class ModelConfig(StrictModel):
+    vocab_size: int | None = Field(None, ge=2, description="Default: the data stage tokenizer's vocab size.")
+    n_layers: int = Field(4, ge=1)
+    d_model: int = Field(256, ge=8)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="None: = n_heads (MHA); 1: MQA; between: GQA.")
+    ffn_dim: int | None = Field(None, ge=1, description="Default: 4*d_model, or 8/3*d_model for SwiGLU.")
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_placement: Literal["pre", "post"] = "pre"
+    norm_eps: float = Field(1e-5, gt=0)
+    positions: Literal["rope", "alibi", "learned"] = "rope"
+    rope_theta: float = Field(10000.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = False
+    max_seq_len: int = Field(256, ge=2)
+    attention: list[Literal["global", "local"]] = Field(
+        default_factory=lambda: ["global"],
+        description="Per-layer pattern, repeated over the layers: e.g. [local, global] alternates.",
+    )
+    sliding_window: int | None = Field(None, ge=1, description="Tokens a local layer attends to (incl. itself).")
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.kv_heads > self.n_heads or self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+        if "local" in self.attention and self.sliding_window is None:
+            raise ValueError("attention has local layers: set sliding_window")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        if self.activation == "swiglu":  # same parameter count as a 4x GeLU MLP, rounded to 8
+            return 8 * ((8 * self.d_model // 3 + 7) // 8)
+        return 4 * self.d_model
+
+    def layer_kind(self, i: int) -> str:
+        return self.attention[i % len(self.attention)]
+
+    @property
+    def llama_compatible(self) -> bool:
+        """Exportable as HF LlamaForCausalLM with identical logits."""
+        return (self.positions == "rope" and self.norm == "rmsnorm" and self.activation == "swiglu"
+                and self.norm_placement == "pre" and "local" not in self.attention)
+
+    def flops_per_token(self, params: int, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM appendix B): 6 x params outside the input embedding
+        (`params`) plus attention scores, 12 x layers x d_model x seq_len."""
+        return 6 * params + 12 * self.n_layers * self.d_model * seq_len

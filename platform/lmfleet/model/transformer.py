@@ -1,0 +1,197 @@
+"""A configurable decoder-only transformer in plain PyTorch (nanoGPT-sized).
+
+Inputs are token ids and, for packed sequences, the position of each token within its document
+segment (0 starts a segment; see lmfleet.data.packing). Attention is causal, restricted to the
+token's own segment (so packed documents never see each other) and, on `local` layers, to the last
+`sliding_window` tokens. Attention runs through `F.scaled_dot_product_attention`.
+
+Parallelism is applied from outside (lmfleet.train.parallel): layers live in a ModuleDict keyed by
+index so pipeline stages can drop layers, and the embedding / norm / output may be None on stages
+that do not own them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmfleet.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (as HF Llama does) so exported models give identical logits.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, 1, T, head_dim) in the half-rotation layout HF Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Geometric slopes of Press et al. (2022), extended to non-powers of two as in their code."""
+    def powers(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(p) + (powers(2 * p)[0::2][: n_heads - p] if p < n_heads else [])
+    return torch.tensor(slopes)
+
+
+def segment_ids(positions: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum((positions == 0).int(), dim=1)
+
+
+def attention_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, T): causal, same segment, and within `window` tokens when given."""
+    seg = segment_ids(positions)
+    t = positions.shape[1]
+    i = torch.arange(t, device=positions.device)
+    allowed = (i[None, :] <= i[:, None])[None] & (seg[:, :, None] == seg[:, None, :])
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(b, t, -1, hd).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, hd).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if k.shape[1] != q.shape[1]:  # GQA / MQA: each kv head serves a group of query heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.cfg.dropout if self.training else 0.0
+        )
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        self.w1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False) if cfg.activation == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is not None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x)) if self.activation == "gelu" else F.relu(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.local = cfg.layer_kind(layer) == "local"
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attention = Attention(cfg, cfg.sliding_window if self.local else None)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = make_norm(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, masks: dict, rope: tuple | None) -> torch.Tensor:
+        mask = masks["local" if self.local else "global"]
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), mask, rope))
+            return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask, rope)))
+        return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.positions == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_heads), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                # Residual output projections scaled down with depth (GPT-2).
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def masks(self, positions: torch.Tensor) -> dict:
+        """Attention masks for global and local layers (bool, or float with the ALiBi bias)."""
+        out = {}
+        for kind in {self.cfg.layer_kind(i) for i in range(self.cfg.n_layers)}:
+            allowed = attention_mask(positions, self.cfg.sliding_window if kind == "local" else None)
+            if self.cfg.positions == "alibi":
+                t = positions.shape[1]
+                i = torch.arange(t, device=positions.device)
+                dist = (i[:, None] - i[None, :]).clamp(min=0).float()
+                bias = -self.alibi[:, None, None].float() * dist  # (H, T, T)
+                allowed = torch.where(allowed, bias[None], torch.tensor(float("-inf"), device=positions.device))
+            out[kind] = allowed
+        return out
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) ids, or (B, T, d) hidden states on a later pipeline stage -> logits or hidden."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        h = tokens
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens)
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(positions)
+            h = self.dropout(h)
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.positions == "rope" else None
+        masks = self.masks(positions)
+        for layer in self.layers.values():
+            h = layer(h, masks, rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h

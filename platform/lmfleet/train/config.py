@@ -1,0 +1,144 @@
+"""Config of the pretraining stage (the `pretrain:` section of a stage YAML)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmfleet.config import StrictModel
+from lmfleet.model.config import ModelConfig
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0, description="Applied to matrices only, not norms or biases.")
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class LRScheduleConfig(StrictModel):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: final fraction of steps that decays.")
+
+
+class BatchConfig(StrictModel):
+    global_batch: int = Field(8, ge=1, description="Samples per optimizer step, whatever the worker count.")
+    micro_batch: int = Field(4, ge=1, description="Samples per forward pass on one worker.")
+
+
+class FSDPConfig(StrictModel):
+    reshard_after_forward: bool = Field(True, description="True: full sharding (ZeRO-3); False: grad/optimizer sharding.")
+    cpu_offload: bool = False
+    param_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="Mixed precision; None: auto.")
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DeepSpeedConfig(StrictModel):
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    config: dict[str, Any] = Field(default_factory=dict, description="Merged over the generated DeepSpeed config.")
+
+
+class ParallelConfig(StrictModel):
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"
+    tp_size: int = Field(1, ge=1)
+    pp_size: int = Field(1, ge=1)
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    fsdp: FSDPConfig = FSDPConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int | tuple[int, int] = Field(1, description="A count, or [min, max] for elastic training.")
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+
+    @model_validator(mode="after")
+    def _range(self):
+        lo, hi = self.bounds
+        if lo < 1 or hi < lo:
+            raise ValueError(f"num_workers {self.num_workers}: need 1 <= min <= max")
+        return self
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(50, ge=1, description="Steps between checkpoints (and the last step).")
+    keep_last: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (last checkpoint).")
+
+
+class EvalConfig(StrictModel):
+    every: int = Field(50, ge=1)
+    batches: int = Field(4, ge=1, description="Micro-batches of the val split per evaluation.")
+
+
+class MixingScheduleConfig(StrictModel):
+    """Per-source sampling during training. None in the stage config: one stream over all sources
+    in the proportions the data stage packed."""
+
+    kind: Literal["static", "piecewise", "adaptive"] = "static"
+    weights: dict[str, float] | None = Field(None, description="static/adaptive start; default: packed sizes.")
+    milestones: list[tuple[int, dict[str, float]]] = Field(default_factory=list, description="piecewise: (step, weights).")
+    lr: float = Field(1.0, gt=0, description="adaptive: step size of the exponentiated-gradient update.")
+    smoothing: float = Field(0.1, ge=0, le=1, description="adaptive: mix with uniform.")
+    update_every: int = Field(10, ge=1, description="adaptive: steps between weight updates.")
+
+
+class PretrainConfig(StrictModel):
+    data: str = Field(..., description="The data stage's output: a stage name of this run, or a path.")
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    batch: BatchConfig = BatchConfig()
+    steps: int = Field(100, ge=1)
+    parallel: ParallelConfig = ParallelConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    mixing: MixingScheduleConfig | None = None
+    log_every: int = Field(10, ge=1)
+    log_samples: bool = Field(False, description="Write the sample ids of every step to samples.jsonl.")
+    tensorboard: bool = False
+    peak_flops: float | None = Field(None, gt=0, description="Per-device peak FLOP/s for MFU; None: known GPUs only.")
+    export: bool = True
+
+    @model_validator(mode="after")
+    def _parallel_fits(self):
+        p, m = self.parallel, self.model
+        lo, hi = self.scaling.bounds
+        if p.strategy == "none" and (hi > 1 or p.tp_size > 1 or p.pp_size > 1):
+            raise ValueError("parallel.strategy 'none' is the single-process reference: use 1 worker, tp_size=pp_size=1")
+        if m.n_heads % p.tp_size or m.kv_heads % p.tp_size:
+            raise ValueError(f"parallel.tp_size {p.tp_size} must divide n_heads {m.n_heads} and n_kv_heads {m.kv_heads}")
+        if p.tp_size > 1 and m.positions == "alibi":
+            raise ValueError("positions 'alibi' is not supported with tp_size > 1 (per-head slopes are not sharded)")
+        if p.pp_size > m.n_layers:
+            raise ValueError(f"parallel.pp_size {p.pp_size} is larger than model.n_layers {m.n_layers}")
+        if p.pp_size > 1 and m.tie_embeddings:
+            raise ValueError("tie_embeddings needs the embedding and output on one stage: not with pp_size > 1")
+        if p.strategy == "deepspeed" and (p.tp_size > 1 or p.pp_size > 1):
+            raise ValueError("strategy 'deepspeed' runs ZeRO data parallelism only: set tp_size=pp_size=1")
+        if p.strategy == "deepspeed" and lo != hi:
+            raise ValueError("strategy 'deepspeed' cannot resume ZeRO state on another worker count: fix num_workers")
+        for world in range(lo, hi + 1):
+            if world % (p.tp_size * p.pp_size):
+                raise ValueError(f"{world} workers is not divisible by tp_size*pp_size = {p.tp_size * p.pp_size}")
+            dp = world // (p.tp_size * p.pp_size)
+            if self.batch.global_batch % (dp * self.batch.micro_batch):
+                raise ValueError(
+                    f"batch.global_batch {self.batch.global_batch} is not divisible by data-parallel size {dp} x "
+                    f"micro_batch {self.batch.micro_batch} (at {world} workers)"
+                )
+        return self

@@ -1,0 +1,88 @@
+"""Deterministic, resumable batches over the packed shards.
+
+Every step draws `global_batch` sample indices. Each source (or one stream over all sources when
+no mixing schedule is set) walks its own seeded permutation of its samples, epoch after epoch; the
+number drawn per source follows the schedule's weights at that step (largest remainder). All ranks
+compute the same plan, so no communication is needed; data-parallel rank r takes the r-th
+contiguous slice. The whole data position is the per-stream cursors, saved with the checkpoint:
+resume and a different worker count both continue the exact same sequence of global batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmfleet.data.mixing import MixingSchedule
+
+
+class Stream:
+    """An endless seeded walk over a set of sample indices, reshuffled each epoch."""
+
+    def __init__(self, indices: np.ndarray, seed: int):
+        self.indices, self.seed, self.cursor = indices, seed, 0
+
+    def take(self, n: int) -> np.ndarray:
+        out = []
+        while n > 0:
+            epoch, offset = divmod(self.cursor, len(self.indices))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+            chunk = perm[offset : offset + n]
+            out.append(self.indices[chunk])
+            self.cursor += len(chunk)
+            n -= len(chunk)
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Integer counts summing to `total`, proportional to weights (largest remainder, ties by name)."""
+    names = sorted(weights)
+    exact = np.array([weights[k] for k in names], dtype=np.float64) * total / sum(weights.values())
+    counts = np.floor(exact).astype(int)
+    rest = total - counts.sum()
+    order = sorted(range(len(names)), key=lambda i: (-(exact[i] - counts[i]), names[i]))
+    for i in order[:rest]:
+        counts[i] += 1
+    return dict(zip(names, counts.tolist(), strict=True))
+
+
+class BatchPlan:
+    def __init__(self, source_ranges: dict[str, list[tuple[int, int]]], global_batch: int, seed: int,
+                 schedule: MixingSchedule | None):
+        self.global_batch, self.schedule = global_batch, schedule
+        if schedule is None:
+            every = np.concatenate([np.arange(a, b) for r in source_ranges.values() for a, b in r])
+            self.streams = {"all": Stream(np.sort(every), seed)}
+        else:
+            self.streams = {
+                name: Stream(np.concatenate([np.arange(a, b) for a, b in ranges]), seed + 7919 * (i + 1))
+                for i, (name, ranges) in enumerate(sorted(source_ranges.items()))
+            }
+        spans = sorted((a, name) for name, ranges in source_ranges.items() for a, _ in ranges)
+        self._starts = np.array([a for a, _ in spans])
+        self._names = [name for _, name in spans]
+
+    def sources(self, indices: np.ndarray) -> list[str]:
+        """Source name of each sample index (shards of a source are contiguous index ranges)."""
+        return [self._names[i] for i in np.searchsorted(self._starts, indices, side="right") - 1]
+
+    def next_batch(self, step: int) -> np.ndarray:
+        """The global batch of `step` (call once per step, in order)."""
+        if self.schedule is None:
+            return self.streams["all"].take(self.global_batch)
+        counts = allocate(self.global_batch, {k: w for k, w in self.schedule.weights(step).items() if k in self.streams})
+        return np.concatenate([self.streams[k].take(n) for k, n in sorted(counts.items())])
+
+    def state_dict(self) -> dict:
+        return {"cursors": {k: s.cursor for k, s in self.streams.items()},
+                "schedule": self.schedule.state_dict() if self.schedule else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, cursor in state["cursors"].items():
+            self.streams[k].cursor = cursor
+        if self.schedule is not None and state.get("schedule"):
+            self.schedule.load_state_dict(state["schedule"])
+
+
+def dp_slice(batch: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
+    per = len(batch) // dp_size
+    return batch[dp_rank * per : (dp_rank + 1) * per]

@@ -1,0 +1,377 @@
+"""The training loop every strategy runs inside a Ray Train worker (`train_loop_per_worker`).
+
+Loss normalization makes every layout compute the same numbers: each micro-batch contributes
+sum(token CE) / (real target tokens in the *global* batch), times the data-parallel size because
+DDP / FSDP / ZeRO average gradients over dp ranks. So the gradient is that of the mean token loss of
+the global batch whatever the worker count, accumulation or pipeline schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lmfleet.data.mixing import LossAdaptiveSchedule, MixingSchedule, PiecewiseSchedule
+from lmfleet.data.packing import PackedDataset
+from lmfleet.model.transformer import Transformer
+from lmfleet.train import checkpoint
+from lmfleet.train.config import PretrainConfig
+from lmfleet.train.data import BatchPlan, dp_slice
+from lmfleet.train.optim import build_optimizer, lr_multiplier
+from lmfleet.train.parallel import (
+    Layout,
+    PipelineStageModule,
+    build_layout,
+    clip_grad_norm,
+    parallelize,
+    unwrap,
+)
+
+IGNORE = -100
+# Dense bf16 peak FLOP/s of known GPUs, for the MFU estimate.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def build_schedule(cfg: PretrainConfig, sizes: dict[str, int]) -> MixingSchedule | None:
+    m = cfg.mixing
+    if m is None:
+        return None
+    start = m.weights or {k: float(v) for k, v in sizes.items()}
+    if m.kind == "piecewise":
+        return PiecewiseSchedule(m.milestones or [(0, start)])
+    if m.kind == "adaptive":
+        return LossAdaptiveSchedule(start, lr=m.lr, smoothing=m.smoothing)
+    return MixingSchedule(start)
+
+
+def load_batch(ds: PackedDataset, indices: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """inputs, positions, targets for a set of samples (targets of pad tokens are ignored)."""
+    rows = [ds[int(i)] for i in indices]
+    tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
+    positions = torch.from_numpy(np.stack([r[1] for r in rows]))
+    targets = tokens[:, 1:].clone()
+    targets[targets == pad_id] = IGNORE
+    # contiguous: pipeline stages send these through gloo point-to-point
+    return tokens[:, :-1].contiguous().to(device), positions[:, :-1].contiguous().to(device), targets.to(device)
+
+
+def per_sample_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return ce.view(targets.shape).sum(dim=1)
+
+
+class Trainer:
+    """Holds the parallel model, optimizer and data plan of one worker; steps and checkpoints them."""
+
+    def __init__(self, cfg: PretrainConfig, paths: dict, seed: int):
+        import ray.train
+
+        self.cfg, self.paths, self.seed = cfg, paths, seed
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        use_gpu = torch.cuda.is_available() and cfg.scaling.use_gpu is not False
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.layout: Layout = build_layout(cfg.parallel, self.device)
+        index = json.loads((Path(paths["packed"]) / "index.json").read_text())
+        self.pad_id = index["pad_id"]
+        self.train_ds = PackedDataset(paths["packed"], "train")
+        self.val_ds = PackedDataset(paths["packed"], "val") if "val" in index["splits"] else None
+        sizes = {k: sum(b - a for a, b in r) for k, r in self.train_ds.source_ranges().items()}
+        self.plan = BatchPlan(self.train_ds.source_ranges(), cfg.batch.global_batch, seed, build_schedule(cfg, sizes))
+        self.local_batch = cfg.batch.global_batch // self.layout.dp
+        self.accum = self.local_batch // cfg.batch.micro_batch
+
+        torch.manual_seed(seed)  # identical initial weights on every rank, before any sharding
+        model = Transformer(cfg.model).to(self.device)
+        self.flops_per_token = cfg.model.flops_per_token(
+            sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tok_embeddings")),
+            index["seq_len"])
+        self.model = parallelize(model, cfg.parallel, self.layout)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.engine = None
+        if cfg.parallel.strategy == "deepspeed":
+            import deepspeed
+
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=self.optimizer, config=self._deepspeed_config())
+            self.model = self.engine
+        self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- set-up helpers --
+
+    def _deepspeed_config(self) -> dict:
+        ds = self.cfg.parallel.deepspeed
+        zero: dict = {"stage": ds.zero_stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if ds.offload_param:
+            zero["offload_param"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": self.cfg.batch.micro_batch,
+            "gradient_accumulation_steps": self.accum,
+            "zero_optimization": zero,
+            "gradient_clipping": self.cfg.optimizer.grad_clip or 0.0,
+            "bf16": {"enabled": self.device.type == "cuda"},
+            "steps_per_print": 2**31,
+            "zero_allow_untested_optimizer": True,
+        }
+        return _merge(config, ds.config)
+
+    def _pipeline_schedule(self):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        stage_module = PipelineStageModule(self.model)
+        stage = PipelineStage(stage_module, self.layout.pp_rank, self.layout.pp, self.device,
+                              group=self.layout.group("pp"))
+        kind = Schedule1F1B if self.cfg.parallel.pp_schedule == "1f1b" else ScheduleGPipe
+        self._pp_sample_ce: list[torch.Tensor] = []
+
+        def loss_fn(logits, targets):
+            ce = per_sample_ce(logits, targets)
+            self._pp_sample_ce.append(ce.detach())
+            return ce.sum() * self._loss_scale
+
+        return kind(stage, n_microbatches=self.accum, loss_fn=loss_fn, scale_grads=False)
+
+    # -- one step --
+
+    def _forward_backward(self, inputs, positions, targets, train: bool) -> torch.Tensor:
+        """Per-sample CE sums of this rank's slice (zeros on pipeline stages without the loss)."""
+        if self.schedule is not None:
+            self._pp_sample_ce = []
+            pp_rank, last = self.layout.pp_rank, self.layout.pp - 1
+            args = (inputs, positions) if pp_rank == 0 else ()
+            kwargs = {"target": targets, "losses": []} if pp_rank == last else {}
+            if train:
+                self.schedule.step(*args, **kwargs)
+            else:
+                self.schedule.eval(*args, **kwargs)
+            if pp_rank != last:
+                return torch.zeros(len(targets), device=self.device)
+            # The schedule's first step also runs loss_fn during shape inference: keep the real ones.
+            return torch.cat(self._pp_sample_ce[-self.accum:])
+        out = []
+        mb = self.cfg.batch.micro_batch
+        for k in range(0, len(inputs), mb):
+            sync = k + mb >= len(inputs)
+            self._set_sync(sync)
+            with self.amp or _null():
+                logits = self.model(inputs[k : k + mb], positions[k : k + mb])
+            ce = per_sample_ce(logits, targets[k : k + mb])
+            out.append(ce.detach())
+            if train:
+                loss = ce.sum() * self._loss_scale
+                if self.engine is not None:
+                    self.engine.backward(loss * self.accum)  # DeepSpeed divides by its accumulation steps
+                    self.engine.step()  # applies the update only at the accumulation boundary
+                else:
+                    loss.backward()
+        return torch.cat(out)
+
+    def _set_sync(self, sync: bool) -> None:
+        """Skip gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2 flag)."""
+        m = self.model
+        if hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(sync)
+        elif isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            m.require_backward_grad_sync = sync
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks and pipeline stages; TP ranks hold copies, so count one."""
+        if not dist.is_initialized():
+            return values
+        values = values.clone() if self.layout.coords[2] == 0 else torch.zeros_like(values)
+        dist.all_reduce(values)
+        return values
+
+    def run_batch(self, indices: np.ndarray, train: bool) -> tuple[float, dict[str, float], int]:
+        """Mean token loss of a global batch, per-source mean losses, and its real target tokens."""
+        mine = dp_slice(indices, self.layout.dp_rank, self.layout.dp)
+        inputs, positions, targets = load_batch(self.ds(train), mine, self.pad_id, self.device)
+        tokens = self._reduce(torch.tensor([float((targets != IGNORE).sum())], device=self.device))
+        # TP copies were counted once; pipeline stages all hold the same slice: divide them out.
+        n_tokens = float(tokens) / self.layout.pp
+        self._loss_scale = self.layout.dp / n_tokens
+        with torch.enable_grad() if train else torch.no_grad():
+            sample_ce = self._forward_backward(inputs, positions, targets, train)
+        names = self.plan.sources(mine) if train else ["val"] * len(mine)
+        keys = sorted(self.train_ds.source_ranges()) if train else ["val"]
+        sample_tokens = (targets != IGNORE).sum(dim=1).float()
+        stats = torch.zeros(2 * len(keys), device=self.device)
+        for i, name in enumerate(names):
+            k = keys.index(name)
+            stats[2 * k] += sample_ce[i]
+            stats[2 * k + 1] += sample_tokens[i] if self.layout.pp_rank == self.layout.pp - 1 else 0.0
+        stats = self._reduce(stats)
+        per_source = {k: float(stats[2 * i] / stats[2 * i + 1]) for i, k in enumerate(keys) if stats[2 * i + 1] > 0}
+        total = float(stats[0::2].sum() / stats[1::2].sum())
+        return total, per_source, int(n_tokens)
+
+    def ds(self, train: bool) -> PackedDataset:
+        return self.train_ds if train else self.val_ds
+
+    def step(self, step: int) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optimizer.lr * lr_multiplier(step, self.cfg.steps, self.cfg.lr_schedule)
+        lr = self.optimizer.param_groups[0]["lr"]
+        # Dropout masks depend only on (seed, step, rank): no RNG state to checkpoint.
+        torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
+        batch = self.plan.next_batch(step)
+        start = time.perf_counter()
+        loss, per_source, n_tokens = self.run_batch(batch, train=True)
+        if self.engine is not None:
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        else:
+            grad_norm = clip_grad_norm(self.params, self.cfg.optimizer.grad_clip, self.layout)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.plan.schedule is not None and self.cfg.mixing and (step + 1) % self.cfg.mixing.update_every == 0:
+            self.plan.schedule.update(step, per_source)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens_per_s = n_tokens / seconds
+        peak = self.cfg.peak_flops or _known_peak(self.device)
+        metrics = {
+            "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+            "tokens_per_s": tokens_per_s, "step_seconds": seconds, "world_size": self.world,
+            "dp": self.layout.dp, "accum": self.accum, "global_batch": self.cfg.batch.global_batch,
+            "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak else None,
+            **{f"loss/{k}": v for k, v in per_source.items()},
+        }
+        if self.plan.schedule is not None:
+            metrics.update({f"weight/{k}": v for k, v in self.plan.schedule.weights(step + 1).items()})
+        return metrics, batch
+
+    def evaluate(self) -> dict:
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return {}
+        n = self.cfg.eval.batches * self.cfg.batch.global_batch
+        was_training = self.model.training
+        self.model.eval()
+        losses, tokens = 0.0, 0
+        for start in range(0, n, self.cfg.batch.global_batch):
+            idx = np.arange(start, start + self.cfg.batch.global_batch) % len(self.val_ds)
+            loss, _, t = self.run_batch(idx, train=False)
+            losses, tokens = losses + loss * t, tokens + t
+        self.model.train(was_training)
+        val = losses / tokens
+        return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+
+    # -- checkpoints and export --
+
+    def save(self, step: int, metrics: dict) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(Path(d), self.model, self.optimizer,
+                            {"step": step, "plan": self.plan.state_dict()}, self.rank, self.engine)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"step_{step:08d}")
+
+    def restore(self) -> int:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return 0
+        with ckpt.as_directory() as d:
+            state = checkpoint.load(Path(d), self.model, self.optimizer, self.engine)
+        self.plan.load_state_dict(state["plan"])
+        return state["step"]
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on rank 0 (gathered over shards and pipeline stages), else None."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.engine is not None:
+            if self.cfg.parallel.deepspeed.zero_stage == 3:
+                sd = self.engine._zero3_consolidated_16bit_state_dict()
+            else:
+                sd = self.engine.module.state_dict()
+        elif dist.is_initialized():
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = unwrap(self.model).state_dict()
+        if self.layout.pp > 1:
+            parts = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(sd if self.layout.coords[1:] == (0, 0) else {}, parts, dst=0)
+            sd = {k: v for p in parts or [] for k, v in p.items()}
+        return {k: v.float().cpu() for k, v in sd.items()} if self.rank == 0 else None
+
+
+def _known_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    from lmfleet.runner import MetricsLog
+
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    paths = config["paths"]
+    trainer = Trainer(cfg, paths, config["seed"])
+    start = trainer.restore()
+    metrics_log = MetricsLog(Path(paths["metrics"])) if trainer.rank == 0 else None
+    samples = open(paths["samples"], "a", encoding="utf-8") if trainer.rank == 0 and cfg.log_samples else None  # noqa: SIM115
+    tb = None
+    if trainer.rank == 0 and cfg.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        tb = SummaryWriter(paths["tensorboard"])
+    for step in range(start, cfg.steps):
+        metrics, batch = trainer.step(step)
+        done = step + 1
+        if samples:
+            samples.write(json.dumps({"step": done, "samples": batch.tolist(), "world_size": trainer.world}) + "\n")
+            samples.flush()
+        if done % cfg.eval.every == 0 or done == cfg.steps:
+            metrics.update(trainer.evaluate())
+        if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
+            metrics_log.write(config["stage"], **metrics)
+            if tb:
+                for k, v in metrics.items():
+                    if isinstance(v, int | float) and k != "step":
+                        tb.add_scalar(k, v, done)
+        # Reports to Ray Train go with checkpoints only: each is a barrier through the controller
+        # (~1 s); metrics.jsonl gets every logged step.
+        if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+            trainer.save(done, metrics)
+    sd = trainer.full_state_dict() if cfg.export else None
+    if sd is not None:
+        from lmfleet.model.export import export_model
+
+        index = json.loads((Path(paths["packed"]) / "index.json").read_text())
+        fmt = export_model(sd, cfg.model, Path(paths["export"]), Path(paths["tokenizer"]),
+                           eos_id=index["eos_id"], pad_id=index["pad_id"])
+        (Path(paths["export"]) / "export.json").write_text(json.dumps({"format": fmt, "step": cfg.steps}))
+    if samples:
+        samples.close()

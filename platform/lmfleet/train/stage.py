@@ -1,0 +1,107 @@
+"""The pretraining stage: resolves its input, starts a Ray Train TorchTrainer, collects the results.
+
+Outputs (in the stage dir):
+  model/          the exported model (HF LlamaForCausalLM dir when Llama-compatible, else lmfleet format)
+  ray/            Ray Train's run dir: checkpoints step_XXXXXXXX/ (keep_last), results
+  samples.jsonl   with log_samples: the sample ids of every step
+  report.json     final loss, val loss / perplexity, tokens/s, MFU, steps, world sizes seen
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmfleet.errors import InputError
+from lmfleet.train.config import PretrainConfig
+
+
+def packed_dir(cfg: PretrainConfig, run_dir: Path | None) -> Path:
+    """`data` names a stage of this run (its dir under the run dir) or is a path to a data stage dir."""
+    base = run_dir / cfg.data if run_dir is not None and "/" not in cfg.data else Path(cfg.data)
+    return base / "packed" if (base / "packed").is_dir() or not (base / "index.json").exists() else base
+
+
+def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> None:
+    if cfg.data in upstream:
+        return  # produced by an earlier stage of this run
+    path = packed_dir(cfg, run_dir)
+    if not (path / "index.json").is_file():
+        raise InputError(f"pretrain.data {cfg.data!r}: no packed data at {path} (expected a data stage output dir)")
+
+
+def _resolved(cfg: PretrainConfig, packed: Path) -> PretrainConfig:
+    """Fill the model's vocab size from the data; check the context length fits."""
+    index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
+    model = cfg.model
+    if model.vocab_size is None:
+        model = model.model_copy(update={"vocab_size": index["vocab_size"]})
+    elif model.vocab_size < index["vocab_size"]:
+        raise InputError(f"pretrain.model.vocab_size {model.vocab_size} < the tokenizer's {index['vocab_size']}")
+    if model.max_seq_len < index["seq_len"]:
+        raise InputError(f"pretrain.model.max_seq_len {model.max_seq_len} < packed seq_len {index['seq_len']}")
+    return cfg.model_copy(update={"model": model})
+
+
+def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lmfleet.train.loop import train_loop_per_worker
+
+    check_inputs(cfg, run_dir=ctx.run_dir)
+    packed = packed_dir(cfg, ctx.run_dir).resolve()  # workers run in other working dirs
+    cfg = _resolved(cfg, packed)
+    index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
+    out = ctx.out_dir
+    paths = {
+        "packed": str(packed), "tokenizer": str((packed / index["tokenizer"]).resolve()),
+        "metrics": str(ctx.metrics.path), "samples": str(out / "samples.jsonl"),
+        "export": str(out / "model"), "tensorboard": str(out / "tensorboard"),
+    }
+    lo, hi = cfg.scaling.bounds
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": ctx.seed, "stage": ctx.name},
+        scaling_config=ScalingConfig(
+            num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            **({} if lo == hi else {"elastic_resize_monitor_interval_s": 3}),
+        ),
+        run_config=RunConfig(
+            name="train", storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        ),
+    )
+    with ctx.step("train"):
+        result = trainer.fit()
+    history = [json.loads(line) for line in ctx.metrics.path.read_text(encoding="utf-8").splitlines()]
+    history = [h for h in history if h.get("stage") == ctx.name and "loss" in h]
+    final = history[-1] if history else {}
+    report = {
+        "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
+        "val_perplexity": final.get("val_perplexity"),
+        "tokens_per_s": _median([h["tokens_per_s"] for h in history[1:]] or [final.get("tokens_per_s", 0.0)]),
+        "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    export = out / "model" / "export.json"
+    if export.exists():
+        report["export"] = {"path": str(out / "model"), **json.loads(export.read_text())}
+    report["summary"] = [
+        f"trained {cfg.steps} steps ({cfg.parallel.strategy}, tp {cfg.parallel.tp_size}, pp {cfg.parallel.pp_size}, "
+        f"workers {report['world_sizes']}): loss {report['final_loss']:.4f}",
+        f"validation: loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.2f}"
+        if report["val_loss"] is not None else "validation: no val split",
+        f"throughput: {report['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * report['mfu']:.1f}%" if report["mfu"] else ""),
+    ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
+    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    return report
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else 0.0
