@@ -19,6 +19,8 @@ def reference(packed, tmp_path_factory):
 STRATEGIES = {
     "ddp": dict(parallel__strategy="ddp", scaling__num_workers=2),
     "fsdp": dict(parallel__strategy="fsdp", scaling__num_workers=2),
+    "fsdp_activation_ckpt": dict(parallel__strategy="fsdp", parallel__activation_checkpointing=True,
+                                 scaling__num_workers=2),
     "fsdp_grad_op": dict(parallel__strategy="fsdp", parallel__fsdp__reshard_after_forward=False, scaling__num_workers=2),
     "zero1": dict(parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=1, scaling__num_workers=2),
     "zero2": dict(parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=2, scaling__num_workers=2),
