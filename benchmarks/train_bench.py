@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def bare_loop(packed: Path, steps: int) -> list[float]:
 def ray_loop(data: Path, steps: int, work: Path) -> list[float]:
     cfg = {"name": "bench", "output_dir": str(work / "ray"), "stages": {"pretrain": {
         "data": str(data), "model": MODEL, "batch": BATCH, "steps": steps,
-        "parallel": {"strategy": "none"}, "scaling": {"num_workers": 1},
+        # All CPUs for the one worker: Ray sets OMP_NUM_THREADS from the worker's CPUs.
+        "parallel": {"strategy": "none"}, "scaling": {"num_workers": 1, "cpus_per_worker": os.cpu_count()},
         "checkpoint": {"every": steps}, "eval": {"every": steps, "batches": 1}, "log_every": 1, "export": False,
     }}}
     path = work / "bench.yaml"

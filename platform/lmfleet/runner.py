@@ -105,7 +105,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True)  # with the dashboard: Ray Train v2 needs its state API
     # Progress bars only on a terminal; Ray job logs and CI get periodic log lines instead.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 

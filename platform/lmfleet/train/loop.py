@@ -188,7 +188,7 @@ class Trainer:
 
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel ranks and pipeline stages; TP ranks hold copies, so count one."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or self.world == 1:
             return values
         values = values.clone() if self.layout.coords[2] == 0 else torch.zeros_like(values)
         dist.all_reduce(values)
@@ -204,17 +204,18 @@ class Trainer:
         self._loss_scale = self.layout.dp / n_tokens
         with torch.enable_grad() if train else torch.no_grad():
             sample_ce = self._forward_backward(inputs, positions, targets, train)
-        names = self.plan.sources(mine) if train else ["val"] * len(mine)
         keys = sorted(self.train_ds.source_ranges()) if train else ["val"]
-        sample_tokens = (targets != IGNORE).sum(dim=1).float()
-        stats = torch.zeros(2 * len(keys), device=self.device)
-        for i, name in enumerate(names):
-            k = keys.index(name)
-            stats[2 * k] += sample_ce[i]
-            stats[2 * k + 1] += sample_tokens[i] if self.layout.pp_rank == self.layout.pp - 1 else 0.0
+        source = torch.tensor([keys.index(n) for n in self.plan.sources(mine)] if train else [0] * len(mine),
+                              device=self.device)
+        # Token counts only where the loss is (the last pipeline stage), so sums stay exact.
+        has_loss = self.layout.pp_rank == self.layout.pp - 1
+        sample_tokens = (targets != IGNORE).sum(dim=1).float() * has_loss
+        stats = torch.zeros(2, len(keys), device=self.device)
+        stats[0].index_add_(0, source, sample_ce.float())
+        stats[1].index_add_(0, source, sample_tokens)
         stats = self._reduce(stats)
-        per_source = {k: float(stats[2 * i] / stats[2 * i + 1]) for i, k in enumerate(keys) if stats[2 * i + 1] > 0}
-        total = float(stats[0::2].sum() / stats[1::2].sum())
+        per_source = {k: float(stats[0, i] / stats[1, i]) for i, k in enumerate(keys) if stats[1, i] > 0}
+        total = float(stats[0].sum() / stats[1].sum())
         return total, per_source, int(n_tokens)
 
     def ds(self, train: bool) -> PackedDataset:
