@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import pretrain
 from transformers import AutoModelForCausalLM
 
 from lmfleet.data.packing import PackedDataset
 from lmfleet.model.export import load_model
+
+from conftest import pretrain
 
 
 def test_adaptive_mixing_export_and_tensorboard(packed, tmp_path):
