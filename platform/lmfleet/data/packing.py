@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lmfleet.data.mixing import unit_hash
+
 INDEX_FORMAT = "lmfleet.packed/1"
 
 
@@ -60,8 +62,6 @@ def pack_tokens(docs: list[list[int]], eos_id: int, pad_id: int, sample_len: int
 def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: int, eos_id: int, pad_id: int,
                vocab_size: int, seed: int) -> pa.Table:
     """Pack one (split, source, part) group into one shard; returns its metadata row."""
-    from lmfleet.data.mixing import unit_hash
-
     split, source, part = table["split"][0].as_py(), table["source"][0].as_py(), table["part"][0].as_py()
     # Seeded document order, independent of how Ray laid out blocks.
     order = np.lexsort((table["epoch"].to_numpy(), unit_hash(table["uid"].to_numpy(), seed, epoch=-2)))

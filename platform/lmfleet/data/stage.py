@@ -45,28 +45,20 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _count_by(ds, column: str) -> Counter:
-    """Counts of a column's values, computed per block and summed on the driver (no shuffle)."""
+def _sum_by(ds, key: str, value=None) -> dict:
+    """Per value of column `key`: row counts, or sums of `value(row_text)`. Summed per block and then on
+    the driver, with no shuffle."""
 
-    def count(table: pa.Table) -> pa.Table:
-        c = Counter(table[column].to_pylist())
-        return pa.table({"key": list(c), "n": list(c.values())})
-
-    out: Counter = Counter()
-    for row in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_rows():
-        out[row["key"]] += row["n"]
-    return out
-
-
-def _source_chars(ds) -> dict[str, int]:
-    def chars(table: pa.Table) -> pa.Table:
-        c: Counter = Counter()
-        for s, t in zip(table["source"].to_pylist(), table["text"].to_pylist(), strict=True):
-            c[s] += len(t)
-        return pa.table({"key": list(c), "n": list(c.values())})
+    def partial(table: pa.Table) -> pa.Table:
+        sums: Counter = Counter()
+        keys = table[key].to_pylist()
+        texts = table["text"].to_pylist() if value else [None] * len(keys)
+        for k, t in zip(keys, texts, strict=True):
+            sums[k] += value(t) if value else 1
+        return pa.table({"key": list(sums), "n": list(sums.values())})
 
     out: Counter = Counter()
-    for row in ds.map_batches(chars, batch_format="pyarrow", batch_size=None).iter_rows():
+    for row in ds.map_batches(partial, batch_format="pyarrow", batch_size=None).iter_rows():
         out[row["key"]] += row["n"]
     return dict(out)
 
@@ -119,8 +111,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         )
         rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
         _write_parquet(rejects.select_columns(["id", "source", "location", "reject_reason", "raw"]), out / "rejects")
-        reasons = _count_by(rejects, "reject_reason")
-        docs_in_by_source = _count_by(records, "source")
+        reasons = _sum_by(rejects, "reject_reason")
+        docs_in_by_source = _sum_by(records, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
             ["reject_reason", "raw"]
         ).materialize()
@@ -160,8 +152,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         report["outputs"].update(kept=str(out / "kept"), clusters=str(out / "clusters.parquet"),
                                  pairs=str(out / "pairs.parquet"))
 
-    kept_chars = _source_chars(kept)
-    kept_by_source = _count_by(kept, "source")
+    kept_chars = _sum_by(kept, "source", len)
+    kept_by_source = _sum_by(kept, "source")
     report["per_source"] = {
         s.name: {"docs_in": docs_in_by_source.get(s.name, 0), "docs_kept": kept_by_source.get(s.name, 0),
                  "chars_kept": kept_chars.get(s.name, 0)} for s in cfg.sources

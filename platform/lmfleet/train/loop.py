@@ -12,6 +12,7 @@ import json
 import math
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +166,7 @@ class Trainer:
         for k in range(0, len(inputs), mb):
             sync = k + mb >= len(inputs)
             self._set_sync(sync)
-            with self.amp or _null():
+            with self.amp or nullcontext():
                 logits = self.model(inputs[k : k + mb], positions[k : k + mb])
             ce = per_sample_ce(logits, targets[k : k + mb])
             out.append(ce.detach())
@@ -316,14 +317,6 @@ def _known_peak(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _merge(base: dict, override: dict) -> dict:

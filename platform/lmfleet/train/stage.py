@@ -10,6 +10,7 @@ Outputs (in the stage dir):
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from lmfleet.errors import InputError
@@ -84,7 +85,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     report = {
         "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
         "val_perplexity": final.get("val_perplexity"),
-        "tokens_per_s": _median([h["tokens_per_s"] for h in history[1:]] or [final.get("tokens_per_s", 0.0)]),
+        # the first step pays for warm-up; the median of the rest is the steady state
+        "tokens_per_s": statistics.median([h["tokens_per_s"] for h in history[1:]] or [final.get("tokens_per_s", 0.0)]),
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
@@ -100,8 +102,3 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
     (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
     return report
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2] if values else 0.0
