@@ -29,7 +29,6 @@ import argparse  # noqa: E402
 import ast  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import sysconfig  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,7 +37,6 @@ import numpy as np  # noqa: E402
 from datasketch import MinHash, MinHashLSH  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 from lmfleet.data.minhash import (  # noqa: E402
     band_hashes,
