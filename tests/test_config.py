@@ -55,6 +55,15 @@ def test_cross_field_checks(tmp_path):
         load_run(path)
 
 
+def test_stage_names_are_folder_names(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"name": "t", "stages": {"/data": {"kind": "data"}}})
+    with pytest.raises(ConfigError, match="stage name '/data'"):
+        load_run(path)
+    path = write_config(tmp_path / "c.yaml", {"name": "t", "stages": {"x": {"kind": ["data"]}}})
+    with pytest.raises(ConfigError, match="unknown stage kind"):
+        load_run(path)
+
+
 def test_unknown_stage_kind(tmp_path):
     path = write_config(tmp_path / "c.yaml", {"name": "t", "stages": {"pretrian": {}}})
     with pytest.raises(ConfigError, match=r"stages.pretrian: unknown stage kind 'pretrian'"):

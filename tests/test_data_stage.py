@@ -13,6 +13,7 @@ from lmfleet.data.config import NormalizeConfig
 from lmfleet.data.minhash import normalize_for_hash
 from lmfleet.data.packing import PackedDataset
 from lmfleet.data.read import expand_paths, normalize_text, read_file
+from lmfleet.errors import InputError
 from lmfleet.runner import load_run, run
 
 from conftest import shared, write_config
@@ -143,10 +144,8 @@ def _stage_docs(corpus) -> dict[str, str]:
     cfg = load_run(write_config(corpus / "c.yaml", data_config(corpus, corpus / "unused"))).stages[0].config
     docs = {}
     for i, src in enumerate(cfg.sources):
-        files = expand_paths(src)
-        for f in files:
-            task = {"source": src.model_dump_json(), "source_index": i, "path": str(f),
-                    "relpath": f.name}
+        for f, rel in expand_paths(src):
+            task = {"source": src.model_dump_json(), "source_index": i, "path": str(f), "relpath": rel}
             for t in read_file(task, cfg.normalize, cfg.filter):
                 docs.update((r["id"], r["text"]) for r in t.to_pylist() if r["reject_reason"] is None)
     return docs
@@ -224,3 +223,16 @@ def test_packing_roundtrip_boundaries_and_efficiency(result):
     per_source = report["packing"]["per_source"]
     assert sum(v["train_tokens"] + v["val_tokens"] for v in per_source.values()) == report["packing"]["real_tokens"]
     assert len(PackedDataset(out / "packed", "val")) > 0
+    # special-token strings inside documents are text, not EOS / padding
+    from lmfleet.data.packing import _load_tokenizer
+
+    assert not {eos, pad} & set(_load_tokenizer(str(out / "tokenizer")).encode("a <|endoftext|> <|pad|> b").ids)
+
+
+def test_all_rejected_is_a_clear_error(tmp_path, ray_local):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n{"body": "again"}\n')
+    cfg = {"name": "bad", "output_dir": str(tmp_path / "run"), "stages": {"data": {
+        "sources": [{"name": "web", "format": "jsonl", "paths": [str(bad)]}]}}}
+    with pytest.raises(InputError, match=r"no valid documents among 2 records \(rejects: \{'missing_text': 2\}"):
+        run(load_run(write_config(tmp_path / "c.yaml", cfg)))

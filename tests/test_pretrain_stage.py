@@ -34,3 +34,15 @@ def test_adaptive_mixing_export_and_tensorboard(packed, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-5, rtol=1e-5)
     assert (out / "model" / "tokenizer.json").exists()
+
+
+def test_pipeline_parallel_export_has_every_stage(packed, tmp_path):
+    """Weights of all pipeline stages reach the export (load_model is strict about missing layers)."""
+    _, report = pretrain(tmp_path, packed, name="pp", steps=2, export=True, scaling__num_workers=2,
+                         parallel__strategy="fsdp", parallel__pp_size=2)
+    model = load_model(report["export"]["path"]).eval()
+    hf = AutoModelForCausalLM.from_pretrained(report["export"]["path"]).eval()
+    x = torch.from_numpy(PackedDataset(packed / "packed", "val")[0][0][None, :16])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.layers["1"].attention.wq.weight, model.layers["0"].attention.wq.weight)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmfleet.data.config import FilterConfig, NormalizeConfig, SourceConfig
-from lmfleet.data.read import expand_paths, normalize_text, read_file, stdlib_dir
+from lmfleet.data.read import check_hf_split, expand_paths, normalize_text, read_file, stdlib_dir
 from lmfleet.errors import InputError
 
 
@@ -69,6 +69,15 @@ def test_json_list_text_fields_joined(tmp_path):
     assert t["text"][0].as_py() == "Name a color.\n\nBlue."
 
 
+def test_bom_and_top_level_scalars(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first line"}).encode() + b"\n")
+    assert _read(SourceConfig(name="b", format="jsonl", paths=[str(bom)]), bom)["text"].to_pylist() == ["first line"]
+    scalar = tmp_path / "five.json"
+    scalar.write_text("5")
+    assert _reasons(_read(SourceConfig(name="j", format="json", paths=[str(scalar)]), scalar)) == {"not_an_object": 1}
+
+
 def test_text_blocks_parquet_and_hf_dataset(tmp_path):
     txt = tmp_path / "play.txt"
     txt.write_text("ROMEO:\nHello there.\n\n\nJULIET:\nGood night.\n  \n")
@@ -113,8 +122,24 @@ def test_expand_paths_errors_and_defaults(tmp_path):
         expand_paths(SourceConfig(name="a", format="jsonl", paths=[str(tmp_path / "d")]))
     with pytest.raises(InputError, match="save_to_disk"):
         expand_paths(SourceConfig(name="a", format="hf_dataset", paths=[str(tmp_path / "d")]))
+    hf = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(hf))
+    with pytest.raises(InputError, match="has no split 'test'"):
+        check_hf_split(SourceConfig(name="h", format="hf_dataset", paths=[str(hf)], split="test"), hf)
     files = expand_paths(SourceConfig(name="std", format="python_docstrings"))
-    assert len(files) > 500 and all(f.suffix == ".py" and stdlib_dir() in f.parents for f in files)
+    assert len(files) > 500 and all(f.suffix == ".py" and stdlib_dir().resolve() in f.parents for f, _ in files)
+    assert ("json/decoder.py" in {rel for _, rel in files})  # ids relative to the folder named
+
+
+def test_expand_paths_dedupes_and_ids_relative_to_what_was_named(tmp_path, monkeypatch):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for f in ("d/a.jsonl", "d/sub/b.jsonl"):
+        (tmp_path / f).write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    src = SourceConfig(name="s", format="jsonl", paths=["d/**", "d", str(tmp_path / "d" / "a.jsonl")])
+    files = expand_paths(src)
+    assert [rel for _, rel in files] == ["a.jsonl", "sub/b.jsonl"]  # each file once
+    assert all(f.is_absolute() for f, _ in files)
 
 
 def test_normalize_nfkc_and_whitespace():

@@ -15,11 +15,12 @@ Validation errors name the file, the dotted key path, the bad value and what was
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmfleet.errors import ConfigError
 
@@ -42,6 +43,15 @@ class RunConfig(StrictModel):
     ray: RayConfig = RayConfig()
     # Validated per stage kind by lmfleet.stages, which knows each kind's model.
     stages: dict[str, dict[str, Any]] = Field(..., min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: dict) -> dict:
+        # A stage name is a folder of the run dir: no paths, no clash with the run's own files.
+        for name in stages:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name in {"logs"}:
+                raise ValueError(f"stage name {name!r}: use letters, digits, '_' or '-' (and not 'logs')")
+        return stages
 
     @property
     def run_dir(self) -> Path:

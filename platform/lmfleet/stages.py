@@ -64,9 +64,9 @@ def resolve_stages(run: RunConfig, source: str) -> list[StageSpec]:
     """Validate each stage's section against the model of its kind (kind = `kind:` field or the key)."""
     specs = []
     for name, section in run.stages.items():
-        section = dict(section or {})
+        section = dict(section)
         kind = section.pop("kind", name)
-        if kind not in _REGISTRY:
+        if not isinstance(kind, str) or kind not in _REGISTRY:
             raise ConfigError(
                 f"{source}: stages.{name}: unknown stage kind {kind!r}; expected one of {', '.join(kinds())}"
             )

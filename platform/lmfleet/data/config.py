@@ -109,7 +109,7 @@ class TokenizerConfig(StrictModel):
     special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
-    max_train_docs: int | None = Field(None, ge=1, description="Train on at most this many documents.")
+    max_train_docs: int | None = Field(None, ge=1, description="Train on a seeded sample of about this many documents.")
 
     @model_validator(mode="after")
     def _specials_declared(self):

@@ -24,6 +24,8 @@ def temperature_weights(sizes: dict[str, float], temperature: float) -> dict[str
     """p_i ∝ n_i^(1/T): T=1 natural proportions, T→∞ uniform."""
     scaled = {k: (v ** (1.0 / temperature) if v > 0 else 0.0) for k, v in sizes.items()}
     total = sum(scaled.values())
+    if total <= 0:
+        raise ValueError(f"no source has any data: {sizes}")
     return {k: v / total for k, v in scaled.items()}
 
 
@@ -112,7 +114,7 @@ class PiecewiseSchedule(MixingSchedule):
     def __init__(self, milestones: list[tuple[int, dict[str, float]]]):
         if not milestones:
             raise ValueError("a piecewise schedule needs at least one milestone")
-        self.milestones = sorted((int(s), _normalized(w)) for s, w in milestones)
+        self.milestones = sorted(((int(s), _normalized(w)) for s, w in milestones), key=lambda m: m[0])
         super().__init__(self.milestones[0][1])
 
     def weights(self, step: int) -> dict[str, float]:

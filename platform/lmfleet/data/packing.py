@@ -30,7 +30,9 @@ INDEX_FORMAT = "lmfleet.packed/1"
 def _load_tokenizer(path: str):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is text, not an EOS
+    return tok
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -63,8 +65,10 @@ def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: in
                vocab_size: int, seed: int) -> pa.Table:
     """Pack one (split, source, part) group into one shard; returns its metadata row."""
     split, source, part = table["split"][0].as_py(), table["source"][0].as_py(), table["part"][0].as_py()
-    # Seeded document order, independent of how Ray laid out blocks.
-    order = np.lexsort((table["epoch"].to_numpy(), unit_hash(table["uid"].to_numpy(), seed, epoch=-2)))
+    # Seeded document order, independent of how Ray laid out blocks; each (document, epoch) copy gets
+    # its own place, so repeats of an upsampled document are spread out, not packed side by side.
+    uid = table["uid"].to_numpy() ^ (table["epoch"].to_numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    order = np.argsort(unit_hash(uid, seed, epoch=-2), kind="stable")
     texts = table["text"].take(pa.array(order)).to_pylist()
     encoded = _load_tokenizer(tokenizer_dir).encode_batch(texts, add_special_tokens=False)
     tokens, positions, real = pack_tokens([e.ids for e in encoded], eos_id, pad_id, sample_len)
@@ -114,9 +118,10 @@ class PackedDataset:
         self._offsets = [s["offset"] for s in self.shards]
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.sample_len = self.index["sample_len"]
+        self._len = sum(s["num_samples"] for s in self.shards)
 
     def __len__(self) -> int:
-        return sum(s["num_samples"] for s in self.shards)
+        return self._len
 
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self._arrays:

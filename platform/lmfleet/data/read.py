@@ -67,13 +67,29 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def expand_paths(src: SourceConfig) -> list[Path]:
-    """Files of a source, sorted; raises InputError naming the path that matched nothing."""
+def _glob_base(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: ids are relative to it."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
+def expand_paths(src: SourceConfig) -> list[tuple[Path, str]]:
+    """(absolute path, id path) of each input of a source, in order, each file once.
+
+    The id path is relative to what the user named (a folder, the folder part of a glob, or the
+    file's own folder), so ids stay the same when the data moves or other files are added.
+    Raises InputError naming the path that matched nothing or cannot be read.
+    """
     patterns = src.paths or ([str(stdlib_dir())] if src.format == "python_docstrings" else [])
-    files: list[Path] = []
+    files: dict[Path, str] = {}
     for pattern in patterns:
-        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
-        matches = [m for m in matches if m.exists()]
+        if glob.has_magic(pattern):
+            base = _glob_base(pattern)
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        else:
+            base = Path(pattern) if Path(pattern).is_dir() else Path(pattern).parent
+            matches = [Path(pattern)] if Path(pattern).exists() else []
         if not matches:
             raise InputError(f"source {src.name!r}: input path {pattern!r} does not exist")
         for m in matches:
@@ -82,22 +98,33 @@ def expand_paths(src: SourceConfig) -> list[Path]:
                     raise InputError(
                         f"source {src.name!r}: {m} is not a dataset saved with datasets' save_to_disk"
                     )
-                files.append(m)
+                found = [m]
             elif m.is_dir():
                 suffixes = _SUFFIXES[src.format]
                 found = sorted(
                     p for p in m.rglob(src.glob)
                     if p.is_file() and p.name.endswith(suffixes) and "site-packages" not in p.parts
                 )
-                if not found:
+                if not found and not glob.has_magic(pattern):
                     raise InputError(f"source {src.name!r}: no {'/'.join(suffixes)} files under {m}")
-                files.extend(found)
             else:
-                files.append(m)
+                found = [m]
+            for f in found:
+                rel = str(f.relative_to(base)) if f != base else f.name
+                files.setdefault(f.resolve(), rel)
     for f in files:
         if f.is_file() and not _readable(f):
             raise InputError(f"source {src.name!r}: cannot read {f}")
-    return files
+    return list(files.items())
+
+
+def check_hf_split(src: SourceConfig, path: Path) -> None:
+    """A saved DatasetDict must have the configured split."""
+    dict_file = path / "dataset_dict.json"
+    if dict_file.exists():
+        splits = json.loads(dict_file.read_text(encoding="utf-8")).get("splits", [])
+        if src.split not in splits:
+            raise InputError(f"source {src.name!r}: {path} has no split {src.split!r}; it has {splits}")
 
 
 def _readable(path: Path) -> bool:
@@ -160,9 +187,11 @@ class RecordBuilder:
             return self.reject(location, "text_not_string", _dump(obj), doc_id)
         text = "\n\n".join(v for v in values if v and v.strip())
         meta = {k: v for k, v in obj.items() if k not in fields and k != self.src.id_field}
-        self.text(location, doc_id, text, meta)
+        # The uid comes from the record's place, not the user's id, which may repeat across files.
+        self.text(location, doc_id, text, meta, key=default_id)
 
-    def text(self, location: str, doc_id: str, text: str, meta: dict | None = None) -> None:
+    def text(self, location: str, doc_id: str, text: str, meta: dict | None = None, key: str | None = None) -> None:
+        """A document; `key` (default: doc_id) is its unique, location-based identity for the uid."""
         norm = normalize_text(text, self.norm)
         reason = None
         if not norm.strip():
@@ -176,7 +205,7 @@ class RecordBuilder:
         self.rows.append(
             {"id": doc_id, "source": self.src.name, "source_index": self.source_index, "text": norm,
              "meta": _dump(meta or {}), "location": location, "content_hash": content_hash(norm),
-             "uid": doc_uid(self.src.name, doc_id)}
+             "uid": doc_uid(self.src.name, key or doc_id)}
         )
 
     def flush(self, force: bool = False) -> Iterator[pa.Table]:
@@ -203,7 +232,7 @@ def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator
                     continue  # blank lines separate nothing in JSONL; they are not records
                 loc = f"{path}:{lineno}"
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not content
                 except UnicodeDecodeError:
                     rb.reject(loc, "invalid_utf8", raw)
                     continue
@@ -220,7 +249,7 @@ def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator
     elif src.format == "json":
         raw = path.read_bytes()
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8-sig"))
         except UnicodeDecodeError:
             rb.reject(str(path), "invalid_utf8", raw)
             data = None
@@ -229,6 +258,9 @@ def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator
             data = None
         if isinstance(data, dict):
             data = [data]
+        elif data is not None and not isinstance(data, list):
+            rb.reject(str(path), "not_an_object", _dump(data))
+            data = None
         for i, obj in enumerate(data or []):
             loc = f"{path}[{i}]"
             if isinstance(obj, dict):
@@ -260,7 +292,7 @@ def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator
     elif src.format == "text":
         raw = path.read_bytes()
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             rb.reject(str(path), "invalid_utf8", raw)
             text = None
@@ -291,7 +323,7 @@ def _docstrings(path: Path, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table
         doc = ast.get_docstring(node, clean=True)
         if doc:
             doc_id = f"{prefix}:{qualname or '<module>'}"
-            if doc_id in seen:  # redefinitions (property setters, platform branches) share a name
+            if doc_id in seen:  # redefinitions (property setters, overloads) share a name
                 doc_id = f"{doc_id}@{node.lineno}"
             seen.add(doc_id)
             kind = type(node).__name__.removesuffix("Def").lower()

@@ -1,4 +1,4 @@
-"""The data stage on Ray Data: read -> quarantine -> exact dedup -> near dedup -> mix -> tokenizer -> pack.
+"""The data stage on Ray Data: read -> quarantine -> exact dedup -> near dedup -> tokenizer -> mix -> pack.
 
 Outputs (in the stage dir):
   rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record
@@ -25,15 +25,20 @@ import pyarrow.parquet as pq
 
 from lmfleet.data import dedup, mixing, packing
 from lmfleet.data.config import DataConfig
-from lmfleet.data.read import expand_paths, read_file
+from lmfleet.data.read import check_hf_split, expand_paths, read_file
 from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
+from lmfleet.errors import InputError
 
 OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
 
 
-def check_inputs(cfg: DataConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> dict[str, list[Path]]:
+def check_inputs(cfg: DataConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> dict:
     """Every source path exists and is readable, and a reused tokenizer dir has a tokenizer."""
     files = {src.name: expand_paths(src) for src in cfg.sources}
+    for src in cfg.sources:
+        if src.format == "hf_dataset":
+            for path, _ in files[src.name]:
+                check_hf_split(src, path)
     if cfg.tokenizer.path is not None:
         check_tokenizer_dir(cfg.tokenizer.path)
     return files
@@ -82,12 +87,6 @@ def _is_reject(table: pa.Table, want: bool) -> pa.Table:
     return table.filter(pc.is_valid(table["reject_reason"]) if want else pc.is_null(table["reject_reason"]))
 
 
-def _relpaths(files: list[Path]) -> list[str]:
-    """File names relative to the source's common folder: stable ids whatever the absolute location."""
-    root = Path(os.path.commonpath([str(f) for f in files])) if len(files) > 1 else files[0].parent
-    return [str(f.relative_to(root)) if f != root else f.name for f in files]
-
-
 def run_data_stage(cfg: DataConfig, ctx) -> dict:
     import ray
 
@@ -101,7 +100,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         tasks = [
             {"source": src.model_dump_json(), "source_index": i, "path": str(f), "relpath": rel}
             for i, src in enumerate(cfg.sources)
-            for f, rel in zip(files[src.name], _relpaths(files[src.name]), strict=True)
+            for f, rel in files[src.name]
         ]
         records = (
             ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
@@ -117,6 +116,9 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             ["reject_reason", "raw"]
         ).materialize()
         n_in, n_valid = sum(docs_in_by_source.values()), valid.count()
+        if n_valid == 0:
+            raise InputError(f"no valid documents among {n_in} records (rejects: {dict(reasons)}; see "
+                             f"{out / 'rejects'}); check text_field and the filter settings")
         report.update(files=len(tasks), docs_in=n_in, rejected=n_in - n_valid, rejects=dict(sorted(reasons.items())),
                       valid_docs=n_valid)
         report["outputs"]["rejects"] = str(out / "rejects")
@@ -128,13 +130,9 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         report["exact_duplicates_removed"] = n_valid - n_unique
 
     with ctx.step("near_dedup"):
-        if cfg.dedup.near:
-            params = dedup.LshParams.from_config(cfg.dedup, ctx.seed)
-            edges = dedup.candidate_edges(unique, params, partitions)
-            clusters = dedup.clusters_from_edges(edges)
-        else:
-            params, edges = None, dedup.EDGE_SCHEMA.empty_table()
-            clusters = dedup.clusters_from_edges(edges)
+        params = dedup.LshParams.from_config(cfg.dedup, ctx.seed) if cfg.dedup.near else None
+        edges = dedup.candidate_edges(unique, params, partitions) if params else dedup.EDGE_SCHEMA.empty_table()
+        clusters = dedup.clusters_from_edges(edges)
         pq.write_table(edges.select(["u_id", "v_id", "similarity"]).rename_columns(["id_a", "id_b", "similarity"]),
                        out / "pairs.parquet")
         clustered = dedup.with_cluster_ids(unique, clusters)

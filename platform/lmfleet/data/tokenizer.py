@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -
         min_frequency=cfg.min_frequency,
         special_tokens=cfg.special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # a bar on a terminal, nothing in job logs
     )
     count = 0
 
@@ -55,4 +56,8 @@ def tokenizer_info(path: Path, cfg: TokenizerConfig) -> dict:
         ids[role] = tok.token_to_id(token)
         if ids[role] is None:
             raise InputError(f"tokenizer {path}: has no {role[:3]} token {token!r} (set tokenizer.{role[:3]}_token)")
+    if ids["eos_id"] == ids["pad_id"]:
+        # Padding is masked out of the loss by id: a shared id would hide every EOS target.
+        raise InputError(f"tokenizer {path}: pad token {cfg.pad_token!r} is the EOS token; set a distinct "
+                         "tokenizer.pad_token (it must exist in the tokenizer)")
     return {"path": str(path), "vocab_size": tok.get_vocab_size(), **ids}

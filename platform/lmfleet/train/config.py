@@ -81,7 +81,7 @@ class CheckpointConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     every: int = Field(50, ge=1)
-    batches: int = Field(4, ge=1, description="Micro-batches of the val split per evaluation.")
+    batches: int = Field(4, ge=1, description="Global batches of the val split per evaluation.")
 
 
 class MixingScheduleConfig(StrictModel):
@@ -94,6 +94,18 @@ class MixingScheduleConfig(StrictModel):
     lr: float = Field(1.0, gt=0, description="adaptive: step size of the exponentiated-gradient update.")
     smoothing: float = Field(0.1, ge=0, le=1, description="adaptive: mix with uniform.")
     update_every: int = Field(10, ge=1, description="adaptive: steps between weight updates.")
+
+    @model_validator(mode="after")
+    def _milestones(self):
+        steps = [s for s, _ in self.milestones]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"milestones: steps must be increasing and distinct, got {steps}")
+        if self.kind == "piecewise" and not steps:
+            raise ValueError("kind 'piecewise' needs milestones: [[step, {source: weight}], ...]")
+        return self
+
+    def source_names(self) -> set[str]:
+        return set(self.weights or {}) | {k for _, w in self.milestones for k in w}
 
 
 class PretrainConfig(StrictModel):

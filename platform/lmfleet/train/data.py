@@ -20,13 +20,18 @@ class Stream:
 
     def __init__(self, indices: np.ndarray, seed: int):
         self.indices, self.seed, self.cursor = indices, seed, 0
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation), built once per epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.indices)))
+        return self._perm[1]
 
     def take(self, n: int) -> np.ndarray:
         out = []
         while n > 0:
             epoch, offset = divmod(self.cursor, len(self.indices))
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
-            chunk = perm[offset : offset + n]
+            chunk = self._permutation(epoch)[offset : offset + n]
             out.append(self.indices[chunk])
             self.cursor += len(chunk)
             n -= len(chunk)
@@ -51,7 +56,7 @@ class BatchPlan:
         self.global_batch, self.schedule = global_batch, schedule
         if schedule is None:
             every = np.concatenate([np.arange(a, b) for r in source_ranges.values() for a, b in r])
-            self.streams = {"all": Stream(np.sort(every), seed)}
+            self.streams = {"all": Stream(np.sort(every), seed)}  # index order, whatever the dict order
         else:
             self.streams = {
                 name: Stream(np.concatenate([np.arange(a, b) for a, b in ranges]), seed + 7919 * (i + 1))

@@ -78,13 +78,13 @@ class Trainer:
         self.cfg, self.paths, self.seed = cfg, paths, seed
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        use_gpu = torch.cuda.is_available() and cfg.scaling.use_gpu is not False
-        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.device = ray.train.torch.get_device() if paths["use_gpu"] else torch.device("cpu")
         self.layout: Layout = build_layout(cfg.parallel, self.device)
         index = json.loads((Path(paths["packed"]) / "index.json").read_text())
         self.pad_id = index["pad_id"]
         self.train_ds = PackedDataset(paths["packed"], "train")
         self.val_ds = PackedDataset(paths["packed"], "val") if "val" in index["splits"] else None
+        self.sources = sorted(self.train_ds.source_ranges())
         sizes = {k: sum(b - a for a, b in r) for k, r in self.train_ds.source_ranges().items()}
         self.plan = BatchPlan(self.train_ds.source_ranges(), cfg.batch.global_batch, seed, build_schedule(cfg, sizes))
         self.local_batch = cfg.batch.global_batch // self.layout.dp
@@ -92,9 +92,11 @@ class Trainer:
 
         torch.manual_seed(seed)  # identical initial weights on every rank, before any sharding
         model = Transformer(cfg.model).to(self.device)
-        self.flops_per_token = cfg.model.flops_per_token(
-            sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tok_embeddings")),
-            index["seq_len"])
+        # Parameters outside the input embedding; a tied output projection still costs its matmul.
+        params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+        if cfg.model.tie_embeddings:
+            params += model.output.weight.numel()
+        self.flops_per_token = cfg.model.flops_per_token(params, index["seq_len"])
         self.model = parallelize(model, cfg.parallel, self.layout)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.engine = None
@@ -205,7 +207,7 @@ class Trainer:
         self._loss_scale = self.layout.dp / n_tokens
         with torch.enable_grad() if train else torch.no_grad():
             sample_ce = self._forward_backward(inputs, positions, targets, train)
-        keys = sorted(self.train_ds.source_ranges()) if train else ["val"]
+        keys = self.sources if train else ["val"]
         source = torch.tensor([keys.index(n) for n in self.plan.sources(mine)] if train else [0] * len(mine),
                               device=self.device)
         # Token counts only where the loss is (the last pipeline stage), so sums stay exact.
@@ -226,8 +228,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optimizer.lr * lr_multiplier(step, self.cfg.steps, self.cfg.lr_schedule)
         lr = self.optimizer.param_groups[0]["lr"]
-        # Dropout masks depend only on (seed, step, rank): no RNG state to checkpoint.
-        torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
+        # Dropout masks depend only on (seed, step, dp rank, pp stage): no RNG state to checkpoint, and
+        # TP ranks, which hold copies of the same activations, draw the same masks.
+        torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.layout.dp_rank * 131 + self.layout.pp_rank)
         batch = self.plan.next_batch(step)
         start = time.perf_counter()
         loss, per_source, n_tokens = self.run_batch(batch, train=True)
@@ -302,7 +305,9 @@ class Trainer:
             else:
                 sd = self.engine.module.state_dict()
         elif dist.is_initialized():
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # No cpu_offload: with it only global rank 0 gets the weights, and under pipeline
+            # parallelism every stage's first rank must hand over its stage's layers.
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         else:
             sd = unwrap(self.model).state_dict()
         if self.layout.pp > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 from lmfleet.errors import InputError
@@ -41,6 +42,11 @@ def _resolved(cfg: PretrainConfig, packed: Path) -> PretrainConfig:
         raise InputError(f"pretrain.model.vocab_size {model.vocab_size} < the tokenizer's {index['vocab_size']}")
     if model.max_seq_len < index["seq_len"]:
         raise InputError(f"pretrain.model.max_seq_len {model.max_seq_len} < packed seq_len {index['seq_len']}")
+    if cfg.mixing is not None:
+        packed_sources = {s["source"] for s in index["splits"]["train"]["shards"]}
+        unknown = sorted(cfg.mixing.source_names() - packed_sources)
+        if unknown:
+            raise InputError(f"pretrain.mixing: unknown sources {unknown}; the packed data has {sorted(packed_sources)}")
     return cfg.model_copy(update={"model": model})
 
 
@@ -63,6 +69,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     }
     lo, hi = cfg.scaling.bounds
     use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    paths["use_gpu"] = use_gpu
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": ctx.seed, "stage": ctx.name},
@@ -77,10 +84,12 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
+    started = time.time()
     with ctx.step("train"):
         result = trainer.fit()
+    # metrics.jsonl is the run's log across re-runs: keep this run's records.
     history = [json.loads(line) for line in ctx.metrics.path.read_text(encoding="utf-8").splitlines()]
-    history = [h for h in history if h.get("stage") == ctx.name and "loss" in h]
+    history = [h for h in history if h.get("stage") == ctx.name and "loss" in h and h["time"] >= started]
     final = history[-1] if history else {}
     report = {
         "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
