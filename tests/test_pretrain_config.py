@@ -25,6 +25,8 @@ def _cfg(**pretrain):
     (dict(parallel__strategy="none", scaling__num_workers=2), "single-process reference"),
     (dict(parallel__strategy="deepspeed", scaling__num_workers=[1, 2]), "cannot resume ZeRO state"),
     (dict(model__positions="alibi", parallel__tp_size=2, scaling__num_workers=2), "alibi"),
+    (dict(parallel__pp_size=2, scaling__num_workers=2, batch__global_batch=4, batch__micro_batch=4),
+     "is fewer than pp_size 2"),
 ])
 def test_bad_parallel_configs(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("[", r"\[")):

@@ -153,4 +153,9 @@ class PretrainConfig(StrictModel):
                     f"batch.global_batch {self.batch.global_batch} is not divisible by data-parallel size {dp} x "
                     f"micro_batch {self.batch.micro_batch} (at {world} workers)"
                 )
+            if p.pp_size > 1 and self.batch.global_batch // (dp * self.batch.micro_batch) < p.pp_size:
+                raise ValueError(
+                    f"pipeline: {self.batch.global_batch // (dp * self.batch.micro_batch)} micro-batches per step "
+                    f"(at {world} workers) is fewer than pp_size {p.pp_size}: raise global_batch or lower micro_batch"
+                )
         return self

@@ -75,7 +75,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, paths: dict, seed: int):
         import ray.train
 
-        self.cfg, self.paths, self.seed = cfg, paths, seed
+        self.cfg, self.seed = cfg, seed
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if paths["use_gpu"] else torch.device("cpu")
