@@ -56,6 +56,7 @@ __all__ = [
     "minhash_signatures",
     "normalize_for_hash",
     "optimal_bands",
+    "splitmix64",
 ]
 
 EMPTY_VALUE = np.uint32(0xFFFFFFFF)
@@ -76,7 +77,7 @@ def _rand64(tag: int, i: int = 0) -> int:
     return _mix_int(_mix_int(tag & _MASK64) ^ (i & _MASK64))
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def splitmix64(z: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer, in place on a uint64 array (a full-avalanche bijection).
 
     A strong mixer matters: order-preserving hashes (e.g. small-multiplier multiply-shift) make all
@@ -256,7 +257,7 @@ def _word_token_hashes(joined: str, doc_starts: np.ndarray) -> tuple[np.ndarray,
     if poly.size:
         h[poly] = _poly_token_hashes(sym, wide_pos, wide_val, starts[poly], length[poly])
     h ^= length.astype(np.uint64) * _LEN_MUL
-    return _mix(h), tok_off
+    return splitmix64(h), tok_off
 
 
 def _poly_token_hashes(sym, wide_pos, wide_val, starts, length) -> np.ndarray:
@@ -293,7 +294,7 @@ def _shingle_hashes(th: np.ndarray, tok_off: np.ndarray, ngram: int, seed_key: i
         valid[bad[(bad >= 0) & (bad < width)]] = False
         acc = acc[valid]
         acc += _U64((ngram * int(_LEN_MUL) + seed_key) & _MASK64)
-        parts_v.append(_mix(acc))
+        parts_v.append(splitmix64(acc))
         parts_d.append(np.repeat(np.arange(cnt.size), np.maximum(cnt - ngram + 1, 0)))
     short = np.flatnonzero((cnt > 0) & (cnt < ngram))
     if short.size:  # rare: docs with fewer tokens than ngram form one shingle of all their tokens
@@ -304,7 +305,7 @@ def _shingle_hashes(th: np.ndarray, tok_off: np.ndarray, ngram: int, seed_key: i
             acc[m] += th[first[m] + k] * mul[k]
         acc += length.astype(np.uint64) * _LEN_MUL
         acc += _U64(seed_key)
-        parts_v.append(_mix(acc))
+        parts_v.append(splitmix64(acc))
         parts_d.append(short)
     if not parts_v:
         return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.intp)
@@ -318,7 +319,7 @@ def _probe(num_perm: int, attempt: int, seed_key: int) -> np.ndarray:
         return (np.arange(num_perm) + attempt) % num_perm
     z = np.arange(num_perm, dtype=np.uint64) * _U64(0xD6E8FEB86659FD93)
     z += _U64(_rand64(seed_key, attempt))
-    return ((_mix(z) >> _U64(32)) * _U64(num_perm) >> _U64(32)).astype(np.intp)
+    return ((splitmix64(z) >> _U64(32)) * _U64(num_perm) >> _U64(32)).astype(np.intp)
 
 
 _TABLE_MAX_PERM = 1024  # bounds the first-hit table to num_perm**2 entries
@@ -485,7 +486,7 @@ def _batch_shingles(docs: list[str], ngram: int, seed_key: int, char_ngrams: boo
         x = _lowered_code_points("".join(docs))
         x *= _U64(_G)
         x += _CHAR_ADD
-        th = _mix(x)
+        th = splitmix64(x)
         tok_off = np.concatenate([[0], np.cumsum(lengths)])
     else:
         # A space before and after every doc keeps tokens from running across documents.
@@ -557,7 +558,7 @@ def band_hashes(signatures: np.ndarray, b: int, r: int, seed: int = 0) -> np.nda
     mul = np.array([_rand64(0xBA2D, k) | 1 for k in range(r)], dtype=np.uint64)
     h = (bands * mul).sum(axis=2, dtype=np.uint64)  # random odd multipliers per row: order matters
     h += np.arange(b, dtype=np.uint64) * _U64(_rand64(0xBA2E) | 1) + _U64(_rand64(0xBA2F, seed))
-    return _mix(h)
+    return splitmix64(h)
 
 
 def candidate_pairs(bands: np.ndarray, all_pairs: bool = True) -> tuple[np.ndarray, np.ndarray]:

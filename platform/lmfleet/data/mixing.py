@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from lmfleet.data.config import MixingConfig
+from lmfleet.data.minhash import splitmix64
 
 # ---- static mixing -----------------------------------------------------------------------------
 
@@ -51,10 +52,7 @@ def mixing_rates(sizes: dict[str, int], cfg: MixingConfig) -> dict[str, dict]:
 
 def unit_hash(uid: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """Uniform [0, 1) per (uid, seed, epoch): splitmix64 of the combination."""
-    x = uid.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03) % 2**64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
+    x = splitmix64(uid.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03) % 2**64))
     return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 

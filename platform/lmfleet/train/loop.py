@@ -80,9 +80,9 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if paths["use_gpu"] else torch.device("cpu")
         self.layout: Layout = build_layout(cfg.parallel, self.device)
-        index = json.loads((Path(paths["packed"]) / "index.json").read_text())
-        self.pad_id = index["pad_id"]
         self.train_ds = PackedDataset(paths["packed"], "train")
+        self.index = index = self.train_ds.index
+        self.pad_id = index["pad_id"]
         self.val_ds = PackedDataset(paths["packed"], "val") if "val" in index["splits"] else None
         self.sources = sorted(self.train_ds.source_ranges())
         sizes = {k: sum(b - a for a, b in r) for k, r in self.train_ds.source_ranges().items()}
@@ -368,9 +368,8 @@ def train_loop_per_worker(config: dict) -> None:
     if sd is not None:
         from lmfleet.model.export import export_model
 
-        index = json.loads((Path(paths["packed"]) / "index.json").read_text())
         fmt = export_model(sd, cfg.model, Path(paths["export"]), Path(paths["tokenizer"]),
-                           eos_id=index["eos_id"], pad_id=index["pad_id"])
+                           eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
         (Path(paths["export"]) / "export.json").write_text(json.dumps({"format": fmt, "step": cfg.steps}))
     if samples:
         samples.close()

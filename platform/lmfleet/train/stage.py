@@ -32,9 +32,8 @@ def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir:
         raise InputError(f"pretrain.data {cfg.data!r}: no packed data at {path} (expected a data stage output dir)")
 
 
-def _resolved(cfg: PretrainConfig, packed: Path) -> PretrainConfig:
-    """Fill the model's vocab size from the data; check the context length fits."""
-    index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
+def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
+    """Fill the model's vocab size from the packed data's index; check the context length and sources fit."""
     model = cfg.model
     if model.vocab_size is None:
         model = model.model_copy(update={"vocab_size": index["vocab_size"]})
@@ -59,8 +58,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
 
     check_inputs(cfg, run_dir=ctx.run_dir)
     packed = packed_dir(cfg, ctx.run_dir).resolve()  # workers run in other working dirs
-    cfg = _resolved(cfg, packed)
     index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
+    cfg = _resolved(cfg, index)
     out = ctx.out_dir
     paths = {
         "packed": str(packed), "tokenizer": str((packed / index["tokenizer"]).resolve()),
