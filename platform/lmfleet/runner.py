@@ -102,10 +102,13 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Train's print patch logs prints even while a library captures stdout (dill does, to read
+    # disassembly, when `datasets` fingerprints TRL's map functions): thousands of bytecode lines.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)  # with the dashboard: Ray Train v2 needs its state API
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+    else:  # with the dashboard: Ray Train v2 needs its state API
+        ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=runtime_env)
     # Progress bars only on a terminal; Ray job logs and CI get periodic log lines instead.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 

@@ -32,6 +32,31 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.train.stage:run_pretrain_stage",
         "lmfleet.train.stage:check_inputs",
     ),
+    "sft": _Entry(
+        "lmfleet.posttrain.config:SFTStageConfig",
+        "lmfleet.posttrain.sft:run_sft_stage",
+        "lmfleet.posttrain.sft:check_inputs",
+    ),
+    "reward": _Entry(
+        "lmfleet.posttrain.config:RewardStageConfig",
+        "lmfleet.posttrain.reward:run_reward_stage",
+        "lmfleet.posttrain.reward:check_inputs",
+    ),
+    "dpo": _Entry(
+        "lmfleet.posttrain.config:DPOStageConfig",
+        "lmfleet.posttrain.dpo:run_dpo_stage",
+        "lmfleet.posttrain.dpo:check_inputs",
+    ),
+    "distill": _Entry(
+        "lmfleet.posttrain.config:DistillStageConfig",
+        "lmfleet.posttrain.distill:run_distill_stage",
+        "lmfleet.posttrain.distill:check_inputs",
+    ),
+    "ppo": _Entry(
+        "lmfleet.posttrain.config:PPOStageConfig",
+        "lmfleet.posttrain.ppo:run_ppo_stage",
+        "lmfleet.posttrain.ppo:check_inputs",
+    ),
 }
 
 

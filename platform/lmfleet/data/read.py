@@ -74,11 +74,12 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts[:fixed]) if fixed else Path(".")
 
 
-def expand_paths(src: SourceConfig) -> list[tuple[Path, str]]:
+def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, str]]:
     """(absolute path, id path) of each input of a source, in order, each file once.
 
     The id path is relative to what the user named (a folder, the folder part of a glob, or the
     file's own folder), so ids stay the same when the data moves or other files are added.
+    `suffixes` overrides the file endings looked for in folders (default: those of src.format).
     Raises InputError naming the path that matched nothing or cannot be read.
     """
     patterns = src.paths or ([str(stdlib_dir())] if src.format == "python_docstrings" else [])
@@ -100,13 +101,13 @@ def expand_paths(src: SourceConfig) -> list[tuple[Path, str]]:
                     )
                 found = [m]
             elif m.is_dir():
-                suffixes = _SUFFIXES[src.format]
+                wanted = suffixes or _SUFFIXES[src.format]
                 found = sorted(
                     p for p in m.rglob(src.glob)
-                    if p.is_file() and p.name.endswith(suffixes) and "site-packages" not in p.parts
+                    if p.is_file() and p.name.endswith(wanted) and "site-packages" not in p.parts
                 )
                 if not found and not glob.has_magic(pattern):
-                    raise InputError(f"source {src.name!r}: no {'/'.join(suffixes)} files under {m}")
+                    raise InputError(f"source {src.name!r}: no {'/'.join(wanted)} files under {m}")
             else:
                 found = [m]
             for f in found:

@@ -1,0 +1,93 @@
+"""Direct preference optimization with TRL's DPOTrainer: the alternative to reward model + PPO.
+
+The frozen reference is the input model. Evaluation: the log-probability margin of chosen over
+rejected answers on held-out pairs, before and after; with `reward_model`, the reward model's mean
+score and win rate of the DPO policy's answers against the input model's, and the KL between them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmfleet.posttrain.config import DPOStageConfig
+from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage
+from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
+from lmfleet.posttrain.records import read_preferences
+
+CONFIG = DPOStageConfig
+TRACKED = ("rewards/margins", "rewards/accuracies")
+
+
+def check_inputs(cfg: DPOStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
+    check_model_dir(cfg.model, "dpo.model", upstream, run_dir, full_weights=True)
+    if cfg.reward_model is not None:
+        check_model_dir(cfg.reward_model, "dpo.reward_model", upstream, run_dir, full_weights=True)
+
+
+def build_trainer(cfg: DPOStageConfig, paths: dict, args: dict):
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    tok = load_tokenizer(Path(paths["model"]))
+    val = read_jsonl(paths["val"])
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(paths["model"]),
+        args=DPOConfig(**args, max_length=cfg.training.max_length, beta=cfg.beta, loss_type=[cfg.loss_type]),
+        train_dataset=datasets.Dataset.from_list(read_jsonl(paths["train"])),
+        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        processing_class=tok,
+        peft_config=peft_config(cfg.peft, "CAUSAL_LM"),
+    )
+    return trainer, tok, "CAUSAL_LM"
+
+
+def preference_margin(model, tok, records: list[dict], max_length: int) -> float:
+    """Mean of log pi(chosen | prompt) - log pi(rejected | prompt) over the pairs."""
+    from lmfleet.posttrain.evaluate import response_logprobs
+
+    margins = [float(response_logprobs(model, tok, r["prompt"], r["chosen"][0]["content"], max_length).sum()
+                     - response_logprobs(model, tok, r["prompt"], r["rejected"][0]["content"], max_length).sum())
+               for r in records]
+    return sum(margins) / max(1, len(margins))
+
+
+def evaluate(cfg: DPOStageConfig, paths: dict) -> dict:
+    from lmfleet.posttrain.evaluate import compare_policies, device
+    from lmfleet.posttrain.models import load_causal_lm
+
+    out = Path(paths["out"]) / "model"
+    tok = load_tokenizer(out)
+    n = cfg.training.max_length
+    val = read_jsonl(paths["val"]) or read_jsonl(paths["train"])[:64]
+    before = load_causal_lm(Path(paths["model"])).to(device()).eval()
+    after = load_causal_lm(out).to(device()).eval()
+    result = {"pairs": len(val), "margin_before": preference_margin(before, tok, val, n),
+              "margin_after": preference_margin(after, tok, val, n)}
+    if cfg.reward_model is not None and cfg.eval.samples:
+        prompts = [r["prompt"] for r in val[: cfg.eval.samples]]
+        result.update(compare_policies(after, before, tok, prompts, Path(paths["reward_model"]), cfg.eval.generation, n))
+    return result
+
+
+def summary(e: dict, report: dict) -> list[str]:
+    lines = [f"log-prob margin chosen - rejected on {e['pairs']} held-out pairs: "
+             f"{e['margin_before']:.3f} -> {e['margin_after']:.3f}"]
+    if "win_rate" in e:
+        lines.append(policy_line(e))
+    return lines
+
+
+def policy_line(e: dict) -> str:
+    return (f"reward model score: {e['reference_score']:.3f} (input model) -> {e['policy_score']:.3f}; "
+            f"win rate {e['win_rate']:.2f}; KL to the input model {e['kl']:.3f}")
+
+
+def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:
+    check_inputs(cfg, run_dir=ctx.run_dir)
+    with ctx.step("read"):
+        records = read_preferences(cfg.dataset, ctx.seed)
+    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
+    if cfg.reward_model is not None:
+        paths["reward_model"] = model_dir(cfg.reward_model, ctx.run_dir).resolve()
+    return run_hf_stage("dpo", cfg, ctx, records, paths)

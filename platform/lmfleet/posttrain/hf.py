@@ -1,0 +1,212 @@
+"""One launcher for the stages built on HF / TRL trainers (sft, reward, dpo, distill).
+
+The driver reads and quarantines the records (`data/`), then a Ray Train `TorchTrainer` runs the
+stage's trainer in each worker: Ray Train starts the process group, the HF Trainer picks it up and
+applies DDP, FSDP2 or DeepSpeed from `training.strategy`. `RayTrainReportCallback` reports every HF
+checkpoint to Ray Train, which keeps the last `keep_last` under `ray/` and hands the newest back to
+restarted workers (resume). Rank 0 writes `model/` (PEFT LoRA / IA3 adapters merged; the adapter
+itself in `adapter/`), then a Ray task evaluates it (`eval.json`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from lmfleet.posttrain.config import PeftConfig, TrainingConfig
+from lmfleet.posttrain.records import Records
+
+STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(cfg, paths)
+    "sft": "lmfleet.posttrain.sft",
+    "reward": "lmfleet.posttrain.reward",
+    "dpo": "lmfleet.posttrain.dpo",
+    "distill": "lmfleet.posttrain.distill",
+}
+
+
+def training_args(t: TrainingConfig, out_dir: str, seed: int, use_gpu: bool, has_eval: bool, tty: bool) -> dict:
+    """Keyword arguments shared by TRL's *Config classes (all TrainingArguments subclasses)."""
+    args = dict(
+        output_dir=out_dir, seed=seed, data_seed=seed, learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs, max_steps=t.max_steps or -1, per_device_train_batch_size=t.per_device_batch,
+        per_device_eval_batch_size=t.per_device_batch, gradient_accumulation_steps=t.grad_accum,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="steps",
+        save_steps=t.save_steps, save_total_limit=t.keep_last, report_to=[], use_cpu=not use_gpu,
+        bf16=t.bf16 if t.bf16 is not None else use_gpu, gradient_checkpointing=t.gradient_checkpointing,
+        disable_tqdm=not tty, ddp_find_unused_parameters=False, eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.save_steps if has_eval else None,
+    )
+    if t.strategy == "fsdp":
+        # FSDP2, one unit per decoder layer (the model's _no_split_modules).
+        args.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
+    elif t.strategy == "deepspeed":
+        zero = {"stage": t.zero_stage}
+        if t.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for model/
+        args["deepspeed"] = {
+            "zero_optimization": zero, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+        }
+    return args
+
+
+def peft_config(p: PeftConfig | None, task_type: str):
+    if p is None:
+        return None
+    import peft
+
+    targets = None if p.target_modules == "all-linear" and p.method == "ia3" else p.target_modules
+    if p.method == "lora":
+        return peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
+                               task_type=task_type)
+    if p.method == "ia3":  # None: PEFT's per-architecture default modules
+        return peft.IA3Config(target_modules=targets, task_type=task_type)
+    if p.method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
+    return peft.PromptEncoderConfig(num_virtual_tokens=p.num_virtual_tokens,
+                                     encoder_hidden_size=p.encoder_hidden_size, task_type=task_type)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends the trainer's logs (rank 0) to the run's metrics.jsonl, like the pretraining loop."""
+
+    def __init__(self, path: str, stage: str):
+        self.path, self.stage = path, stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"time": round(time.time(), 3), "stage": self.stage, "step": state.global_step, **logs}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+
+
+def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str) -> None:
+    """Every rank takes part (FSDP / ZeRO-3 gather the weights); rank 0 writes model/ (+ adapter/)."""
+    if peft is None:
+        trainer.save_model(str(out / "model"))
+    else:
+        trainer.save_model(str(out / "adapter"))
+    if not trainer.is_world_process_zero():
+        return
+    if peft is not None:
+        tokenizer.save_pretrained(str(out / "adapter"))
+        if peft.method in ("lora", "ia3"):
+            from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+            cls = AutoPeftModelForCausalLM if task == "CAUSAL_LM" else AutoPeftModelForSequenceClassification
+            cls.from_pretrained(str(out / "adapter")).merge_and_unload().save_pretrained(str(out / "model"))
+        else:  # virtual tokens live outside the weights: the adapter (on its base) is the model
+            shutil.copytree(out / "adapter", out / "model")
+    tokenizer.save_pretrained(str(out / "model"))
+
+
+def _worker(config: dict) -> None:
+    import datasets
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    if not config["tty"]:
+        datasets.disable_progress_bars()  # TRL's dataset preparation: one bar per map otherwise
+    module = importlib.import_module(STAGES[config["kind"]])
+    cfg = module.CONFIG.model_validate(config["cfg"])
+    paths = config["paths"]
+    args = training_args(cfg.training, paths["hf_output"], config["seed"], paths["use_gpu"],
+                         has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
+    trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(MetricsCallback(paths["metrics"], config["stage"]))
+    trainer = prepare_trainer(trainer)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        trainer.train()
+    else:
+        with ckpt.as_directory() as d:
+            trainer.train(resume_from_checkpoint=str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME))
+    save_final(trainer, Path(paths["out"]), getattr(cfg, "peft", None), tokenizer, task)
+
+
+def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
+    """Train `kind` on Ray Train and evaluate the result; returns the stage report."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = ctx.out_dir.resolve()
+    records.write(out / "data")
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    paths = {
+        **{k: str(v) for k, v in paths.items()}, "out": str(out), "hf_output": str(out / "hf"),
+        "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
+        "metrics": str(ctx.metrics.path.resolve()), "use_gpu": use_gpu,
+    }
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"kind": kind, "cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": ctx.seed,
+                           "stage": ctx.name, "tty": sys.stderr.isatty()},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.bounds[0], use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train", storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_last),
+        ),
+    )
+    started = time.time()
+    with ctx.step("train"):
+        result = trainer.fit()
+    shutil.rmtree(out / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
+    module = importlib.import_module(STAGES[kind])
+    # metrics.jsonl is the run's log across re-runs: this run's training records only.
+    history = [h for h in read_jsonl(ctx.metrics.path)
+               if h.get("stage") == ctx.name and "loss" in h and h["time"] >= started]
+    with ctx.step("evaluate"):
+        evaluation = run_eval_task(module.evaluate, cfg, paths)
+    (out / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
+    report = {"data": records.counts(), "model": str(out / "model"),
+              "steps": history[-1]["step"] if history else 0,
+              "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    for key in ("loss", *getattr(module, "TRACKED", ())):
+        values = [h[key] for h in history if key in h]
+        report[f"first_{key}"], report[f"final_{key}"] = (values[0], values[-1]) if values else (None, None)
+    report["eval"] = evaluation
+    report["summary"] = [
+        f"records: {report['data']['train']} train, {report['data']['val']} val, {report['data']['rejected']} "
+        f"quarantined ({out / 'data' / 'rejects.jsonl'})",
+        f"trained {report['steps']} steps on {cfg.scaling.bounds[0]} worker(s) ({cfg.training.strategy}): "
+        f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}" if history else "trained: no loss logged",
+        *module.summary(evaluation, report),
+        f"model: {report['model']}",
+    ]
+    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    return report
+
+
+def run_eval_task(fn, cfg, paths: dict) -> dict:
+    """Run `fn(cfg, paths)` as a Ray task with one worker's resources (a GPU when training had them)."""
+    import ray
+
+    def task(cfg, paths: dict, tty: bool) -> dict:
+        if not tty:
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+        return fn(cfg, paths)
+
+    remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if paths["use_gpu"] else 0)(task)
+    return ray.get(remote.options(name=f"evaluate_{fn.__module__.rsplit('.', 1)[-1]}").remote(
+        cfg, paths, sys.stderr.isatty()))

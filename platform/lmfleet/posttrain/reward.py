@@ -1,0 +1,66 @@
+"""Reward model with TRL's RewardTrainer: a sequence-classification head (one score) on the SFT model,
+trained on chosen / rejected pairs (Bradley-Terry loss). Evaluation: pairwise accuracy on held-out pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmfleet.posttrain.config import RewardStageConfig
+from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage
+from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
+from lmfleet.posttrain.records import read_preferences
+
+CONFIG = RewardStageConfig
+
+
+def check_inputs(cfg: RewardStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
+    check_model_dir(cfg.model, "reward.model", upstream, run_dir, full_weights=True)
+
+
+def load_reward_model(path: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(path)
+    # The classifier reads the last non-pad token: the model must know the pad id.
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+                                                               pad_token_id=tok.pad_token_id)
+    return model, tok
+
+
+def build_trainer(cfg: RewardStageConfig, paths: dict, args: dict):
+    import datasets
+    from trl import RewardConfig, RewardTrainer
+
+    model, tok = load_reward_model(Path(paths["model"]))
+    val = read_jsonl(paths["val"])
+    trainer = RewardTrainer(
+        model=model,
+        args=RewardConfig(**args, max_length=cfg.training.max_length),
+        train_dataset=datasets.Dataset.from_list(read_jsonl(paths["train"])),
+        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        processing_class=tok,
+        peft_config=peft_config(cfg.peft, "SEQ_CLS"),
+    )
+    return trainer, tok, "SEQ_CLS"
+
+
+def evaluate(cfg: RewardStageConfig, paths: dict) -> dict:
+    from lmfleet.posttrain.evaluate import device, pairwise_accuracy
+
+    model, tok = load_reward_model(Path(paths["out"]) / "model")
+    model.to(device()).eval()
+    n = cfg.training.max_length
+    return {"train": pairwise_accuracy(model, tok, read_jsonl(paths["train"])[:200], n),
+            "val": pairwise_accuracy(model, tok, read_jsonl(paths["val"]), n)}
+
+
+def summary(e: dict, report: dict) -> list[str]:
+    return [f"pairwise accuracy: {e[s]['accuracy']:.3f} on {e[s]['pairs']} {s} pairs"
+            for s in ("train", "val") if e[s]["pairs"]]
+
+
+def run_reward_stage(cfg: RewardStageConfig, ctx) -> dict:
+    check_inputs(cfg, run_dir=ctx.run_dir)
+    with ctx.step("read"):
+        records = read_preferences(cfg.dataset, ctx.seed)
+    return run_hf_stage("reward", cfg, ctx, records, {"model": model_dir(cfg.model, ctx.run_dir).resolve()})
