@@ -1,9 +1,17 @@
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import yaml
 
 from lmfleet.runner import load_run, run
@@ -89,9 +97,92 @@ def pretrain(tmp_path, packed, name="p", steps=10, **over):
     return steps, report["stages"]["pretrain"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def ray_head(num_cpus: int, dashboard: bool = False):
+    """A Ray head on loopback started with `ray start` (a separate cluster, like a user's); yields
+    (GCS address, job API URL or None, add_node). Its processes are killed at the end."""
+    ray = str(Path(sys.executable).parent / "ray")
+    temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
+    port, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # jobs run this env's lmfleet
+    common = [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
+    head = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={_free_port()}"] if dashboard else ["--include-dashboard=false"]
+    subprocess.run([ray, "start", "--head", f"--port={port}", *head, *common], check=True, env=env,
+                   capture_output=True)
+    address = f"127.0.0.1:{port}"
+
+    def add_node():
+        subprocess.run([ray, "start", f"--address={address}", *common], check=True, env=env, capture_output=True)
+
+    try:
+        yield address, f"http://127.0.0.1:{dash}" if dashboard else None, add_node
+    finally:
+        # The cluster's processes name its temp dir; their children (dashboard modules) may not.
+        procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in p.info["cmdline"] or [])]
+        for proc in procs + [c for p in procs for c in _children(p)]:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _children(p: psutil.Process) -> list:
+    try:
+        return p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def lmfleet_cmd() -> list[str]:
     """The installed console script of this interpreter's environment."""
     return [str(Path(sys.executable).parent / "lmfleet")]
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def base_lm(tmp_path_factory):
+    """A tiny HF Llama dir (random weights, as the pretraining stage exports it) with a BPE tokenizer
+    trained on the instruction and preference data: the input of the post-training tests."""
+    import gzip
+
+    from lmfleet.data.config import TokenizerConfig
+    from lmfleet.data.tokenizer import tokenizer_info, train_tokenizer
+    from lmfleet.model.config import ModelConfig
+    from lmfleet.model.export import export_model
+    from lmfleet.model.transformer import Transformer
+
+    out = tmp_path_factory.mktemp("base_lm")
+    alpaca = json.loads(shared("alpaca_5000.json").read_text())
+    with gzip.open(shared("hh_rlhf_harmless_base_test.jsonl.gz"), "rt") as f:
+        hh = [json.loads(line)["chosen"] for line in f]
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in alpaca] + hh
+    tok_cfg = TokenizerConfig(vocab_size=1024)
+    train_tokenizer(texts, tok_cfg, out / "tokenizer")
+    info = tokenizer_info(out / "tokenizer", tok_cfg)
+    cfg = ModelConfig(vocab_size=info["vocab_size"], n_layers=2, d_model=128, n_heads=4, n_kv_heads=2,
+                      max_seq_len=256)
+    torch.manual_seed(0)
+    export_model(Transformer(cfg).state_dict(), cfg, out / "model", out / "tokenizer",
+                 eos_id=info["eos_id"], pad_id=info["pad_id"])
+    return out / "model"
+
+
+def posttrain(tmp_path, kind: str, name: str | None = None, **over) -> tuple[dict, Path]:
+    """Run one post-training stage of `kind` from a config dict (a__b=v overrides); returns (report, stage dir)."""
+    name = name or kind
+    stage = set_nested({"kind": kind}, over)
+    out = tmp_path / name
+    cfg = {"name": name, "output_dir": str(out), "stages": {kind: stage}}
+    report = run(load_run(write_config(tmp_path / f"{name}.yaml", cfg)))
+    return report["stages"][kind], out / kind

@@ -2,57 +2,26 @@
 two workers when a second node joins, and keeps the global batch and the data order."""
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from lmfleet.data.packing import PackedDataset
 from lmfleet.train.data import BatchPlan
 
-from conftest import lmfleet_cmd, write_config
+from conftest import lmfleet_cmd, ray_head, write_config
 
-RAY = str(Path(sys.executable).parent / "ray")
 STEPS = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def ray_cluster():
     """A head node with 1 CPU on loopback; yields (address, add_node). Its processes are killed at the end."""
-    temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                   check=True, env=env, capture_output=True)
-    address = f"127.0.0.1:{port}"
-
-    def add_node():
-        subprocess.run([RAY, "start", f"--address={address}", *common], check=True, env=env, capture_output=True)
-
-    yield address, add_node
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp in part for part in (p.info["cmdline"] or [])):
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-    shutil.rmtree(temp, ignore_errors=True)
+    with ray_head(num_cpus=1) as (address, _, add_node):
+        yield address, add_node
 
 
 def _steps(metrics: Path) -> list[dict]:

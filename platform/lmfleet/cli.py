@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -27,19 +28,29 @@ def run(
     config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML.")],
     set_: SetOpt = None,
     address: Annotated[
-        str | None, typer.Option(help="Ray address; default RAY_ADDRESS, else an embedded local Ray.")
+        str | None, typer.Option(help="Ray address (default RAY_ADDRESS, else an embedded local Ray); "
+                                      "http://HEAD:8265 runs each stage as a Ray job.")
     ] = None,
     stage: Annotated[list[str] | None, typer.Option(help="Run only these stages of the config.")] = None,
 ) -> None:
-    """Run a stage, or a pipeline of stages, on Ray."""
-    from lmfleet import runner
+    """Run a stage, or a pipeline of stages, on Ray.
+
+    With a Ray job API address (http://HEAD:8265) each stage runs as its own Ray job, in order."""
+    from lmfleet import jobs, runner
 
     try:
         loaded = runner.load_run(config, set_)
         unknown = sorted(set(stage or []) - {s.name for s in loaded.stages})
         if unknown:
             raise UserError(f"{config}: --stage {', '.join(unknown)}: not a stage of this config")
-        report = runner.run(loaded, address=address, only=stage)
+        address = address or loaded.config.ray.address or os.environ.get("RAY_ADDRESS")
+        if jobs.is_job_address(address):
+            report = jobs.run_as_jobs(loaded, config, set_ or [], address, only=stage)
+        else:
+            report = runner.run(loaded, address=address, only=stage)
+    except jobs.StageFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     except UserError as err:
         _fail(err)
     typer.echo(summarize(report))

@@ -130,6 +130,9 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     report: dict = {"name": cfg.name, "run_dir": str(run_dir), "status": "running", "stages": {}}
     report_path = run_dir / "report.json"
+    if only and report_path.exists():  # a stage re-run (or one job of a chain): keep the other stages' reports
+        previous = json.loads(report_path.read_text(encoding="utf-8")).get("stages", {})
+        report["stages"] = {k: v for k, v in previous.items() if k not in only}
     started = time.perf_counter()
     for spec in stages:
         ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics)

@@ -60,7 +60,7 @@ class TrainingConfig(StrictModel):
     keep_last: int = Field(2, ge=1)
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="How workers share the model.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     bf16: bool | None = Field(None, description="None: on when training on GPUs.")
 
 

@@ -28,10 +28,12 @@ def encode_chat(tok, prompt: list[dict], response: str | None = None) -> tuple[l
 def response_logprobs(model, tok, prompt: list[dict], response: str, max_length: int) -> torch.Tensor:
     """Per-token log-probabilities of `response` after `prompt` under a causal LM."""
     ids, start = encode_chat(tok, prompt, response)
-    cut = max(0, len(ids) - max_length)  # keep the end: the response
-    ids, start = ids[cut:], max(1, start - cut)
+    ids = ids[:max_length]  # TRL's trainers keep the start of what is too long: score what they trained on
+    if start >= len(ids):
+        return torch.zeros(0, device=device())
     x = torch.tensor([ids], device=device())
-    logits = model(input_ids=x).logits[0, :-1].float()
+    # Prompt-tuned models prepend virtual tokens' logits: keep the positions of the real tokens.
+    logits = model(input_ids=x).logits[0, -x.shape[1] : -1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
     return logp[start - 1 :]
 
@@ -83,7 +85,7 @@ def reward_scores(rm, tok, prompts: list[list[dict]], responses: list[str], max_
     tok.padding_side = "right"
     scores = []
     for i in range(0, len(prompts), batch):
-        ids = [encode_chat(tok, p, r)[0][-max_length:] for p, r in zip(prompts[i : i + batch],
+        ids = [encode_chat(tok, p, r)[0][:max_length] for p, r in zip(prompts[i : i + batch],
                                                                         responses[i : i + batch], strict=True)]
         enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device())
         scores += rm(**enc).logits[:, 0].float().tolist()

@@ -39,7 +39,7 @@ def training_args(t: TrainingConfig, out_dir: str, seed: int, use_gpu: bool, has
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="steps",
         save_steps=t.save_steps, save_total_limit=t.keep_last, report_to=[], use_cpu=not use_gpu,
-        bf16=t.bf16 if t.bf16 is not None else use_gpu, gradient_checkpointing=t.gradient_checkpointing,
+        bf16=t.bf16 if t.bf16 is not None else use_gpu, activation_checkpointing=t.activation_checkpointing,
         disable_tqdm=not tty, ddp_find_unused_parameters=False, eval_strategy="steps" if has_eval else "no",
         eval_steps=t.save_steps if has_eval else None,
     )

@@ -36,6 +36,7 @@ REJECT_REASONS = (
     "prompt_mismatch",
     "same_answer",
     "too_long",
+    "too_many_tokens",
 )
 RAW_PREFIX = 500  # chars of a rejected record kept, enough to see what was wrong
 RECORD_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".ndjson")
@@ -62,6 +63,18 @@ class Records:
             "rejected": len(self.rejects),
             "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in self.rejects).items())),
         }
+
+    def quarantine(self, reason: str, rejected) -> None:
+        """Move the records for which `rejected(record)` is true to the rejects (location split[index])."""
+        for split in ("train", "val"):
+            kept = []
+            for i, record in enumerate(getattr(self, split)):
+                if rejected(record):
+                    self.rejects.append({"reason": reason, "location": f"{split}[{i}]",
+                                         "raw": json.dumps(record, ensure_ascii=False)[:RAW_PREFIX]})
+                else:
+                    kept.append(record)
+            setattr(self, split, kept)
 
     def write(self, out_dir: str | Path) -> None:
         """train.jsonl, val.jsonl and rejects.jsonl in out_dir, one JSON object per line."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmfleet.errors import InputError
 from lmfleet.posttrain.config import RewardStageConfig
+from lmfleet.posttrain.evaluate import encode_chat
 from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_preferences
@@ -61,6 +63,14 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_reward_stage(cfg: RewardStageConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
+    path = model_dir(cfg.model, ctx.run_dir).resolve()
     with ctx.step("read"):
         records = read_preferences(cfg.dataset, ctx.seed)
-    return run_hf_stage("reward", cfg, ctx, records, {"model": model_dir(cfg.model, ctx.run_dir).resolve()})
+        # TRL's RewardTrainer silently drops pairs longer than max_length: count them here instead.
+        tok, n = load_tokenizer(path), cfg.training.max_length
+        records.quarantine("too_many_tokens", lambda r: any(
+            len(encode_chat(tok, r["prompt"], r[k][0]["content"])[0]) > n for k in ("chosen", "rejected")))
+    if not records.train:
+        raise InputError(f"reward.dataset: no pairs left to train on ({records.counts()}); "
+                         f"raise training.max_length ({n}) or check the records")
+    return run_hf_stage("reward", cfg, ctx, records, {"model": path})
