@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +141,27 @@ def _children(p: psutil.Process) -> list:
         return p.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def kill_a_worker_after(metrics: Path, key: str, value: int, killed: list) -> None:
+    """SIGKILL a Ray Train worker once metrics.jsonl has a record with `key` >= value (run in a thread);
+    appends (pid, value seen) to `killed`."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        if metrics.exists():
+            done = max((json.loads(x).get(key, 0) for x in metrics.read_text().splitlines()), default=0)
+            if done >= value:
+                killed.append((kill_a_train_worker(), done))
+                return
+        time.sleep(0.05)
+
+
+def kill_a_train_worker() -> int:
+    """SIGKILL one Ray Train worker process of this machine; returns its pid."""
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")]
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    return workers[-1].pid
 
 
 def lmfleet_cmd() -> list[str]:

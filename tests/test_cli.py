@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import pytest
 import yaml
 
 from conftest import REPO, lmfleet_cmd, shared, write_config
@@ -40,7 +41,7 @@ def test_cli_run_writes_run_dir_and_summary(tmp_path):
     assert "\r" not in proc.stderr  # no progress bars redrawn in a non-TTY log
 
 
-def test_quickstart_config_validates():
-    proc = subprocess.run([*lmfleet_cmd(), "validate", str(REPO / "jobs" / "quickstart.yaml")],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
+def test_shipped_configs_validate(config):
+    proc = subprocess.run([*lmfleet_cmd(), "validate", str(REPO / "jobs" / config)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

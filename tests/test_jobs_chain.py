@@ -54,7 +54,8 @@ def test_failing_stage_stops_the_chain(tmp_path, job_api, base_lm):
     hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 16}
     config = write_config(tmp_path / "failing.yaml", {"name": "broken", "output_dir": str(tmp_path / "out"), "stages": {
         # every pair is longer than 16 tokens: the reward stage has nothing to train on
-        "reward": {"model": str(base_lm), "dataset": hh, "training": {**TRAIN, "max_length": 16}},
+        "reward": {"model": str(base_lm), "dataset": hh, "training": {**TRAIN, "max_length": 16},
+                   "eval": {"generation": {"max_new_tokens": 4}}},
         "ppo": {"model": str(base_lm), "reward_model": "reward", "dataset": hh, "iterations": 1},
     }})
     result = _run(config, job_api, tmp_path)

@@ -204,8 +204,8 @@ def test_response_stats_aligns_logits_with_next_token():
     seq = torch.randint(0, vocab, (batch, length))
     values = torch.tensor([[0.0, 1, 2, 3, 4], [100, 101, 102, 103, 104]])
     attention = torch.ones(batch, length, dtype=torch.long)
-    with_values = lambda ids, att: (logits, values)  # noqa: E731  (a PolicyWithValue stand-in)
-    plain = lambda input_ids, attention_mask: SimpleNamespace(logits=logits)  # noqa: E731
+    with_values = lambda ids, att, position_ids: (logits, values)  # noqa: E731  (a PolicyWithValue stand-in)
+    plain = lambda input_ids, attention_mask, position_ids: SimpleNamespace(logits=logits)  # noqa: E731
     # Response token at position p (p >= prompt_len) is predicted by the logits at p - 1.
     expected = [[logits[b, p - 1, seq[b, p]].item() - math.log(sum(math.exp(z) for z in logits[b, p - 1].tolist()))
                  for p in range(prompt_len, length)] for b in range(batch)]
@@ -215,3 +215,8 @@ def test_response_stats_aligns_logits_with_next_token():
     lp, v = response_stats(plain, seq, attention, prompt_len, with_values=False)
     close(lp, expected, tol=1e-5)
     assert v is None
+    # Sampling at temperature T draws from softmax(logits / T): the log-probs PPO uses are those.
+    lp, _ = response_stats(plain, seq, attention, prompt_len, with_values=False, temperature=2.0)
+    scaled = [[logits[b, p - 1, seq[b, p]].item() / 2 - math.log(sum(math.exp(z / 2) for z in logits[b, p - 1].tolist()))
+               for p in range(prompt_len, length)] for b in range(batch)]
+    close(lp, scaled, tol=1e-5)

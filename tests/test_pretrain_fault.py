@@ -2,30 +2,11 @@
 reproduces the uninterrupted run exactly (losses and the sample ids of every step)."""
 
 import json
-import os
-import signal
 import threading
-import time
 
-import psutil
-
-from conftest import pretrain
+from conftest import kill_a_worker_after, pretrain
 
 STEPS = 40
-
-
-def _kill_a_worker_after(metrics, step: int, killed: list) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and not killed:
-        if metrics.exists():
-            done = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()]
-            if max(done, default=0) >= step:
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")]
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append((workers[-1].pid, max(done)))
-                return
-        time.sleep(0.05)
 
 
 def _by_step(path):
@@ -43,7 +24,7 @@ def test_sigkill_worker_resumes_exactly(packed, tmp_path):
     reference, _ = pretrain(tmp_path, packed, name="uninterrupted", **common)
 
     killed: list = []
-    watcher = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty" / "metrics.jsonl", 12, killed))
+    watcher = threading.Thread(target=kill_a_worker_after, args=(tmp_path / "faulty" / "metrics.jsonl", "step", 12, killed))
     watcher.start()
     steps, report = pretrain(tmp_path, packed, name="faulty", **common)
     watcher.join()

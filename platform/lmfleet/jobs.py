@@ -40,7 +40,8 @@ def use_token_if_present() -> None:
 
 
 def stage_command(config: Path, stage: str, overrides: list[str]) -> str:
-    args = ["lmfleet", "run", str(config), "--stage", stage]
+    # --address auto: the job's driver joins its cluster (never the job API again, whatever the config says).
+    args = ["lmfleet", "run", str(config), "--stage", stage, "--address", "auto"]
     for item in overrides:
         args += ["--set", item]
     return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
@@ -97,7 +98,11 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
             metadata={"lmfleet_run": loaded.config.name, "lmfleet_stage": spec.name},
         )
         print(f"stage {spec.name}: submitted Ray job {job_id}", file=sys.stderr)
-        status = _follow(client, job_id)
+        try:
+            status = _follow(client, job_id)
+        except KeyboardInterrupt:  # Ctrl-C stops the chain and the running stage, not just this client
+            client.stop_job(job_id)
+            raise StageFailed(f"interrupted: stopped Ray job {job_id} (stage {spec.name!r})") from None
         jobs.append({"stage": spec.name, "job_id": job_id, "status": status})
         if status != "SUCCEEDED":
             message = client.get_job_info(job_id).message or ""

@@ -30,8 +30,8 @@ class DatasetConfig(StrictModel):
 
     paths: list[str] = Field(default_factory=list, description="Files (.json/.jsonl/.jsonl.gz), dirs or globs.")
     format: Literal["auto", "alpaca", "messages", "hh", "conversations", "pairs", "python_functions"] = "auto"
-    max_records: int | None = Field(None, ge=1, description="Keep the first N valid records (after shuffling).")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out by a seeded hash of each record.")
+    max_records: int | None = Field(None, ge=1, description="Keep a seeded sample of N valid records.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out by a seeded hash of each prompt.")
     max_chars: int = Field(16000, ge=1, description="Longer records are quarantined (reason too_long).")
     system_prompt: str | None = Field(None, description="Prepended as a system message to every prompt.")
 
@@ -59,6 +59,7 @@ class TrainingConfig(StrictModel):
     save_steps: int = Field(50, ge=1, description="Checkpoint (reported to Ray Train) every N optimizer steps.")
     keep_last: int = Field(2, ge=1)
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="How workers share the model.")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (last checkpoint).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     activation_checkpointing: bool = False
     bf16: bool | None = Field(None, description="None: on when training on GPUs.")
@@ -101,6 +102,9 @@ class _Stage(StrictModel):
         lo, hi = self.scaling.bounds
         if lo != hi:
             raise ValueError("scaling.num_workers: post-training stages run on a fixed worker count")
+        if self.eval.generation.max_new_tokens >= self.training.max_length:
+            raise ValueError(f"eval.generation.max_new_tokens {self.eval.generation.max_new_tokens} must be below "
+                             f"training.max_length {self.training.max_length} (room for the prompt)")
         return self
 
 
@@ -130,16 +134,23 @@ class _PreferenceStage(_Stage):
 class RewardStageConfig(_PreferenceStage):
     peft: PeftConfig | None = None
 
+    @model_validator(mode="after")
+    def _mergeable(self):
+        if self.peft is not None and self.peft.method not in ("lora", "ia3"):
+            raise ValueError(f"peft.method {self.peft.method!r}: a reward model needs weights the next stages "
+                             "load as a classifier: use lora or ia3 (merged on export)")
+        return self
+
 
 class DPOStageConfig(_PreferenceStage):
     peft: PeftConfig | None = None
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint.")
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     reward_model: str | None = Field(None, description="Optional: score DPO vs its input model with this RM.")
 
 
 class StudentConfig(StrictModel):
-    """A Llama-architecture student built from the teacher's config with these sizes overridden."""
+    """A student of the teacher's architecture: the teacher's config with these sizes overridden."""
 
     n_layers: int | None = Field(None, ge=1)
     d_model: int | None = Field(None, ge=8)
@@ -160,6 +171,16 @@ class DistillStageConfig(_Stage):
     def _format(self):
         if self.dataset.format not in (*SFT_FORMATS, "auto"):
             raise ValueError(f"dataset.format {self.dataset.format!r}: distillation reads SFT formats")
+        if self.student_model is not None and self.student.model_dump(exclude_none=True):
+            raise ValueError("set either student (sizes of a new student) or student_model (an existing one)")
+        s = self.student
+        if s.d_model and s.n_heads and s.d_model % s.n_heads:
+            raise ValueError(f"student.d_model {s.d_model} is not divisible by student.n_heads {s.n_heads}")
+        if s.n_heads and s.n_kv_heads and s.n_heads % s.n_kv_heads:
+            raise ValueError(f"student.n_heads {s.n_heads} is not divisible by student.n_kv_heads {s.n_kv_heads}")
+        if self.training.strategy == "deepspeed" and self.training.zero_stage == 3:
+            # ZeRO-3 would partition the teacher too, outside any engine.
+            raise ValueError("distill: the teacher is replicated per worker; use zero_stage <= 2, fsdp or ddp")
         return self
 
 
@@ -181,7 +202,9 @@ class PPOHyperConfig(StrictModel):
 
 
 class PPOStageConfig(_Stage):
-    """`model` is the policy to improve (the SFT model); prompts come from `dataset` (SFT or preference records)."""
+    """`model` is the policy to improve (the SFT model); prompts come from `dataset` (SFT or preference
+    records). Of `training`, PPO uses learning_rate, weight_decay, max_grad_norm, max_length, keep_last,
+    max_failures (its schedule is `iterations` x `ppo`)."""
 
     reward_model: str = Field(..., description="The reward stage (its model/ dir) or a HF sequence-classification dir.")
     iterations: int = Field(20, ge=1, description="Rollout + optimization rounds.")
@@ -194,6 +217,13 @@ class PPOStageConfig(_Stage):
         # Any record format works: PPO only takes the prompts.
         if self.training.strategy != "ddp":
             raise ValueError("training.strategy: PPO replicates its four models per worker (ddp only)")
+        g = self.generation
+        if g.max_new_tokens >= self.training.max_length:
+            raise ValueError(f"generation.max_new_tokens {g.max_new_tokens} must be below training.max_length "
+                             f"{self.training.max_length} (room for the prompt)")
+        if g.temperature == 0 or g.top_k or g.top_p < 1:
+            # PPO's ratios and KL use the sampling distribution (logits / temperature): it must be the policy's.
+            raise ValueError("generation: PPO samples from the policy: temperature > 0, top_k 0, top_p 1")
         p = self.ppo
         lo, _ = self.scaling.bounds
         if p.rollout_batch % lo or p.mini_batch % lo or p.rollout_batch % p.mini_batch:

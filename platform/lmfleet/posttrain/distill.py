@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from lmfleet.posttrain.config import DistillStageConfig
-from lmfleet.posttrain.hf import read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import quarantine_long_prompts, read_jsonl, run_hf_stage
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_sft
 
@@ -113,7 +113,7 @@ def evaluate(cfg: DistillStageConfig, paths: dict) -> dict:
     val = read_jsonl(paths["val"])[:200]
     result: dict = {"val_records": len(val)}
     for name, path in (("teacher", Path(paths["model"])), ("student", out)):
-        model = load_causal_lm(path).to(device()).eval()
+        model = load_causal_lm(path).to(device(paths["use_gpu"])).eval()
         result[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         if val:
             result[f"{name}_perplexity"] = completion_perplexity(model, tok, val, cfg.training.max_length)
@@ -133,9 +133,10 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_distill_stage(cfg: DistillStageConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
+    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
     with ctx.step("read"):
         records = read_sft(cfg.dataset, ctx.seed)
-    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
+        quarantine_long_prompts(records, load_tokenizer(paths["model"]), cfg.training.max_length)
     if cfg.student_model is not None:
         paths["student"] = model_dir(cfg.student_model, ctx.run_dir).resolve()
     return run_hf_stage("distill", cfg, ctx, records, paths)

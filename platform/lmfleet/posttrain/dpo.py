@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmfleet.posttrain.config import DPOStageConfig
-from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import peft_config, quarantine_long_prompts, read_jsonl, run_hf_stage
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_preferences
 
@@ -59,10 +59,11 @@ def evaluate(cfg: DPOStageConfig, paths: dict) -> dict:
     out = Path(paths["out"]) / "model"
     tok = load_tokenizer(out)
     n = cfg.training.max_length
+    held_out = bool(read_jsonl(paths["val"]))
     val = read_jsonl(paths["val"]) or read_jsonl(paths["train"])[:64]
-    before = load_causal_lm(Path(paths["model"])).to(device()).eval()
-    after = load_causal_lm(out).to(device()).eval()
-    result = {"pairs": len(val), "margin_before": preference_margin(before, tok, val, n),
+    before = load_causal_lm(Path(paths["model"])).to(device(paths["use_gpu"])).eval()
+    after = load_causal_lm(out).to(device(paths["use_gpu"])).eval()
+    result = {"pairs": len(val), "held_out": held_out, "margin_before": preference_margin(before, tok, val, n),
               "margin_after": preference_margin(after, tok, val, n)}
     if cfg.reward_model is not None and cfg.eval.samples:
         prompts = [r["prompt"] for r in val[: cfg.eval.samples]]
@@ -71,7 +72,7 @@ def evaluate(cfg: DPOStageConfig, paths: dict) -> dict:
 
 
 def summary(e: dict, report: dict) -> list[str]:
-    lines = [f"log-prob margin chosen - rejected on {e['pairs']} held-out pairs: "
+    lines = [f"log-prob margin chosen - rejected on {e['pairs']} {'held-out' if e['held_out'] else 'train'} pairs: "
              f"{e['margin_before']:.3f} -> {e['margin_after']:.3f}"]
     if "win_rate" in e:
         lines.append(policy_line(e))
@@ -85,9 +86,10 @@ def policy_line(e: dict) -> str:
 
 def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
+    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
     with ctx.step("read"):
         records = read_preferences(cfg.dataset, ctx.seed)
-    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
+        quarantine_long_prompts(records, load_tokenizer(paths["model"]), cfg.training.max_length)
     if cfg.reward_model is not None:
         paths["reward_model"] = model_dir(cfg.reward_model, ctx.run_dir).resolve()
     return run_hf_stage("dpo", cfg, ctx, records, paths)

@@ -10,8 +10,9 @@ import torch
 from lmfleet.posttrain.config import GenerationConfig
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(use_gpu: bool) -> torch.device:
+    """Where an evaluation task puts its models: the GPU Ray gave it, else the CPU."""
+    return torch.device("cuda" if use_gpu else "cpu")
 
 
 def encode_chat(tok, prompt: list[dict], response: str | None = None) -> tuple[list[int], int]:
@@ -28,10 +29,12 @@ def encode_chat(tok, prompt: list[dict], response: str | None = None) -> tuple[l
 def response_logprobs(model, tok, prompt: list[dict], response: str, max_length: int) -> torch.Tensor:
     """Per-token log-probabilities of `response` after `prompt` under a causal LM."""
     ids, start = encode_chat(tok, prompt, response)
+    if tok.eos_token_id in ids[start:]:  # the answer ends at its EOS; the template's newline after it is not trained
+        ids = ids[: ids.index(tok.eos_token_id, start) + 1]
     ids = ids[:max_length]  # TRL's trainers keep the start of what is too long: score what they trained on
     if start >= len(ids):
-        return torch.zeros(0, device=device())
-    x = torch.tensor([ids], device=device())
+        return torch.zeros(0, device=model.device)
+    x = torch.tensor([ids], device=model.device)
     # Prompt-tuned models prepend virtual tokens' logits: keep the positions of the real tokens.
     logits = model(input_ids=x).logits[0, -x.shape[1] : -1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
@@ -55,7 +58,7 @@ def generate(model, tok, prompts: list[list[dict]], gen: GenerationConfig, max_l
     out = []
     for i in range(0, len(prompts), batch):
         ids = [encode_chat(tok, p)[0][-(max_length - gen.max_new_tokens):] for p in prompts[i : i + batch]]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device())
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
         sampling = gen.temperature > 0
         seqs = model.generate(
             **enc, max_new_tokens=gen.max_new_tokens, do_sample=sampling, pad_token_id=tok.pad_token_id,
@@ -87,7 +90,7 @@ def reward_scores(rm, tok, prompts: list[list[dict]], responses: list[str], max_
     for i in range(0, len(prompts), batch):
         ids = [encode_chat(tok, p, r)[0][:max_length] for p, r in zip(prompts[i : i + batch],
                                                                         responses[i : i + batch], strict=True)]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device())
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(rm.device)
         scores += rm(**enc).logits[:, 0].float().tolist()
     return scores
 
@@ -103,7 +106,8 @@ def pairwise_accuracy(rm, tok, records: list[dict], max_length: int) -> dict:
 
 
 def kl_to_reference(policy, ref, tok, prompts: list[list[dict]], responses: list[str], max_length: int) -> float:
-    """Mean over samples of sum_t [log pi(y_t) - log ref(y_t)] on the policy's own samples (a KL estimate)."""
+    """Mean over samples of sum_t [log pi(y_t) - log ref(y_t)] on the policy's sampled answers (decoded and
+    re-encoded with the chat template): a Monte-Carlo estimate of KL(pi || ref)."""
     kls = [float((response_logprobs(policy, tok, p, r, max_length) - response_logprobs(ref, tok, p, r, max_length)).sum())
            for p, r in zip(prompts, responses, strict=True)]
     return sum(kls) / max(1, len(kls))
@@ -118,12 +122,15 @@ def compare_policies(policy, reference, tok, prompts: list[list[dict]], reward_m
     from lmfleet.posttrain.reward import load_reward_model
 
     rm, rm_tok = load_reward_model(reward_model_dir)
-    rm.to(device()).eval()
+    rm.to(policy.device).eval()
     sampling = gen.model_copy(update={"temperature": 1.0, "top_k": 0, "top_p": 1.0})
-    torch.manual_seed(0)
-    answers = {name: generate(m, tok, prompts, sampling, max_length) for name, m in (("policy", policy),
-                                                                                  ("reference", reference))}
+    answers = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        torch.manual_seed(0)  # each model's samples independent of the other's lengths
+        answers[name] = generate(model, tok, prompts, sampling, max_length)
     scores = {name: reward_scores(rm, rm_tok, prompts, a, max_length) for name, a in answers.items()}
+    if not prompts:
+        return {"samples": 0}
     wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(scores["policy"], scores["reference"], strict=True)]
     return {
         "policy_score": sum(scores["policy"]) / len(wins), "reference_score": sum(scores["reference"]) / len(wins),

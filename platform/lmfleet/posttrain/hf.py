@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
 from lmfleet.posttrain.config import PeftConfig, TrainingConfig
-from lmfleet.posttrain.records import Records
+from lmfleet.posttrain.records import Records, prompt_of
+from lmfleet.runner import MetricsLog
 
 STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(cfg, paths)
     "sft": "lmfleet.posttrain.sft",
@@ -44,8 +47,8 @@ def training_args(t: TrainingConfig, out_dir: str, seed: int, use_gpu: bool, has
         eval_steps=t.save_steps if has_eval else None,
     )
     if t.strategy == "fsdp":
-        # FSDP2, one unit per decoder layer (the model's _no_split_modules).
-        args.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
+        # FSDP2, fully sharded, one unit per decoder layer (the model's _no_split_modules).
+        args.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True})
     elif t.strategy == "deepspeed":
         zero = {"stage": t.zero_stage}
         if t.zero_stage == 3:
@@ -86,13 +89,22 @@ class MetricsCallback(TrainerCallback):
     """Appends the trainer's logs (rank 0) to the run's metrics.jsonl, like the pretraining loop."""
 
     def __init__(self, path: str, stage: str):
-        self.path, self.stage = path, stage
+        self.log, self.stage = MetricsLog(Path(path)), stage
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"time": round(time.time(), 3), "stage": self.stage, "step": state.global_step, **logs}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=str) + "\n")
+            self.log.write(self.stage, step=state.global_step, **logs)
+
+
+class ReportCheckpoints(RayTrainReportCallback):
+    """Ray's callback, after a barrier: every rank copies the HF checkpoint dir to report it, and on one
+    node they share it, so a rank must not copy while another still writes its files (seen: a
+    DeepSpeed rank copying rank 0's half-written temp file)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_initialized():
+            dist.barrier()
+        super().on_save(args, state, control, **kwargs)
 
 
 def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str) -> None:
@@ -108,17 +120,21 @@ def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str
         if peft.method in ("lora", "ia3"):
             from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-            cls = AutoPeftModelForCausalLM if task == "CAUSAL_LM" else AutoPeftModelForSequenceClassification
-            cls.from_pretrained(str(out / "adapter")).merge_and_unload().save_pretrained(str(out / "model"))
+            if task == "CAUSAL_LM":
+                model = AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter"))
+            else:  # the base is a causal LM dir: rebuild the one-score head the adapter saved
+                model = AutoPeftModelForSequenceClassification.from_pretrained(
+                    str(out / "adapter"), num_labels=1, pad_token_id=tokenizer.pad_token_id)
+            model.merge_and_unload().save_pretrained(str(out / "model"))
         else:  # virtual tokens live outside the weights: the adapter (on its base) is the model
-            shutil.copytree(out / "adapter", out / "model")
+            shutil.copytree(out / "adapter", out / "model", dirs_exist_ok=True)
     tokenizer.save_pretrained(str(out / "model"))
 
 
 def _worker(config: dict) -> None:
     import datasets
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
     if not config["tty"]:
         datasets.disable_progress_bars()  # TRL's dataset preparation: one bar per map otherwise
@@ -128,7 +144,7 @@ def _worker(config: dict) -> None:
     args = training_args(cfg.training, paths["hf_output"], config["seed"], paths["use_gpu"],
                          has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
     trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
-    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(ReportCheckpoints())
     trainer.add_callback(MetricsCallback(paths["metrics"], config["stage"]))
     trainer = prepare_trainer(trainer)
     ckpt = ray.train.get_checkpoint()
@@ -136,44 +152,57 @@ def _worker(config: dict) -> None:
         trainer.train()
     else:
         with ckpt.as_directory() as d:
-            trainer.train(resume_from_checkpoint=str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME))
+            trainer.train(resume_from_checkpoint=str(Path(d) / ReportCheckpoints.CHECKPOINT_NAME))
     save_final(trainer, Path(paths["out"]), getattr(cfg, "peft", None), tokenizer, task)
 
 
-def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
-    """Train `kind` on Ray Train and evaluate the result; returns the stage report."""
-    import ray
+def quarantine_long_prompts(records: Records, tokenizer, limit: int) -> None:
+    """Records whose chat-formatted prompt has >= `limit` tokens leave no room for an answer; TRL's
+    trainers would drop them silently: quarantine them (reason too_many_tokens), counted in the report."""
+    from lmfleet.posttrain.evaluate import encode_chat
+
+    records.quarantine("too_many_tokens", lambda r: len(encode_chat(tokenizer, prompt_of(r))[0]) >= limit)
+
+
+def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
+    """Run `worker` on a Ray Train TorchTrainer of the stage's workers; returns (Result, this run's metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out = ctx.out_dir.resolve()
-    records.write(out / "data")
-    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    paths = {
-        **{k: str(v) for k, v in paths.items()}, "out": str(out), "hf_output": str(out / "hf"),
-        "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
-        "metrics": str(ctx.metrics.path.resolve()), "use_gpu": use_gpu,
-    }
     trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"kind": kind, "cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": ctx.seed,
-                           "stage": ctx.name, "tty": sys.stderr.isatty()},
+        worker,
+        train_loop_config={**loop_config, "cfg": cfg.model_dump(mode="json"), "seed": ctx.seed, "stage": ctx.name,
+                           "tty": sys.stderr.isatty()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.bounds[0], use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name="train", storage_path=str(out / "ray"),
-            failure_config=FailureConfig(max_failures=2),
+            name="train", storage_path=str(ctx.out_dir.resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_last),
         ),
     )
     started = time.time()
     with ctx.step("train"):
         result = trainer.fit()
+    # metrics.jsonl is the run's log across re-runs: this run's records of this stage only.
+    history = [h for h in read_jsonl(ctx.metrics.path) if h.get("stage") == ctx.name and h["time"] >= started]
+    return result, history
+
+
+def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
+    """Train `kind` on Ray Train and evaluate the result; returns the stage report."""
+    out = ctx.out_dir.resolve()
+    records.write(out / "data")
+    use_gpu = cfg.scaling.resolve_gpu()
+    paths = {
+        **{k: str(v) for k, v in paths.items()}, "out": str(out), "hf_output": str(out / "hf"),
+        "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
+        "metrics": str(ctx.metrics.path.resolve()), "use_gpu": use_gpu,
+    }
+    result, history = fit(_worker, {"kind": kind, "paths": paths}, cfg, ctx, use_gpu)
+    history = [h for h in history if "loss" in h]
     shutil.rmtree(out / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
     module = importlib.import_module(STAGES[kind])
-    # metrics.jsonl is the run's log across re-runs: this run's training records only.
-    history = [h for h in read_jsonl(ctx.metrics.path)
-               if h.get("stage") == ctx.name and "loss" in h and h["time"] >= started]
     with ctx.step("evaluate"):
         evaluation = run_eval_task(module.evaluate, cfg, paths)
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")

@@ -6,7 +6,6 @@ a path to a HF model dir. It writes `model/` in the same form, so stages chain t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmfleet.errors import InputError
@@ -75,10 +74,3 @@ def load_causal_lm(path: Path, **kwargs):
 
         return AutoPeftModelForCausalLM.from_pretrained(str(path), **kwargs)
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-
-
-def base_model_path(path: Path) -> Path:
-    """The dir holding full weights: the adapter's base for an adapter dir, else the dir itself."""
-    if (path / ADAPTER_CONFIG).exists():
-        return Path(json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
-    return path

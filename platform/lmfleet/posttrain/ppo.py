@@ -23,8 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmfleet.errors import InputError
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, PPOStageConfig
+from lmfleet.posttrain.hf import read_jsonl
 from lmfleet.posttrain.models import check_model_dir, model_dir
+from lmfleet.posttrain.records import prompt_of
+from lmfleet.runner import MetricsLog
 
 # -- PPO math: pure functions on [batch, response_len] tensors; `mask` marks real response tokens --
 
@@ -102,8 +106,9 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True)
         return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
 
 
@@ -111,29 +116,32 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def response_stats(model, seq, attention, prompt_len: int, with_values: bool):
-    """Log-probs (and values) at the response positions: logits at t predict token t + 1."""
+def response_stats(model, seq, attention, prompt_len: int, with_values: bool, temperature: float = 1.0):
+    """Log-probs under softmax(logits / temperature), the distribution responses were sampled from (and
+    values) at the response positions: logits at t predict token t + 1."""
+    # Left-padded prompts: count positions from each row's first real token, as generate() did.
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
     if with_values:
-        logits, values = model(seq, attention)
+        logits, values = model(seq, attention, position_ids=positions)
         values = values[:, prompt_len - 1 : -1]
     else:
-        logits, values = model(input_ids=seq, attention_mask=attention).logits, None
-    return token_logprobs(logits[:, prompt_len - 1 : -1], seq[:, prompt_len:]), values
+        logits, values = model(input_ids=seq, attention_mask=attention, position_ids=positions).logits, None
+    return token_logprobs(logits[:, prompt_len - 1 : -1] / temperature, seq[:, prompt_len:]), values
 
 
 # -- the Ray Train worker --
 
 
-def _prompts(cfg: PPOStageConfig, seed: int):
+def read_prompt_records(cfg: PPOStageConfig, seed: int):
+    """SFT or preference records (PPO takes their prompts); `auto` reads both ways and keeps the one that fits."""
     from lmfleet.posttrain.records import read_preferences, read_sft
 
-    if cfg.dataset.format in PREFERENCE_FORMATS and cfg.dataset.format != "python_functions":
-        records = read_preferences(cfg.dataset, seed)
-        to_prompt = lambda r: r["prompt"]  # noqa: E731
-    else:
-        records = read_sft(cfg.dataset, seed)
-        to_prompt = lambda r: r["messages"][:-1]  # noqa: E731
-    return records, [to_prompt(r) for r in records.train], [to_prompt(r) for r in records.val]
+    fmt = cfg.dataset.format
+    if fmt == "auto":
+        return max((read_sft(cfg.dataset, seed), read_preferences(cfg.dataset, seed)), key=lambda r: r.counts()["kept"])
+    if fmt in PREFERENCE_FORMATS and fmt != "python_functions":
+        return read_preferences(cfg.dataset, seed)
+    return read_sft(cfg.dataset, seed)
 
 
 class PPOTrainer:
@@ -154,16 +162,21 @@ class PPOTrainer:
         self.tok = load_tokenizer(Path(paths["model"]))
         self.tok.padding_side = "left"
         torch.manual_seed(seed)
-        self.policy = ray.train.torch.prepare_model(
-            PolicyWithValue(AutoModelForCausalLM.from_pretrained(paths["model"])), move_to_device=self.device)
-        self.module = self.policy.module if hasattr(self.policy, "module") else self.policy
-        self.ref = AutoModelForCausalLM.from_pretrained(paths["model"]).to(self.device).eval().requires_grad_(False)
+        # fp32 master weights whatever the checkpoint's dtype (transformers loads dtype="auto").
+        policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(paths["model"]).float())
+        for m in policy.modules():  # no dropout: the first ratio of every PPO epoch must be exactly 1
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        self.policy = ray.train.torch.prepare_model(policy, move_to_device=self.device)
+        self.module = policy
+        self.ref = AutoModelForCausalLM.from_pretrained(paths["model"]).float().to(self.device).eval()
+        self.ref.requires_grad_(False)
         self.rm, self.rm_tok = load_reward_model(Path(paths["reward_model"]))
         self.rm.to(self.device).eval().requires_grad_(False)
         t = cfg.training
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.kl = AdaptiveKL(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-        self.prompts = [json.loads(line) for line in Path(paths["prompts"]).read_text().splitlines()]
+        self.prompts = read_jsonl(paths["prompts"])
 
     def batch_prompts(self, iteration: int) -> list[list[dict]]:
         """This worker's slice of the iteration's prompts (a seeded order over epochs of the prompt set)."""
@@ -197,8 +210,8 @@ class PPOTrainer:
         after_eos = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
         mask = (~after_eos).float()
         attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
-        logprobs, values = response_stats(self.policy, seq, attention, prompt_len, with_values=True)
-        ref_logprobs, _ = response_stats(self.ref, seq, attention, prompt_len, with_values=False)
+        logprobs, values = response_stats(self.policy, seq, attention, prompt_len, True, g.temperature)
+        ref_logprobs, _ = response_stats(self.ref, seq, attention, prompt_len, False, g.temperature)
         texts = [self.tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, mask,
                                                                                                   strict=True)]
         scores = torch.tensor(reward_scores(self.rm, self.rm_tok, prompts, texts, t.max_length), device=self.device)
@@ -224,7 +237,8 @@ class PPOTrainer:
         for _ in range(p.ppo_epochs):
             for idx in torch.randperm(n, generator=g).split(local_mb):
                 mb = {k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                logprobs, values = response_stats(self.policy, mb["seq"], mb["attention"], batch["prompt_len"], True)
+                logprobs, values = response_stats(self.policy, mb["seq"], mb["attention"], batch["prompt_len"], True,
+                                                  self.cfg.generation.temperature)
                 pg, clipfrac = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], p.clip_range)
                 vf = value_loss(values, mb["values"], mb["returns"], mb["mask"], p.value_clip_range)
                 (pg + p.vf_coef * vf).backward()
@@ -288,12 +302,12 @@ def _worker(config: dict) -> None:
                    "response_length": rollout["length"], "eos_fraction": rollout["has_eos"], "kl_coef": kl_coef,
                    **stats, "seconds": time.perf_counter() - started}
         if trainer.rank == 0:
-            with open(paths["metrics"], "a", encoding="utf-8") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), "stage": config["stage"], **metrics}) + "\n")
+            MetricsLog(Path(paths["metrics"])).write(config["stage"], **metrics)
         if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
             trainer.save(iteration + 1, metrics)
     if trainer.rank == 0:
         trainer.module.lm.save_pretrained(paths["export"])
+        trainer.tok.padding_side = "right"  # left was for generation; the next stage trains on it
         trainer.tok.save_pretrained(paths["export"])
 
 
@@ -306,55 +320,43 @@ def evaluate(cfg: PPOStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import compare_policies, device
     from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
 
-    prompts = [json.loads(line) for line in Path(paths["val_prompts"]).read_text().splitlines()]
-    prompts = prompts[: cfg.eval.samples] or [json.loads(line) for line in
-                                              Path(paths["prompts"]).read_text().splitlines()][: cfg.eval.samples]
-    policy = load_causal_lm(Path(paths["export"])).to(device()).eval()
-    reference = load_causal_lm(Path(paths["model"])).to(device()).eval()
+    prompts = read_jsonl(paths["val_prompts"])[: cfg.eval.samples]
+    if not prompts:
+        return {"samples": 0}
+    policy = load_causal_lm(Path(paths["export"])).to(device(paths["use_gpu"])).eval()
+    reference = load_causal_lm(Path(paths["model"])).to(device(paths["use_gpu"])).eval()
     tok = load_tokenizer(Path(paths["export"]))
     return compare_policies(policy, reference, tok, prompts, Path(paths["reward_model"]), cfg.generation,
                             cfg.training.max_length)
 
 
 def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from lmfleet.posttrain.dpo import policy_line
-    from lmfleet.posttrain.hf import read_jsonl, run_eval_task
+    from lmfleet.posttrain.hf import fit, quarantine_long_prompts, run_eval_task
+    from lmfleet.posttrain.models import load_tokenizer
 
     check_inputs(cfg, run_dir=ctx.run_dir)
     out = ctx.out_dir.resolve()
+    policy_dir = model_dir(cfg.model, ctx.run_dir).resolve()
     with ctx.step("read"):
-        records, train, val = _prompts(cfg, ctx.seed)
+        records = read_prompt_records(cfg, ctx.seed)
+        # A prompt must leave room for max_new_tokens: longer ones are quarantined, not cut.
+        quarantine_long_prompts(records, load_tokenizer(policy_dir),
+                                cfg.training.max_length - cfg.generation.max_new_tokens)
         records.write(out / "data")
-        for name, prompts in (("prompts", train), ("val_prompts", val)):
-            (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
-    if not train:
-        from lmfleet.errors import InputError
-
+        for name, rows in (("prompts", records.train), ("val_prompts", records.val)):
+            (out / "data" / f"{name}.jsonl").write_text(
+                "".join(json.dumps(prompt_of(r), ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    if not records.train:
         raise InputError(f"ppo.dataset: no usable prompts ({records.counts()})")
-    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cfg.scaling.resolve_gpu()
     paths = {
-        "model": str(model_dir(cfg.model, ctx.run_dir).resolve()),
-        "reward_model": str(model_dir(cfg.reward_model, ctx.run_dir).resolve()),
+        "model": str(policy_dir), "reward_model": str(model_dir(cfg.reward_model, ctx.run_dir).resolve()),
         "prompts": str(out / "data" / "prompts.jsonl"), "val_prompts": str(out / "data" / "val_prompts.jsonl"),
         "metrics": str(ctx.metrics.path.resolve()), "export": str(out / "model"), "use_gpu": use_gpu,
     }
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": ctx.seed, "stage": ctx.name},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.bounds[0], use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name="train", storage_path=str(out / "ray"), failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_last)),
-    )
-    started = time.time()
-    with ctx.step("train"):
-        result = trainer.fit()
-    history = [h for h in read_jsonl(ctx.metrics.path)
-               if h.get("stage") == ctx.name and "score" in h and h["time"] >= started]
+    result, history = fit(_worker, {"paths": paths}, cfg, ctx, use_gpu)
+    history = [h for h in history if "score" in h]
     with ctx.step("evaluate"):
         evaluation = run_eval_task(evaluate, cfg, paths)
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
@@ -365,10 +367,11 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None, "eval": evaluation,
     }
     report["summary"] = [
-        f"prompts: {len(train)} train, {len(val)} val, {records.counts()['rejected']} quarantined",
+        f"prompts: {len(records.train)} train, {len(records.val)} val, {records.counts()['rejected']} quarantined",
         f"{cfg.iterations} PPO iterations on {cfg.scaling.bounds[0]} worker(s): rollout score "
-        f"{report['first_score']:.3f} -> {report['final_score']:.3f}, KL {report['final_kl']:.3f}" if history else "",
-        policy_line(evaluation),
+        f"{report['first_score']:.3f} -> {report['final_score']:.3f}, KL {report['final_kl']:.3f}"
+        if history else "no iteration logged",
+        policy_line(evaluation) if "win_rate" in evaluation else "evaluation: no held-out prompts",
         f"model: {paths['export']}",
     ]
     (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")

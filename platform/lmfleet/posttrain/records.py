@@ -85,6 +85,11 @@ class Records:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def prompt_of(record: dict) -> list[dict]:
+    """The prompt messages of an SFT or preference record."""
+    return record["prompt"] if "prompt" in record else record["messages"][:-1]
+
+
 class Reject(Exception):
     """A record that cannot become a training record; `reason` is one of REJECT_REASONS."""
 
@@ -121,8 +126,11 @@ def _read(cfg: DatasetConfig, seed: int, kind: str) -> Records:
         keep = random.Random(seed).sample(range(len(valid)), cfg.max_records)
         valid = [valid[i] for i in sorted(keep)]
     for record in valid:
-        # By content, not position: the split does not change when files are reordered or grow.
-        h = int(content_hash(f"{seed}\0{json.dumps(record, sort_keys=True, ensure_ascii=False)}"), 16)
+        # By the prompt's content, not position: the split does not change when files are reordered or
+        # grow, a prompt with several answers stays on one side, and every stage (SFT, reward, PPO, DPO)
+        # holds out the same prompts of shared data.
+        prompt = json.dumps(prompt_of(record), sort_keys=True, ensure_ascii=False)
+        h = int(content_hash(f"{seed}\0{prompt}"), 16)
         (out.val if h / 2**128 < cfg.val_fraction else out.train).append(record)
     return out
 

@@ -50,7 +50,7 @@ def evaluate(cfg: RewardStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import device, pairwise_accuracy
 
     model, tok = load_reward_model(Path(paths["out"]) / "model")
-    model.to(device()).eval()
+    model.to(device(paths["use_gpu"])).eval()
     n = cfg.training.max_length
     return {"train": pairwise_accuracy(model, tok, read_jsonl(paths["train"])[:200], n),
             "val": pairwise_accuracy(model, tok, read_jsonl(paths["val"]), n)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmfleet.posttrain.config import SFTStageConfig
-from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import peft_config, quarantine_long_prompts, read_jsonl, run_hf_stage
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_sft
 
@@ -52,7 +52,7 @@ def evaluate(cfg: SFTStageConfig, paths: dict) -> dict:
         return result
     n = cfg.training.max_length
     for name, path in (("before", Path(paths["model"])), ("after", out)):
-        model = load_causal_lm(path).to(device()).eval()
+        model = load_causal_lm(path).to(device(paths["use_gpu"])).eval()
         result[f"perplexity_{name}"] = completion_perplexity(model, tok, val[:200], n)
     sample = val[: cfg.eval.samples]
     if sample:
@@ -75,6 +75,8 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_sft_stage(cfg: SFTStageConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
+    path = model_dir(cfg.model, ctx.run_dir).resolve()
     with ctx.step("read"):
         records = read_sft(cfg.dataset, ctx.seed)
-    return run_hf_stage("sft", cfg, ctx, records, {"model": model_dir(cfg.model, ctx.run_dir).resolve()})
+        quarantine_long_prompts(records, load_tokenizer(path, cfg.chat_template), cfg.training.max_length)
+    return run_hf_stage("sft", cfg, ctx, records, {"model": path})

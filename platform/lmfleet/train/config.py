@@ -61,6 +61,12 @@ class ScalingConfig(StrictModel):
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
     cpus_per_worker: float = Field(1.0, gt=0)
 
+    def resolve_gpu(self) -> bool:
+        """use_gpu, or (None) whether the Ray cluster has GPUs."""
+        import ray
+
+        return self.use_gpu if self.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
     @property
     def bounds(self) -> tuple[int, int]:
         return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers

@@ -50,7 +50,6 @@ def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
 
 
 def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -67,7 +66,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         "export": str(out / "model"), "tensorboard": str(out / "tensorboard"),
     }
     lo, hi = cfg.scaling.bounds
-    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cfg.scaling.resolve_gpu()
     paths["use_gpu"] = use_gpu
     trainer = TorchTrainer(
         train_loop_per_worker,
