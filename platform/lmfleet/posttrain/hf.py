@@ -199,15 +199,15 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
         "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
         "metrics": str(ctx.metrics.path.resolve()), "use_gpu": use_gpu,
     }
-    result, history = fit(_worker, {"kind": kind, "paths": paths}, cfg, ctx, use_gpu)
-    history = [h for h in history if "loss" in h]
+    result, records_logged = fit(_worker, {"kind": kind, "paths": paths}, cfg, ctx, use_gpu)
+    history = [h for h in records_logged if "loss" in h]
     shutil.rmtree(out / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
     module = importlib.import_module(STAGES[kind])
     with ctx.step("evaluate"):
         evaluation = run_eval_task(module.evaluate, cfg, paths)
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
     report = {"data": records.counts(), "model": str(out / "model"),
-              "steps": history[-1]["step"] if history else 0,
+              "steps": max((h.get("step", 0) for h in records_logged), default=0),
               "checkpoint": result.checkpoint.path if result.checkpoint else None}
     for key in ("loss", *getattr(module, "TRACKED", ())):
         values = [h[key] for h in history if key in h]
