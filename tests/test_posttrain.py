@@ -117,6 +117,19 @@ def test_reward_model_ranks_train_pairs(reward):
     assert report["eval"]["train"]["accuracy"] > 0.6
 
 
+def test_reward_model_with_lora_exports_a_merged_classifier(tmp_path, sft):
+    from lmfleet.posttrain.reward import load_reward_model
+
+    hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 64, "val_fraction": 0.1}
+    report, out = posttrain(tmp_path, "reward", model=str(sft[1] / "model"), dataset=hh,
+                            training={**TRAIN, "max_steps": 4, "max_length": 160}, peft={"method": "lora", "r": 4},
+                            scaling={"num_workers": 1})
+    assert (out / "adapter" / "adapter_config.json").exists() and not (out / "model" / "adapter_config.json").exists()
+    model, tok = load_reward_model(out / "model")  # full weights with the trained one-score head
+    assert model.score.weight.shape[0] == 1
+    assert report["eval"]["train"]["pairs"] > 0
+
+
 def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     report, out = posttrain(
         tmp_path, "ppo", model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),

@@ -30,7 +30,7 @@ def is_job_address(address: str | None) -> bool:
 
 
 def use_token_if_present() -> None:
-    """Send the cluster's auth token when one is on this machine, as `ray.init` does (Ray >= 2.52 heads
+    """Send the cluster's auth token when one is on this machine, as `ray.init` does (Ray 2.60 heads
     reject the job API without it, and Ray's job client only sends it once token mode is on)."""
     from ray._private.authentication.authentication_token_setup import (
         maybe_enable_token_auth_if_token_available,

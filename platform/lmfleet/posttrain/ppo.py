@@ -4,7 +4,8 @@ Four models: the policy (the SFT model) with a value head on its last hidden sta
 frozen reference copy of the SFT model (per-token KL penalty), and the frozen reward model (score of
 each full response). Every iteration: sample responses to `rollout_batch` prompts, score them, shape
 per-token rewards (score at the last token minus kl_coef * (log pi - log ref) at every token), GAE
-advantages (whitened) and returns, then `ppo_epochs` passes of clipped policy + clipped value loss.
+advantages (whitened over each worker's share) and returns, then `ppo_epochs` passes of clipped
+policy + clipped value loss.
 
 Where the models live: all four in each Ray Train worker. Workers split every rollout batch (data
 parallel); DDP averages the policy / value gradients. More workers or nodes = more prompts per
@@ -155,7 +156,7 @@ class PPOTrainer:
         from lmfleet.posttrain.models import load_tokenizer
         from lmfleet.posttrain.reward import load_reward_model
 
-        self.cfg, self.paths, self.seed = cfg, paths, seed
+        self.cfg, self.seed = cfg, seed
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if paths["use_gpu"] else torch.device("cpu")
