@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from lmfleet.posttrain.config import DistillStageConfig
-from lmfleet.posttrain.hf import quarantine_long_prompts, read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import quarantine_long_prompts, read_jsonl, run_hf_stage, split_datasets
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_sft
 
@@ -81,7 +81,6 @@ class DistillationTrainer(SFTTrainer):
 
 
 def build_trainer(cfg: DistillStageConfig, paths: dict, args: dict):
-    import datasets
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
@@ -91,12 +90,10 @@ def build_trainer(cfg: DistillStageConfig, paths: dict, args: dict):
         student = AutoModelForCausalLM.from_pretrained(paths["student"])
     else:
         student = build_student(cfg, teacher_dir, args["seed"])
-    val = read_jsonl(paths["val"])
     trainer = DistillationTrainer(
         model=student,
         args=SFTConfig(**args, max_length=cfg.training.max_length, assistant_only_loss=True),
-        train_dataset=datasets.Dataset.from_list(read_jsonl(paths["train"])),
-        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        **split_datasets(paths),
         processing_class=tok,
         teacher=AutoModelForCausalLM.from_pretrained(str(teacher_dir)),
         temperature=cfg.temperature, alpha=cfg.alpha,

@@ -10,7 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmfleet.posttrain.config import DPOStageConfig
-from lmfleet.posttrain.hf import peft_config, quarantine_long_prompts, read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import (
+    peft_config,
+    quarantine_long_prompts,
+    read_jsonl,
+    run_hf_stage,
+    split_datasets,
+)
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_preferences
 
@@ -25,17 +31,14 @@ def check_inputs(cfg: DPOStageConfig, upstream=frozenset(), run_dir: Path | None
 
 
 def build_trainer(cfg: DPOStageConfig, paths: dict, args: dict):
-    import datasets
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     tok = load_tokenizer(Path(paths["model"]))
-    val = read_jsonl(paths["val"])
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(paths["model"]),
         args=DPOConfig(**args, max_length=cfg.training.max_length, beta=cfg.beta, loss_type=[cfg.loss_type]),
-        train_dataset=datasets.Dataset.from_list(read_jsonl(paths["train"])),
-        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        **split_datasets(paths),
         processing_class=tok,
         peft_config=peft_config(cfg.peft, "CAUSAL_LM"),
     )

@@ -85,6 +85,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def split_datasets(paths: dict) -> dict:
+    """train_dataset / eval_dataset keyword arguments of a trainer, from the stage's data/ files."""
+    import datasets
+
+    val = read_jsonl(paths["val"])
+    return {"train_dataset": datasets.Dataset.from_list(read_jsonl(paths["train"])),
+            "eval_dataset": datasets.Dataset.from_list(val) if val else None}
+
+
 class MetricsCallback(TrainerCallback):
     """Appends the trainer's logs (rank 0) to the run's metrics.jsonl, like the pretraining loop."""
 

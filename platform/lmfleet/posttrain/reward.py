@@ -8,7 +8,7 @@ from pathlib import Path
 from lmfleet.errors import InputError
 from lmfleet.posttrain.config import RewardStageConfig
 from lmfleet.posttrain.evaluate import encode_chat
-from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage, split_datasets
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_preferences
 
@@ -30,16 +30,13 @@ def load_reward_model(path: Path):
 
 
 def build_trainer(cfg: RewardStageConfig, paths: dict, args: dict):
-    import datasets
     from trl import RewardConfig, RewardTrainer
 
     model, tok = load_reward_model(Path(paths["model"]))
-    val = read_jsonl(paths["val"])
     trainer = RewardTrainer(
         model=model,
         args=RewardConfig(**args, max_length=cfg.training.max_length),
-        train_dataset=datasets.Dataset.from_list(read_jsonl(paths["train"])),
-        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        **split_datasets(paths),
         processing_class=tok,
         peft_config=peft_config(cfg.peft, "SEQ_CLS"),
     )

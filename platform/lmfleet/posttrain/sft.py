@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmfleet.posttrain.config import SFTStageConfig
-from lmfleet.posttrain.hf import peft_config, quarantine_long_prompts, read_jsonl, run_hf_stage
+from lmfleet.posttrain.hf import (
+    peft_config,
+    quarantine_long_prompts,
+    read_jsonl,
+    run_hf_stage,
+    split_datasets,
+)
 from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_sft
 
@@ -21,19 +27,16 @@ def check_inputs(cfg: SFTStageConfig, upstream=frozenset(), run_dir: Path | None
 
 
 def build_trainer(cfg: SFTStageConfig, paths: dict, args: dict):
-    import datasets
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     tok = load_tokenizer(Path(paths["model"]), cfg.chat_template)
     model = AutoModelForCausalLM.from_pretrained(paths["model"])
-    val = read_jsonl(paths["val"])
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**args, max_length=cfg.training.max_length, assistant_only_loss=cfg.completion_only,
                        packing=cfg.packing),
-        train_dataset=datasets.Dataset.from_list(read_jsonl(paths["train"])),
-        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        **split_datasets(paths),
         processing_class=tok,
         peft_config=peft_config(cfg.peft, "CAUSAL_LM"),
     )
