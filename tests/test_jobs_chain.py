@@ -41,6 +41,7 @@ def test_pipeline_runs_as_chained_jobs(tmp_path, job_api, base_lm):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(report["stages"]) == ["sft", "reward", "ppo"]
     assert [j["stage"] for j in report["jobs"]] == ["sft", "reward", "ppo"]
+    assert report["seconds"] > sum(sum(s["seconds"].values()) for s in report["stages"].values())  # whole chain
     use_token_if_present()
     client = JobSubmissionClient(job_api)
     for job in report["jobs"]:

@@ -89,6 +89,7 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
         raise UserError(f"--address {address}: cannot reach the Ray job API ({err})") from None
     overrides = [*overrides, f"output_dir={run_dir}"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    started = time.perf_counter()
     jobs = []
     for spec in stages:
         job_id = _submit(
@@ -112,5 +113,6 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8"))
     report["jobs"] = jobs
+    report["seconds"] = round(time.perf_counter() - started, 3)  # the chain's, not its last job's
     report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
