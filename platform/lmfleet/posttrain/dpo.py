@@ -78,13 +78,10 @@ def summary(e: dict, report: dict) -> list[str]:
     lines = [f"log-prob margin chosen - rejected on {e['pairs']} {'held-out' if e['held_out'] else 'train'} pairs: "
              f"{e['margin_before']:.3f} -> {e['margin_after']:.3f}"]
     if "win_rate" in e:
+        from lmfleet.posttrain.evaluate import policy_line
+
         lines.append(policy_line(e))
     return lines
-
-
-def policy_line(e: dict) -> str:
-    return (f"reward model score: {e['reference_score']:.3f} (input model) -> {e['policy_score']:.3f}; "
-            f"win rate {e['win_rate']:.2f}; KL to the input model {e['kl']:.3f}")
 
 
 def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:

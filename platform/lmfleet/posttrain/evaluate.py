@@ -138,3 +138,9 @@ def compare_policies(policy, reference, tok, prompts: list[list[dict]], reward_m
                                                                  max_length),
         "samples": len(wins),
     }
+
+
+def policy_line(e: dict) -> str:
+    """A summary line of compare_policies' result."""
+    return (f"reward model score: {e['reference_score']:.3f} (input model) -> {e['policy_score']:.3f}; "
+            f"win rate {e['win_rate']:.2f}; KL to the input model {e['kl']:.3f}")

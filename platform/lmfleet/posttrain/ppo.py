@@ -332,7 +332,7 @@ def evaluate(cfg: PPOStageConfig, paths: dict) -> dict:
 
 
 def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
-    from lmfleet.posttrain.dpo import policy_line
+    from lmfleet.posttrain.evaluate import policy_line
     from lmfleet.posttrain.hf import fit, quarantine_long_prompts, run_eval_task
     from lmfleet.posttrain.models import load_tokenizer
 
