@@ -121,6 +121,21 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     return data
 
 
+def set_path(data: dict, key: str, value: Any) -> dict:
+    """A copy of `data` with the existing dotted `key` set to `value`; KeyError if the key does not exist."""
+    data = copy.deepcopy(data)
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+        if not isinstance(node, dict):
+            raise KeyError(key)
+    if last not in node:
+        raise KeyError(key)
+    node[last] = value
+    return data
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -22,6 +22,7 @@ from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
 from lmfleet.stages import StageSpec, resolve_stages
 
 log = logging.getLogger("lmfleet")
+STAGE_STATE = "stage.json"  # in each stage dir: its config and whether its last run finished
 
 
 @dataclass
@@ -113,6 +114,15 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+def _interrupted(marker: Path, state: dict) -> bool:
+    """Whether the stage dir holds an interrupted run of this very stage config (Ctrl-C, or a driver that
+    died: its marker still says running)."""
+    if not marker.exists():
+        return False
+    previous = json.loads(marker.read_text(encoding="utf-8"))
+    return previous["status"] in ("running", "interrupted") and {k: previous[k] for k in state} == state
+
+
 def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None) -> dict:
     """Run the stages of a loaded config in order; returns the run report (also written to report.json)."""
     cfg = loaded.config
@@ -136,18 +146,27 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
     started = time.perf_counter()
     for spec in stages:
         ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics)
-        # A stage rewrites its whole output dir: stale files of an earlier run must not mix in.
-        shutil.rmtree(ctx.out_dir, ignore_errors=True)
-        ctx.out_dir.mkdir(parents=True)
+        state = {"kind": spec.kind, "config": spec.config.model_dump(mode="json")}
+        marker = ctx.out_dir / STAGE_STATE
+        if spec.resumes and _interrupted(marker, state):
+            log.info("stage %s: resuming its interrupted run in %s", spec.name, ctx.out_dir)
+        else:  # a stage rewrites its whole output dir: stale files of an earlier run must not mix in
+            shutil.rmtree(ctx.out_dir, ignore_errors=True)
+            ctx.out_dir.mkdir(parents=True)
+        marker.write_text(json.dumps({**state, "status": "running"}), encoding="utf-8")
         log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out_dir)
         try:
             stage_report = spec.run(ctx)
         except BaseException as err:
+            # Ctrl-C leaves a resumable stage to resume; an error makes the next run start afresh.
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            marker.write_text(json.dumps({**state, "status": status}), encoding="utf-8")
             report["status"] = "failed"
             report["failed_stage"] = spec.name
             report["error"] = f"{type(err).__name__}: {err}"
             report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
             raise
+        marker.write_text(json.dumps({**state, "status": "succeeded"}), encoding="utf-8")
         report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
         report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["status"] = "succeeded"

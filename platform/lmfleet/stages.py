@@ -19,6 +19,7 @@ class _Entry:
     config: str  # "module:ConfigModel"
     run: str  # "module:function(config, ctx) -> report dict"
     preflight: str | None = None  # "module:function(config, upstream, run_dir)": InputError before any work
+    resumes: bool = False  # an interrupted run of the same config continues from its checkpoints
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -31,6 +32,7 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.train.config:PretrainConfig",
         "lmfleet.train.stage:run_pretrain_stage",
         "lmfleet.train.stage:check_inputs",
+        resumes=True,
     ),
     "sft": _Entry(
         "lmfleet.posttrain.config:SFTStageConfig",
@@ -77,6 +79,10 @@ class StageSpec:
 
     def run(self, ctx) -> dict:
         return _load(_REGISTRY[self.kind].run)(self.config, ctx)
+
+    @property
+    def resumes(self) -> bool:
+        return _REGISTRY[self.kind].resumes
 
     def preflight(self, upstream: set[str], run_dir) -> None:
         """Check inputs exist; those of `upstream` stages (run before this one now) come later."""

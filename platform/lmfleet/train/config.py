@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
 from lmfleet.model.config import ModelConfig
+from lmfleet.tune.config import PBTConfig, TuneConfig
+
+TUNE_METRICS = ("loss", "val_loss", "val_perplexity")
 
 
 class OptimizerConfig(StrictModel):
@@ -131,6 +134,7 @@ class PretrainConfig(StrictModel):
     tensorboard: bool = False
     peak_flops: float | None = Field(None, gt=0, description="Per-device peak FLOP/s for MFU; None: known GPUs only.")
     export: bool = True
+    tune: TuneConfig | None = Field(None, description="A hyperparameter search over this config (lmfleet.tune).")
 
     @model_validator(mode="after")
     def _parallel_fits(self):
@@ -164,4 +168,21 @@ class PretrainConfig(StrictModel):
                     f"pipeline: {self.batch.global_batch // (dp * self.batch.micro_batch)} micro-batches per step "
                     f"(at {world} workers) is fewer than pp_size {p.pp_size}: raise global_batch or lower micro_batch"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tune(self):
+        t = self.tune
+        if t is None:
+            return self
+        if t.metric not in TUNE_METRICS and not t.metric.startswith("loss/"):
+            raise ValueError(f"tune.metric {t.metric!r}: pretraining reports {', '.join(TUNE_METRICS)} and loss/<source>")
+        every = self.checkpoint.every  # trials report to Tune with each checkpoint
+        if t.metric.startswith("val_") and every % self.eval.every:
+            raise ValueError(f"tune.metric {t.metric!r} is reported at each checkpoint: eval.every {self.eval.every} "
+                             f"must divide checkpoint.every {every}")
+        if isinstance(t.scheduler, PBTConfig) and t.scheduler.perturbation_interval % every:
+            raise ValueError(f"tune.scheduler.perturbation_interval {t.scheduler.perturbation_interval} must be a "
+                             f"multiple of checkpoint.every {every} (PBT exploits checkpoints)")
+        t.check_against(self)
         return self

@@ -26,7 +26,7 @@ from lmfleet.model.transformer import Transformer
 from lmfleet.train import checkpoint
 from lmfleet.train.config import PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
-from lmfleet.train.optim import build_optimizer, lr_multiplier
+from lmfleet.train.optim import apply_hyperparams, build_optimizer, lr_multiplier
 from lmfleet.train.parallel import (
     Layout,
     PipelineStageModule,
@@ -284,14 +284,17 @@ class Trainer:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"step_{step:08d}")
 
-    def restore(self) -> int:
+    def restore(self, init_checkpoint=None) -> int:
+        """Load the run's latest checkpoint, else `init_checkpoint` (a Tune trial's donor); returns its step."""
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
+        ckpt = ray.train.get_checkpoint() or init_checkpoint
         if ckpt is None:
             return 0
         with ckpt.as_directory() as d:
             state = checkpoint.load(Path(d), self.model, self.optimizer, self.engine)
+        # The loaded optimizer state carries the saved weight decay / betas: this run's config rules.
+        apply_hyperparams(self.optimizer, self.cfg.optimizer)
         self.plan.load_state_dict(state["plan"])
         return state["step"]
 
@@ -338,7 +341,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = PretrainConfig.model_validate(config["cfg"])
     paths = config["paths"]
     trainer = Trainer(cfg, paths, config["seed"])
-    start = trainer.restore()
+    start = trainer.restore(config.get("init_checkpoint"))
+    stop_at = config.get("stop_at", cfg.steps)
     metrics_log = MetricsLog(Path(paths["metrics"])) if trainer.rank == 0 else None
     samples = open(paths["samples"], "a", encoding="utf-8") if trainer.rank == 0 and cfg.log_samples else None  # noqa: SIM115
     tb = None
@@ -346,7 +350,7 @@ def train_loop_per_worker(config: dict) -> None:
         from tensorboardX import SummaryWriter
 
         tb = SummaryWriter(paths["tensorboard"])
-    for step in range(start, cfg.steps):
+    for step in range(start, stop_at):
         metrics, batch = trainer.step(step)
         done = step + 1
         if samples:
@@ -364,12 +368,12 @@ def train_loop_per_worker(config: dict) -> None:
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             trainer.save(done, metrics)
-    sd = trainer.full_state_dict() if cfg.export else None
+    sd = trainer.full_state_dict() if paths["export"] else None
     if sd is not None:
         from lmfleet.model.export import export_model
 
         fmt = export_model(sd, cfg.model, Path(paths["export"]), Path(paths["tokenizer"]),
                            eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
-        (Path(paths["export"]) / "export.json").write_text(json.dumps({"format": fmt, "step": cfg.steps}))
+        (Path(paths["export"]) / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
     if samples:
         samples.close()

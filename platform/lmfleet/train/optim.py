@@ -49,6 +49,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     return Lion(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def apply_hyperparams(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> None:
+    """Set the config's weight decay and betas / eps on `optimizer`'s groups (decay, no-decay), e.g. after
+    loading a state dict, which restores the saved ones. The lr is set every step."""
+    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=False):
+        group["weight_decay"] = weight_decay
+        if "betas" in group:
+            group["betas"] = cfg.betas
+        if cfg.name == "adamw":
+            group["eps"] = cfg.eps
+
+
 def lr_multiplier(step: int, total: int, cfg: LRScheduleConfig) -> float:
     """Factor on the peak lr at `step` (0-based): linear warmup, then the chosen decay to min_lr_ratio."""
     if step < cfg.warmup_steps:

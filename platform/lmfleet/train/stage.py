@@ -49,42 +49,57 @@ def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
     return cfg.model_copy(update={"model": model})
 
 
-def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
+def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str, *, init_checkpoint=None,
+           callbacks=(), export: bool = True, steps: int | None = None):
+    """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (ray/, model/); returns its
+    Result. init_checkpoint: where a run without checkpoints of its own starts (a Tune trial's donor).
+    steps: stop there instead of at cfg.steps (the schedule still spans cfg.steps)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lmfleet.train.loop import train_loop_per_worker
 
-    check_inputs(cfg, run_dir=ctx.run_dir)
-    packed = packed_dir(cfg, ctx.run_dir).resolve()  # workers run in other working dirs
+    packed = Path(cfg.data)  # resolved by the caller: workers run in other working dirs
     index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
-    cfg = _resolved(cfg, index)
-    out = ctx.out_dir
     paths = {
         "packed": str(packed), "tokenizer": str((packed / index["tokenizer"]).resolve()),
-        "metrics": str(ctx.metrics.path), "samples": str(out / "samples.jsonl"),
-        "export": str(out / "model"), "tensorboard": str(out / "tensorboard"),
+        "metrics": str(metrics), "samples": str(out / "samples.jsonl"),
+        "export": str(out / "model") if export else None, "tensorboard": str(out / "tensorboard"),
     }
     lo, hi = cfg.scaling.bounds
     use_gpu = cfg.scaling.resolve_gpu()
     paths["use_gpu"] = use_gpu
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": ctx.seed, "stage": ctx.name},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": seed, "stage": stage,
+                           "init_checkpoint": init_checkpoint, "stop_at": steps or cfg.steps},
         scaling_config=ScalingConfig(
             num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
             **({} if lo == hi else {"elastic_resize_monitor_interval_s": 3}),
         ),
         run_config=RunConfig(
-            name="train", storage_path=str(out / "ray"),
+            name="train", storage_path=str(out / "ray"), callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
+    return trainer.fit()
+
+
+def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
+    check_inputs(cfg, run_dir=ctx.run_dir)
+    packed = packed_dir(cfg, ctx.run_dir).resolve()
+    index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
+    cfg = _resolved(cfg, index).model_copy(update={"data": str(packed)})
+    out = ctx.out_dir.resolve()
+    if cfg.tune is not None:
+        from lmfleet.tune.search import run_search
+
+        return run_search(cfg, ctx, launch, steps_of=lambda config: config["steps"])
     started = time.time()
     with ctx.step("train"):
-        result = trainer.fit()
+        result = launch(cfg, out, ctx.metrics.path, ctx.seed, ctx.name, export=cfg.export)
     # metrics.jsonl is the run's log across re-runs: keep this run's records.
     history = [json.loads(line) for line in ctx.metrics.path.read_text(encoding="utf-8").splitlines()]
     history = [h for h in history if h.get("stage") == ctx.name and "loss" in h and h["time"] >= started]

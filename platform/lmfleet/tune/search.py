@@ -1,0 +1,325 @@
+"""A Ray Tune search over a training stage: each trial is one real run of the stage (its own TorchTrainer).
+
+How a multi-worker trial reaches Tune: the trial function (a Tune trial reserving almost no CPU; its
+Train workers hold the resources) runs the stage's TorchTrainer in a thread. A Ray Train callback on
+the Train controller forwards every report (metrics + the checkpoint Train persisted) through a Ray
+queue to the trial, which reports both to Tune. Tune copies the checkpoint into the trial's storage,
+so PBT can hand it to another trial: that trial restarts and its TorchTrainer resumes from the donor's
+checkpoint (weights, optimizer, data position) with the explored config. Ray 2.60's own
+TuneReportCallback passes only the checkpoint's path as a metric, which PBT cannot exploit.
+
+The stage dir of a search:
+  tune/search/           Tune's experiment: state for resuming, each trial's Tune checkpoints
+  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and Train run dir
+  trials.csv, trials.md  the trial table (final metric, hyperparameters, lineage of exploits)
+  plots/                 the metric and the learning rate of every trial over steps
+  model/ (+ ray/)        the best trial's last checkpoint, exported by a normal run of the stage
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ray.train import UserCallback
+
+from lmfleet.runner import MetricsLog
+from lmfleet.tune.config import ASHAConfig, PBTConfig, TuneConfig, trial_config
+
+log = logging.getLogger("lmfleet")
+TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; 0 is rejected by Tune
+
+
+class ForwardReports(UserCallback):
+    """Runs on the Train controller: sends each report's metrics (rank 0) and checkpoint path to the trial."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put((metrics[0], checkpoint.path if checkpoint else None))
+
+
+def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: Callable, stage: str, seed: int,
+               trials_dir: str) -> None:
+    """One Tune trial: the stage's config with the sampled values, run by the stage's own `launch`."""
+    import ray.tune
+    from ray.util.queue import Queue
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = model_cls.model_validate(trial_config(base, config, TuneConfig.model_validate(tune_cfg).distributions()))
+    out = Path(trials_dir) / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    start = ray.tune.get_checkpoint()
+    if start is not None:  # PBT's exploit (another trial's checkpoint) or a resumed search (our own)
+        meta = start.get_metadata()
+        if "trial_id" not in meta:
+            raise RuntimeError(f"trial {trial_id}: checkpoint {start.path} is gone or was not written by a trial")
+        event = "exploit" if meta["trial_id"] != trial_id else "resume"
+        MetricsLog(metrics_path).write(stage, event=event, donor=meta["trial_id"], from_step=meta["step"],
+                                       config=config)
+    queue = Queue(actor_options={"num_cpus": 0})
+    outcome: dict = {}
+
+    def fit():
+        try:
+            launch(cfg, out, metrics_path, seed, stage, init_checkpoint=start, callbacks=[ForwardReports(queue)],
+                   export=False)
+        except BaseException as err:  # re-raised in the trial's thread below
+            outcome["error"] = err
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    while (item := queue.get()) is not None:
+        metrics, path = item
+        checkpoint = None
+        if path is not None:
+            checkpoint = ray.tune.Checkpoint(path)
+            # The receiving trial of an exploit reads who it copied, and from which step.
+            checkpoint.set_metadata({"trial_id": trial_id, "step": metrics["step"]})
+        ray.tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _scheduler(t: TuneConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = t.scheduler
+    if isinstance(s, PBTConfig):
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations={k: d.mutation() for k, d in t.distributions().items()},
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+            perturbation_factors=s.perturbation_factors, synch=s.synch,
+        )
+    if isinstance(s, ASHAConfig):
+        return ASHAScheduler(time_attr="step", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                             brackets=s.brackets, max_t=10**9)  # trials end at the stage's own step count
+    return FIFOScheduler()
+
+
+def _searcher(t: TuneConfig, seed: int):
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=t.metric, mode=t.mode, seed=seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)
+
+
+def _max_concurrent(t: TuneConfig, scaling) -> int:
+    """Trials that fit the cluster at once (each needs its workers' CPUs, and GPUs when used)."""
+    import ray
+
+    if t.max_concurrent_trials:
+        return t.max_concurrent_trials
+    workers = scaling.bounds[0]
+    resources = ray.cluster_resources()
+    fits = resources.get("CPU", 1) / (workers * scaling.cpus_per_worker)
+    if scaling.resolve_gpu():
+        fits = min(fits, resources.get("GPU", 0) / workers)
+    return max(1, int(fits + 1e-9))
+
+
+def run_search(cfg, ctx, launch: Callable, steps_of: Callable[[dict], int]) -> dict:
+    """Run `cfg.tune` over the stage config `cfg` (its `tune` block removed in each trial).
+
+    launch(cfg, out_dir, metrics_path, seed, stage, init_checkpoint=, callbacks=, export=, steps=) runs the
+    stage's TorchTrainer once (steps: stop there); steps_of(config dict) is a trial's length in steps."""
+    from ray import tune
+
+    t: TuneConfig = cfg.tune
+    out = ctx.out_dir.resolve()
+    experiment = out / "tune" / "search"
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    base["tune"] = None
+    random.seed(ctx.seed)  # PBT's explore draws from Python's random
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _run_trial, base=base, tune_cfg=t.model_dump(mode="json"), model_cls=type(cfg), launch=launch,
+            stage=ctx.name, seed=ctx.seed, trials_dir=str(out / "trials")),
+        {"CPU": TRIAL_CPU},
+    )
+    if tune.Tuner.can_restore(str(experiment)):
+        log.info("[%s] resuming the interrupted search in %s", ctx.name, experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        stopper = None
+        if t.plateau is not None:
+            from ray.tune.stopper import TrialPlateauStopper
+
+            p = t.plateau
+            stopper = TrialPlateauStopper(t.metric, std=p.std, num_results=p.num_results,
+                                          grace_period=p.grace_period, mode=t.mode)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: d.to_ray() for k, d in t.distributions().items()},
+            tune_config=tune.TuneConfig(
+                metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(t),
+                search_alg=_searcher(t, ctx.seed), max_concurrent_trials=_max_concurrent(t, cfg.scaling),
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name="search", storage_path=str(experiment.parent), stop=stopper, verbose=1,
+                # Every checkpoint stays until the search ends: with num_to_keep, Ray 2.60 deletes a checkpoint
+                # that a PBT exploit handed to another trial, and both trials fail (FileNotFoundError).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            ),
+        )
+    with ctx.step("search"):
+        grid = tuner.fit()
+    dists = t.distributions()
+    results = {}
+    for r in grid:
+        row = _trial_row(r, t, out / "trials", steps_of(trial_config(base, r.config, dists)))
+        results[row["id"]] = (row, r)
+    trials = [row for row, _ in sorted(results.values(), key=lambda x: x[0]["id"])]
+    ok = [r for r in trials if _finite(r["final"])]
+    if not ok:
+        errors = [f"{r['id']}: {r['error']}" for r in trials if r["error"]]
+        raise RuntimeError(f"no trial reported {t.metric!r}" + (f"; errors: {errors}" if errors else ""))
+    best = (min if t.mode == "min" else max)(ok, key=lambda r: r["final"])
+    result = results[best["id"]][1]
+    _prune_checkpoints(r for _, r in results.values())
+    write_table(trials, t, out)
+    with ctx.step("plots"):
+        plot_trials(trials, t.metric, out / "trials", out / "plots")
+    with ctx.step("export best"):
+        best_cfg = type(cfg).model_validate(trial_config(base, result.config, dists))
+        launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, init_checkpoint=result.checkpoint, export=True,
+               steps=best["step"])
+    report = {
+        "metric": t.metric, "mode": t.mode, "scheduler": t.scheduler.kind, "search": t.search,
+        "best": {**best, "checkpoint": result.checkpoint.path}, "trials": trials,
+        "exploits": sum(len(r["exploits"]) for r in trials), "model": str(out / "model"),
+        "summary": _summary(trials, best, t, out),
+    }
+    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    return report
+
+
+def _prune_checkpoints(results) -> None:
+    """Keep each trial's last Tune checkpoint (what a later exploit or export would use)."""
+    for r in results:
+        keep = Path(r.checkpoint.path) if r.checkpoint else None
+        for d in Path(r.path).glob("checkpoint_*"):
+            if d != keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _trial_row(result, t: TuneConfig, trials_dir: Path, steps: int) -> dict:
+    m = result.metrics or {}
+    # The trial dir is <trainable>_<trial id>_<index>_...; after an exploit, metrics may be the donor's.
+    trial_id = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name).group(1)
+    events = _read(trials_dir / trial_id / "metrics.jsonl")
+    history = result.metrics_dataframe
+    values = [] if history is None or t.metric not in history else [v for v in history[t.metric] if _finite(v)]
+    return {
+        "id": trial_id,
+        "step": m.get("step"),
+        "final": m.get(t.metric),
+        "best": (min if t.mode == "min" else max)(values) if values else None,
+        "stopped_early": m.get("step") is not None and m.get("step") < steps,
+        "config": {k: result.config[k] for k in t.space},
+        "exploits": [{"step": e["from_step"], "donor": e["donor"], "config": {k: e["config"][k] for k in t.space}}
+                     for e in events if e.get("event") == "exploit"],
+        "error": str(result.error).splitlines()[0] if result.error else None,
+    }
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_table(trials: list[dict], t: TuneConfig, out: Path) -> None:
+    keys = list(t.space)
+    header = ["trial", "status", "step", f"final {t.metric}", f"best {t.metric}", *keys, "exploits"]
+    rows = []
+    for r in trials:
+        status = "error" if r["error"] else "stopped early" if r["stopped_early"] else "completed"
+        lineage = "; ".join(f"step {e['step']} <- {e['donor']}" for e in r["exploits"])
+        rows.append([r["id"], status, r["step"], _fmt(r["final"]), _fmt(r["best"]),
+                     *[_fmt(r["config"][k]) for k in keys], lineage])
+    with (out / "trials.csv").open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    (out / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _segments(records: list[dict], key: str, donors: dict[str, list[dict]]) -> list[list[tuple]]:
+    """A trial's (step, value) series, cut at each exploit; the new piece starts at the donor's point."""
+    pieces: list[list[tuple]] = [[]]
+    for e in records:
+        if e.get("event") == "exploit":
+            start = [(d["step"], d[key]) for d in donors.get(e["donor"], [])
+                     if d.get("step") == e["from_step"] and _finite(d.get(key))]
+            pieces.append(start[-1:])
+        elif "step" in e and _finite(e.get(key)):
+            pieces[-1].append((e["step"], e[key]))
+    return [p for p in pieces if p]
+
+
+def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) -> None:
+    """One figure per series (the metric, the learning rate) with a line per trial over its steps; after
+    an exploit the trial's line continues from its donor's point (dotted line: the step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    records = {r["id"]: _read(trials_dir / r["id"] / "metrics.jsonl") for r in trials}
+    for key, name in ((metric, "metric"), ("lr", "lr")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, r in enumerate(trials):
+            color = f"C{i % 10}"
+            for j, piece in enumerate(_segments(records[r["id"]], key, records)):
+                ax.plot(*zip(*piece, strict=True), color=color, linewidth=1, label=r["id"] if j == 0 else None)
+            for e in r["exploits"]:
+                ax.axvline(e["step"], color=color, linewidth=0.6, linestyle=":")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        if key == "lr":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plots / f"{name}.png", dpi=100)
+        plt.close(fig)
+
+
+def _summary(trials: list[dict], best: dict, t: TuneConfig, out: Path) -> list[str]:
+    stopped = sum(r["stopped_early"] for r in trials)
+    exploits = sum(len(r["exploits"]) for r in trials)
+    lines = [f"search: {len(trials)} trials ({t.scheduler.kind}, {t.search}): {stopped} stopped early, "
+             f"{exploits} exploits, {sum(bool(r['error']) for r in trials)} errors",
+             f"best: {best['id']} {t.metric} {best['final']:.4f} at step {best['step']} with "
+             + ", ".join(f"{k}={_fmt(v)}" for k, v in best["config"].items()),
+             f"trial table: {out / 'trials.md'}; plots: {out / 'plots'}"]
+    return lines + (out / "trials.md").read_text(encoding="utf-8").splitlines()
