@@ -74,8 +74,8 @@ def set_nested(config: dict, overrides: dict) -> dict:
     return config
 
 
-def pretrain(tmp_path, packed, name="p", steps=10, **over):
-    """Run a tiny pretraining stage on `packed`; returns (per-step metrics, stage report)."""
+def pretrain_stage(packed, steps=10, **over) -> dict:
+    """The config of a tiny pretraining stage on `packed` (overrides as a__b=value)."""
     stage = {
         "data": str(packed),
         "model": {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
@@ -89,9 +89,13 @@ def pretrain(tmp_path, packed, name="p", steps=10, **over):
         "log_every": 1,
         "export": False,
     }
-    set_nested(stage, over)
+    return set_nested(stage, over)
+
+
+def pretrain(tmp_path, packed, name="p", steps=10, **over):
+    """Run a tiny pretraining stage on `packed`; returns (per-step metrics, stage report)."""
     out = tmp_path / name
-    cfg = {"name": name, "output_dir": str(out), "stages": {"pretrain": stage}}
+    cfg = {"name": name, "output_dir": str(out), "stages": {"pretrain": pretrain_stage(packed, steps, **over)}}
     report = run(load_run(write_config(tmp_path / f"{name}.yaml", cfg)))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x.get("stage") == "pretrain" and "loss" in x]

@@ -53,6 +53,9 @@ def run(
         raise typer.Exit(1) from None
     except UserError as err:
         _fail(err)
+    except KeyboardInterrupt as err:
+        typer.echo(f"interrupted{f': {err}' if str(err) else ''}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(summarize(report))
 
 

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
 from lmfleet.train.config import ScalingConfig
+from lmfleet.tune.config import PBTConfig, TuneConfig
 
 SFT_FORMATS = ("alpaca", "messages", "python_functions")
 PREFERENCE_FORMATS = ("hh", "conversations", "pairs", "python_functions")
@@ -113,11 +114,29 @@ class SFTStageConfig(_Stage):
     chat_template: str | None = Field(None, description="Jinja chat template; None: the model's, else lmfleet's.")
     completion_only: bool = Field(True, description="Loss on assistant tokens only (prompt tokens masked).")
     packing: bool = False
+    tune: TuneConfig | None = Field(None, description="A hyperparameter search over this config (lmfleet.tune).")
 
     @model_validator(mode="after")
     def _format(self):
         if self.dataset.format not in (*SFT_FORMATS, "auto"):
             raise ValueError(f"dataset.format {self.dataset.format!r} is not an SFT format ({', '.join(SFT_FORMATS)})")
+        return self
+
+    @model_validator(mode="after")
+    def _tune(self):
+        t = self.tune
+        if t is None:
+            return self
+        # Trials report to Tune with each checkpoint: the trainer's last logged loss and its eval_loss.
+        if t.metric not in ("loss", "eval_loss"):
+            raise ValueError(f"tune.metric {t.metric!r}: SFT reports loss and eval_loss")
+        if t.metric == "eval_loss" and not self.dataset.val_fraction:
+            raise ValueError("tune.metric eval_loss needs held-out records: set dataset.val_fraction > 0")
+        if isinstance(t.scheduler, PBTConfig) and t.scheduler.perturbation_interval % self.training.save_steps:
+            raise ValueError(f"tune.scheduler.perturbation_interval {t.scheduler.perturbation_interval} must be a "
+                             f"multiple of training.save_steps {self.training.save_steps} (PBT exploits checkpoints)")
+        t.check_pbt_keys(("peft.", "model"), allowed=("peft.dropout", "peft.alpha"))
+        t.check_against(self)
         return self
 
 

@@ -116,6 +116,25 @@ class ReportCheckpoints(RayTrainReportCallback):
         super().on_save(args, state, control, **kwargs)
 
 
+class ApplyHyperparams(TrainerCallback):
+    """A resumed optimizer and scheduler bring back the saved learning rate and weight decay. A Tune trial
+    resuming another trial's checkpoint (PBT) must train with its own: set them from the arguments."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is None:
+            return
+        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        lambdas = getattr(schedule, "lr_lambdas", None)
+        if lambdas is not None:
+            schedule.base_lrs = [args.learning_rate] * len(schedule.base_lrs)
+        for i, group in enumerate(optimizer.param_groups):
+            group["initial_lr"] = args.learning_rate
+            if lambdas is not None:
+                group["lr"] = args.learning_rate * lambdas[i](schedule.last_epoch)
+            if i == 0:  # the Trainer's decayed group; the other holds biases and norms (no decay)
+                group["weight_decay"] = args.weight_decay
+
+
 def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str) -> None:
     """Every rank takes part (FSDP / ZeRO-3 gather the weights); rank 0 writes model/ (+ adapter/)."""
     if peft is None:
@@ -152,17 +171,20 @@ def _worker(config: dict) -> None:
     paths = config["paths"]
     args = training_args(cfg.training, paths["hf_output"], config["seed"], paths["use_gpu"],
                          has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
+    if config.get("stop_at"):
+        args["max_steps"] = config["stop_at"]
     trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
-    trainer.add_callback(ReportCheckpoints())
-    trainer.add_callback(MetricsCallback(paths["metrics"], config["stage"]))
+    for callback in (ReportCheckpoints(), MetricsCallback(paths["metrics"], config["stage"]), ApplyHyperparams()):
+        trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() or config.get("init_checkpoint")
     if ckpt is None:
         trainer.train()
     else:
         with ckpt.as_directory() as d:
             trainer.train(resume_from_checkpoint=str(Path(d) / ReportCheckpoints.CHECKPOINT_NAME))
-    save_final(trainer, Path(paths["out"]), getattr(cfg, "peft", None), tokenizer, task)
+    if config.get("export", True):
+        save_final(trainer, Path(paths["out"]), getattr(cfg, "peft", None), tokenizer, task)
 
 
 def quarantine_long_prompts(records: Records, tokenizer, limit: int) -> None:
@@ -173,29 +195,44 @@ def quarantine_long_prompts(records: Records, tokenizer, limit: int) -> None:
     records.quarantine("too_many_tokens", lambda r: len(encode_chat(tokenizer, prompt_of(r))[0]) >= limit)
 
 
-def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
-    """Run `worker` on a Ray Train TorchTrainer of the stage's workers; returns (Result, this run's metrics)."""
+def launch(worker, loop_config: dict, cfg, out: Path, seed: int, stage: str, use_gpu: bool, callbacks=()):
+    """One Ray Train run of `worker` on the stage's workers, its run dir under out/ray; returns the Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         worker,
-        train_loop_config={**loop_config, "cfg": cfg.model_dump(mode="json"), "seed": ctx.seed, "stage": ctx.name,
+        train_loop_config={**loop_config, "cfg": cfg.model_dump(mode="json"), "seed": seed, "stage": stage,
                            "tty": sys.stderr.isatty()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.bounds[0], use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name="train", storage_path=str(ctx.out_dir.resolve() / "ray"),
+            name="train", storage_path=str(out / "ray"), callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_last),
         ),
     )
+    return trainer.fit()
+
+
+def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
+    """Run `worker` for the stage (run dir in the stage dir); returns (Result, this run's metrics)."""
     started = time.time()
     with ctx.step("train"):
-        result = trainer.fit()
+        result = launch(worker, loop_config, cfg, ctx.out_dir.resolve(), ctx.seed, ctx.name, use_gpu)
     # metrics.jsonl is the run's log across re-runs: this run's records of this stage only.
     history = [h for h in read_jsonl(ctx.metrics.path) if h.get("stage") == ctx.name and h["time"] >= started]
     return result, history
+
+
+def launch_trial(kind: str, paths: dict, cfg, out: Path, metrics: Path, seed: int, stage: str, *,
+                 init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None):
+    """The stage's run for a Tune search (lmfleet.tune.search.run_search): a trial writing under `out`,
+    or the export of the best trial's checkpoint (steps: stop there) into out/model."""
+    paths = {**paths, "out": str(out), "hf_output": str(out / "hf"), "metrics": str(metrics)}
+    loop_config = {"kind": kind, "paths": paths, "init_checkpoint": init_checkpoint, "export": export,
+                   "stop_at": steps}
+    return launch(_worker, loop_config, cfg, out, seed, stage, paths["use_gpu"], callbacks)
 
 
 def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
@@ -208,13 +245,13 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
         "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
         "metrics": str(ctx.metrics.path.resolve()), "use_gpu": use_gpu,
     }
+    module = importlib.import_module(STAGES[kind])
+    if getattr(cfg, "tune", None) is not None:
+        return _search_and_evaluate(kind, module, cfg, ctx, records, paths)
     result, records_logged = fit(_worker, {"kind": kind, "paths": paths}, cfg, ctx, use_gpu)
     history = [h for h in records_logged if "loss" in h]
     shutil.rmtree(out / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
-    module = importlib.import_module(STAGES[kind])
-    with ctx.step("evaluate"):
-        evaluation = run_eval_task(module.evaluate, cfg, paths)
-    (out / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
+    evaluation = _evaluate(module, cfg, ctx, paths)
     report = {"data": records.counts(), "model": str(out / "model"),
               "steps": max((h.get("step", 0) for h in records_logged), default=0),
               "checkpoint": result.checkpoint.path if result.checkpoint else None}
@@ -231,6 +268,29 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
         f"model: {report['model']}",
     ]
     (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    return report
+
+
+def _evaluate(module, cfg, ctx, paths: dict) -> dict:
+    with ctx.step("evaluate"):
+        evaluation = run_eval_task(module.evaluate, cfg, paths)
+    (Path(paths["out"]) / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
+    return evaluation
+
+
+def _search_and_evaluate(kind: str, module, cfg, ctx, records: Records, paths: dict) -> dict:
+    """A Tune search of trials of this stage; the best one's last checkpoint is exported and evaluated."""
+    from functools import partial
+
+    from lmfleet.tune.search import run_search
+
+    report = run_search(cfg, ctx, partial(launch_trial, kind, paths))
+    shutil.rmtree(Path(paths["out"]) / "hf", ignore_errors=True)
+    report["data"] = records.counts()
+    report["eval"] = _evaluate(module, cfg, ctx, paths)
+    report["summary"] = report["summary"][:3] + module.summary(report["eval"], report) + report["summary"][3:]
+    (ctx.out_dir / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2),
+                                             encoding="utf-8")
     return report
 
 

@@ -184,5 +184,6 @@ class PretrainConfig(StrictModel):
         if isinstance(t.scheduler, PBTConfig) and t.scheduler.perturbation_interval % every:
             raise ValueError(f"tune.scheduler.perturbation_interval {t.scheduler.perturbation_interval} must be a "
                              f"multiple of checkpoint.every {every} (PBT exploits checkpoints)")
+        t.check_pbt_keys(("model.",), allowed=("model.dropout",))
         t.check_against(self)
         return self

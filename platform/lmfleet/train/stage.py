@@ -96,7 +96,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     if cfg.tune is not None:
         from lmfleet.tune.search import run_search
 
-        return run_search(cfg, ctx, launch, steps_of=lambda config: config["steps"])
+        return run_search(cfg, ctx, launch)
     started = time.time()
     with ctx.step("train"):
         result = launch(cfg, out, ctx.metrics.path, ctx.seed, ctx.name, export=cfg.export)

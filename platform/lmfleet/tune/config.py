@@ -159,6 +159,15 @@ class TuneConfig(StrictModel):
     def distributions(self) -> dict[str, Distribution]:
         return {key: Distribution.parse(key, spec) for key, spec in self.space.items()}
 
+    def check_pbt_keys(self, shape_keys: tuple[str, ...], allowed: tuple[str, ...] = ()) -> None:
+        """PBT hands checkpoints between trials: keys that shape the weights cannot differ between them."""
+        if not isinstance(self.scheduler, PBTConfig):
+            return
+        for key in self.space:
+            if key.startswith(shape_keys) and key not in allowed:
+                raise ValueError(f"tune.space.{key}: PBT copies checkpoints between trials, so it cannot tune what "
+                                 f"shapes the weights ({', '.join(k + '*' for k in shape_keys)}); use asha or fifo")
+
     def check_against(self, stage: StrictModel) -> None:
         """Every value a trial can get must validate as the stage's own config (ValueError naming the key)."""
         base = stage.model_dump(mode="json", exclude={"tune"})

@@ -67,6 +67,9 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
         event = "exploit" if meta["trial_id"] != trial_id else "resume"
         MetricsLog(metrics_path).write(stage, event=event, donor=meta["trial_id"], from_step=meta["step"],
                                        config=config)
+    # Start from `start` alone: a Train run dir left by this trial's previous attempt would resume its own
+    # latest checkpoint instead of the donor's (Train restores a run of the same name).
+    shutil.rmtree(out / "ray", ignore_errors=True)
     queue = Queue(actor_options={"num_cpus": 0})
     outcome: dict = {}
 
@@ -92,6 +95,7 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
+    MetricsLog(metrics_path).write(stage, event="completed")  # not stopped early by the scheduler
 
 
 def _scheduler(t: TuneConfig):
@@ -111,14 +115,16 @@ def _scheduler(t: TuneConfig):
     return FIFOScheduler()
 
 
-def _searcher(t: TuneConfig, seed: int):
+def _searcher(t: TuneConfig, seed: int, max_concurrent: int):
     if t.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=t.metric, mode=t.mode, seed=seed)
+        return ConcurrencyLimiter(OptunaSearch(metric=t.metric, mode=t.mode, seed=seed), max_concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    # Not TuneConfig.max_concurrent_trials: Tune ignores it for a search algorithm passed in.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 def _max_concurrent(t: TuneConfig, scaling) -> int:
@@ -135,11 +141,12 @@ def _max_concurrent(t: TuneConfig, scaling) -> int:
     return max(1, int(fits + 1e-9))
 
 
-def run_search(cfg, ctx, launch: Callable, steps_of: Callable[[dict], int]) -> dict:
+def run_search(cfg, ctx, launch: Callable) -> dict:
     """Run `cfg.tune` over the stage config `cfg` (its `tune` block removed in each trial).
 
     launch(cfg, out_dir, metrics_path, seed, stage, init_checkpoint=, callbacks=, export=, steps=) runs the
-    stage's TorchTrainer once (steps: stop there); steps_of(config dict) is a trial's length in steps."""
+    stage's TorchTrainer once, its Train run dir in out_dir/ray (export: write out_dir/model; steps: stop
+    there)."""
     from ray import tune
 
     t: TuneConfig = cfg.tune
@@ -170,8 +177,7 @@ def run_search(cfg, ctx, launch: Callable, steps_of: Callable[[dict], int]) -> d
             param_space={k: d.to_ray() for k, d in t.distributions().items()},
             tune_config=tune.TuneConfig(
                 metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(t),
-                search_alg=_searcher(t, ctx.seed), max_concurrent_trials=_max_concurrent(t, cfg.scaling),
-                reuse_actors=False,
+                search_alg=_searcher(t, ctx.seed, _max_concurrent(t, cfg.scaling)), reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name="search", storage_path=str(experiment.parent), stop=stopper, verbose=1,
@@ -182,10 +188,13 @@ def run_search(cfg, ctx, launch: Callable, steps_of: Callable[[dict], int]) -> d
         )
     with ctx.step("search"):
         grid = tuner.fit()
+    # Tune returns normally on Ctrl-C; a trial that finished or was stopped has reported done.
+    if any(r.error is None and not (r.metrics or {}).get("done") for r in grid):
+        raise KeyboardInterrupt(f"search interrupted: run the same command again to resume it ({experiment})")
     dists = t.distributions()
     results = {}
     for r in grid:
-        row = _trial_row(r, t, out / "trials", steps_of(trial_config(base, r.config, dists)))
+        row = _trial_row(r, t, out / "trials")
         results[row["id"]] = (row, r)
     trials = [row for row, _ in sorted(results.values(), key=lambda x: x[0]["id"])]
     ok = [r for r in trials if _finite(r["final"])]
@@ -198,14 +207,17 @@ def run_search(cfg, ctx, launch: Callable, steps_of: Callable[[dict], int]) -> d
     write_table(trials, t, out)
     with ctx.step("plots"):
         plot_trials(trials, t.metric, out / "trials", out / "plots")
-    with ctx.step("export best"):
-        best_cfg = type(cfg).model_validate(trial_config(base, result.config, dists))
-        launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, init_checkpoint=result.checkpoint, export=True,
-               steps=best["step"])
+    export = getattr(cfg, "export", True)  # pretraining can skip its export; the HF stages always save
+    if export:
+        with ctx.step("export best"):
+            best_cfg = type(cfg).model_validate(trial_config(base, result.config, dists))
+            shutil.rmtree(out / "ray", ignore_errors=True)  # as in a trial: start from the checkpoint given
+            launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, init_checkpoint=result.checkpoint,
+                   export=True, steps=best["step"])
     report = {
         "metric": t.metric, "mode": t.mode, "scheduler": t.scheduler.kind, "search": t.search,
         "best": {**best, "checkpoint": result.checkpoint.path}, "trials": trials,
-        "exploits": sum(len(r["exploits"]) for r in trials), "model": str(out / "model"),
+        "exploits": sum(len(r["exploits"]) for r in trials), "model": str(out / "model") if export else None,
         "summary": _summary(trials, best, t, out),
     }
     (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
@@ -225,8 +237,8 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def _trial_row(result, t: TuneConfig, trials_dir: Path, steps: int) -> dict:
-    m = result.metrics or {}
+def _trial_row(result, t: TuneConfig, trials_dir: Path) -> dict:
+    m, dists = result.metrics or {}, t.distributions()
     # The trial dir is <trainable>_<trial id>_<index>_...; after an exploit, metrics may be the donor's.
     trial_id = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name).group(1)
     events = _read(trials_dir / trial_id / "metrics.jsonl")
@@ -237,9 +249,10 @@ def _trial_row(result, t: TuneConfig, trials_dir: Path, steps: int) -> dict:
         "step": m.get("step"),
         "final": m.get(t.metric),
         "best": (min if t.mode == "min" else max)(values) if values else None,
-        "stopped_early": m.get("step") is not None and m.get("step") < steps,
-        "config": {k: result.config[k] for k in t.space},
-        "exploits": [{"step": e["from_step"], "donor": e["donor"], "config": {k: e["config"][k] for k in t.space}}
+        "stopped_early": not result.error and not any(e.get("event") == "completed" for e in events),
+        "config": {k: d.clamp(result.config[k]) for k, d in dists.items()},  # as the trial ran it
+        "exploits": [{"step": e["from_step"], "donor": e["donor"],
+                      "config": {k: d.clamp(e["config"][k]) for k, d in dists.items()}}
                      for e in events if e.get("event") == "exploit"],
         "error": str(result.error).splitlines()[0] if result.error else None,
     }
@@ -296,7 +309,9 @@ def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) 
 
     plots.mkdir(parents=True, exist_ok=True)
     records = {r["id"]: _read(trials_dir / r["id"] / "metrics.jsonl") for r in trials}
-    for key, name in ((metric, "metric"), ("lr", "lr")):
+    logged = {k for rows in records.values() for e in rows for k in e}
+    lr = "lr" if "lr" in logged else "learning_rate"  # pretraining's name, HF's
+    for key, name in ((metric, "metric"), (lr, "lr")):
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, r in enumerate(trials):
             color = f"C{i % 10}"
@@ -306,7 +321,7 @@ def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) 
                 ax.axvline(e["step"], color=color, linewidth=0.6, linestyle=":")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
-        if key == "lr":
+        if name == "lr":
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         fig.tight_layout()

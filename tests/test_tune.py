@@ -1,0 +1,166 @@
+"""Ray Tune searches over real pretraining runs: each trial is a TorchTrainer run of the tiny model;
+4 trials share the 2 CPUs (0.5 CPU per worker)."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+
+import pytest
+
+from lmfleet.errors import ConfigError
+from lmfleet.runner import load_run
+
+from conftest import lmfleet_cmd, pretrain, pretrain_stage, write_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 60
+LR_GRID = {"optimizer.lr": {"grid": [3e-4, 1e-3, 3e-3, 1e-2]}}
+
+
+def _records(trials_dir, trial_id) -> list[dict]:
+    return [json.loads(x) for x in (trials_dir / trial_id / "metrics.jsonl").read_text().splitlines()]
+
+
+def _search(packed, **tune) -> dict:
+    return pretrain_stage(packed, steps=STEPS, checkpoint__every=10,
+                          tune={"metric": "loss", "num_samples": 1, "space": LR_GRID, **tune})
+
+
+@pytest.fixture(scope="module")
+def interrupted_fifo(tmp_path_factory, packed, ray_local):
+    """The 4 grid configs trained for STEPS with fixed hyperparameters (FIFO), as `lmfleet run` in a
+    subprocess: Ctrl-C once a trial passed step 25, then the same command again resumes the search.
+    Returns (output of the first run, of the second, the stage dir, max step of each trial when interrupted)."""
+    tmp = tmp_path_factory.mktemp("fifo")
+    out = tmp / "run"
+    # The session's cluster: a second local Ray on this machine breaks Train's placement-group cleaner,
+    # which finds "multiple active Ray instances".
+    address = ray_local.get_runtime_context().gcs_address
+    config = write_config(tmp / "fifo.yaml", {"name": "fifo", "output_dir": str(out), "ray": {"address": address},
+                                              "stages": {"pretrain": _search(packed)}})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    trials = out / "pretrain" / "trials"
+    with open(tmp / "first.log", "w") as log:
+        proc = subprocess.Popen([*lmfleet_cmd(), "run", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            steps = [r.get("step", 0) for m in trials.glob("*/metrics.jsonl") for r in _records(trials, m.parent.name)]
+            if max(steps, default=0) > 25:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        first_rc = proc.wait(timeout=300)
+    progress = {m.parent.name: max(r.get("step", 0) for r in _records(trials, m.parent.name))
+                for m in trials.glob("*/metrics.jsonl")}
+    second = subprocess.run([*lmfleet_cmd(), "run", str(config)], capture_output=True, text=True, env=env, timeout=900)
+    first = (tmp / "first.log").read_text()
+    assert first_rc == 130, first[-3000:]
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    return first, second.stdout + second.stderr, out / "pretrain", progress
+
+
+def test_interrupted_search_resumes_and_completes(interrupted_fifo):
+    first, second, stage, progress = interrupted_fifo
+    assert "search interrupted" in first
+    assert "resuming the interrupted search" in second
+    report = json.loads((stage / "report.json").read_text())
+    assert len(report["trials"]) == 4 and all(r["step"] == STEPS and not r["error"] for r in report["trials"])
+    # Trials under way at the interruption continue from their last checkpoint, not from step 1.
+    resumed = [r for t in report["trials"] for r in _records(stage / "trials", t["id"]) if r.get("event") == "resume"]
+    assert resumed and all(r["from_step"] >= 10 for r in resumed), (resumed, progress)
+    for t in report["trials"]:
+        first_steps = [r["step"] for r in _records(stage / "trials", t["id"]) if r.get("step") == 1]
+        assert len(first_steps) == 1, t["id"]  # no trial started over
+
+
+def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupted_fifo):
+    _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=10, export=True,
+                         tune={"metric": "loss", "num_samples": 1, "space": LR_GRID,
+                               "scheduler": {"kind": "pbt", "perturbation_interval": 10}})
+    trials_dir = tmp_path / "pbt" / "pretrain" / "trials"
+    # An exploit at the last step (PBT cannot know it is the last) leaves no step to compare.
+    exploits = [(t["id"], e) for t in report["trials"] for e in t["exploits"] if e["step"] < STEPS]
+    assert len(exploits) >= 2, report["summary"]
+    for receiver, e in exploits:
+        # The loss of step s+1 is computed before that step's update: from the donor's checkpointed
+        # weights on the same batch, whatever learning rate the receiver explores.
+        records = _records(trials_dir, receiver)
+        at = next(i for i, r in enumerate(records) if r.get("event") == "exploit" and r["from_step"] == e["step"])
+        mine = next(r["loss"] for r in records[at:] if r.get("step") == e["step"] + 1)
+        theirs = [r["loss"] for r in _records(trials_dir, e["donor"]) if r.get("step") == e["step"] + 1]
+        assert any(mine == pytest.approx(x, rel=1e-5) for x in theirs), (receiver, e, mine, theirs)
+    # Each trial's final loss is on the same last batch: PBT's best against the fixed configs' median.
+    fifo = json.loads((interrupted_fifo[2] / "report.json").read_text())
+    median = statistics.median(t["final"] for t in fifo["trials"])
+    assert report["best"]["final"] <= median, (report["best"], median)
+    export = tmp_path / "pbt" / "pretrain" / "model"
+    assert json.loads((export / "export.json").read_text())["step"] == STEPS
+    assert (export / "config.json").exists()
+    assert (tmp_path / "pbt" / "pretrain" / "plots" / "metric.png").stat().st_size > 0
+    table = (tmp_path / "pbt" / "pretrain" / "trials.md").read_text()
+    assert all(f"step {e['step']} <- {e['donor']}" in table for _, e in exploits)
+    assert f"| {report['best']['id']} |" in table
+
+
+def test_asha_stops_weak_trials_early(tmp_path, packed):
+    # Two at a time, good learning rates first: the tiny ones reach the first rung (step 10) last.
+    space = {"optimizer.lr": {"grid": [3e-3, 1e-2, 1e-5, 3e-6]}}
+    _, report = pretrain(tmp_path, packed, "asha", steps=STEPS, checkpoint__every=10,
+                         tune={"metric": "loss", "num_samples": 1, "space": space, "max_concurrent_trials": 2,
+                               "scheduler": {"kind": "asha", "grace_period": 10}})
+    by_lr = {t["config"]["optimizer.lr"]: t for t in report["trials"]}
+    assert by_lr[1e-5]["stopped_early"] and by_lr[3e-6]["stopped_early"], report["summary"]
+    assert by_lr[1e-5]["step"] < STEPS and by_lr[3e-6]["step"] < STEPS
+    assert report["best"]["step"] == STEPS and report["best"]["config"]["optimizer.lr"] in (3e-3, 1e-2)
+
+
+def test_optuna_search_with_plateau_stopping(tmp_path, packed):
+    # A plateau is a std of the metric below 1.0 over 2 reports: every trial stops at its second.
+    space = {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "lr_schedule.warmup_steps": {"randint": [0, 5]}}
+    _, report = pretrain(tmp_path, packed, "optuna", steps=40, checkpoint__every=10,
+                         tune={"metric": "loss", "num_samples": 2, "space": space, "search": "optuna",
+                               "plateau": {"std": 1.0, "num_results": 2, "grace_period": 2}})
+    trials = report["trials"]
+    assert report["search"] == "optuna" and len(trials) == 2
+    assert all(t["stopped_early"] and t["step"] == 20 for t in trials), report["summary"]
+    lrs = [t["config"]["optimizer.lr"] for t in trials]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]
+    assert all(0 <= t["config"]["lr_schedule.warmup_steps"] < 5 for t in trials)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optimizer.lr": {"normal": [0, 1]}}, "tune.space.optimizer.lr: unknown distribution 'normal'"),
+    ({"optimizer.lr": {"uniform": [-0.1, 0.1]}}, "tune.space.optimizer.lr: value -0.1"),
+    ({"optimizer.lr": {"loguniform": [-1e-3, 1e-2]}}, "tune.space.optimizer.lr: loguniform needs low > 0"),
+    ({"optimizer.lr": {"uniform": [0.1, 0.01]}}, "tune.space.optimizer.lr: uniform needs low < high"),
+    ({"optimizer.lrate": {"uniform": [0.01, 0.1]}}, "tune.space.optimizer.lrate: value 0.01"),
+    ({"batch.global_batch": {"choice": [8, 7]}}, "tune.space.batch.global_batch: value 7"),
+    ({"model.dropout": {"randint": [0]}}, "tune.space.model.dropout: randint takes [low, high]"),
+])
+def test_bad_search_space_entries_name_the_key(tmp_path, space, message):
+    stage = pretrain_stage("unused", steps=20, checkpoint__every=10, tune={"metric": "loss", "space": space})
+    path = write_config(tmp_path / "bad.yaml", {"name": "bad", "stages": {"pretrain": stage}})
+    with pytest.raises(ConfigError) as err:
+        load_run(path)
+    assert message in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_scheduler_settings_must_fit_the_stage(tmp_path):
+    stage = pretrain_stage("unused", steps=20, checkpoint__every=10, tune={
+        "metric": "val_loss", "space": LR_GRID, "scheduler": {"kind": "pbt", "perturbation_interval": 15}})
+    path = write_config(tmp_path / "bad.yaml", {"name": "bad", "stages": {"pretrain": stage}})
+    with pytest.raises(ConfigError, match="eval.every 100 must divide checkpoint.every 10"):
+        load_run(path)
+    stage["eval"]["every"] = 10
+    write_config(path, {"name": "bad", "stages": {"pretrain": stage}})
+    with pytest.raises(ConfigError, match="perturbation_interval 15 must be a multiple of checkpoint.every 10"):
+        load_run(path)
+    stage["tune"]["search"] = "optuna"
+    stage["tune"]["scheduler"]["perturbation_interval"] = 20
+    write_config(path, {"name": "bad", "stages": {"pretrain": stage}})
+    with pytest.raises(ConfigError, match="optuna cannot drive PBT"):
+        load_run(path)
