@@ -12,7 +12,7 @@ demo: setup
 
 test: setup
 	ruff check platform tests benchmarks
-	python -m pytest -q -ra
+	python -m pytest -q -ra --durations=20
 
 lint: setup
 	ruff check platform tests benchmarks

@@ -17,7 +17,7 @@ from conftest import lmfleet_cmd, pretrain, pretrain_stage, write_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 60
+STEPS = 40
 LR_GRID = {"optimizer.lr": {"grid": [3e-4, 1e-3, 3e-3, 1e-2]}}
 
 
@@ -69,18 +69,23 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
     assert "resuming the interrupted search" in second
     report = json.loads((stage / "report.json").read_text())
     assert len(report["trials"]) == 4 and all(r["step"] == STEPS and not r["error"] for r in report["trials"])
-    # Trials under way at the interruption continue from their last checkpoint, not from step 1.
-    resumed = [r for t in report["trials"] for r in _records(stage / "trials", t["id"]) if r.get("event") == "resume"]
-    assert resumed and all(r["from_step"] >= 10 for r in resumed), (resumed, progress)
+    # Trials that had reported a checkpoint continue from it (the others start over).
+    resumed = 0
     for t in report["trials"]:
-        first_steps = [r["step"] for r in _records(stage / "trials", t["id"]) if r.get("step") == 1]
-        assert len(first_steps) == 1, t["id"]  # no trial started over
+        records = _records(stage / "trials", t["id"])
+        for i, r in enumerate(records):
+            if r.get("event") == "resume":
+                resumed += 1
+                assert r["from_step"] >= 10 and r["from_step"] % 10 == 0, r
+                assert next(x["step"] for x in records[i:] if "step" in x) == r["from_step"] + 1, (t["id"], progress)
+    assert resumed, progress
 
 
 def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupted_fifo):
     _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=10, export=True,
                          tune={"metric": "loss", "num_samples": 1, "space": LR_GRID,
-                               "scheduler": {"kind": "pbt", "perturbation_interval": 10}})
+                               # the bottom half copies the top half at every interval
+                               "scheduler": {"kind": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5}})
     trials_dir = tmp_path / "pbt" / "pretrain" / "trials"
     # An exploit at the last step (PBT cannot know it is the last) leaves no step to compare.
     exploits = [(t["id"], e) for t in report["trials"] for e in t["exploits"] if e["step"] < STEPS]

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -239,10 +238,13 @@ def _finite(x) -> bool:
 
 def _trial_row(result, t: TuneConfig, trials_dir: Path) -> dict:
     m, dists = result.metrics or {}, t.distributions()
-    # The trial dir is <trainable>_<trial id>_<index>_...; after an exploit, metrics may be the donor's.
-    trial_id = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name).group(1)
-    events = _read(trials_dir / trial_id / "metrics.jsonl")
     history = result.metrics_dataframe
+    # The trial's own reports name it; its last metrics may be the donor's (PBT copies them on an exploit).
+    if history is not None and "trial_id" in history and len(history):
+        trial_id = history["trial_id"].iloc[-1]
+    else:
+        trial_id = m.get("trial_id") or Path(result.path).name
+    events = _read(trials_dir / trial_id / "metrics.jsonl")
     values = [] if history is None or t.metric not in history else [v for v in history[t.metric] if _finite(v)]
     return {
         "id": trial_id,
