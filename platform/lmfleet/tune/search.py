@@ -59,7 +59,9 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     start = ray.tune.get_checkpoint()
-    if start is not None:  # PBT's exploit (another trial's checkpoint) or a resumed search (our own)
+    if start is None:
+        MetricsLog(metrics_path).write(stage, event="start", config=config)
+    else:  # PBT's exploit (another trial's checkpoint) or a resumed search (our own)
         meta = start.get_metadata()
         if "trial_id" not in meta:
             raise RuntimeError(f"trial {trial_id}: checkpoint {start.path} is gone or was not written by a trial")
@@ -209,7 +211,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     export = getattr(cfg, "export", True)  # pretraining can skip its export; the HF stages always save
     if export:
         with ctx.step("export best"):
-            best_cfg = type(cfg).model_validate(trial_config(base, result.config, dists))
+            best_cfg = type(cfg).model_validate(trial_config(base, best["config"], dists))
             shutil.rmtree(out / "ray", ignore_errors=True)  # as in a trial: start from the checkpoint given
             launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, init_checkpoint=result.checkpoint,
                    export=True, steps=best["step"])
@@ -245,6 +247,7 @@ def _trial_row(result, t: TuneConfig, trials_dir: Path) -> dict:
     else:
         trial_id = m.get("trial_id") or Path(result.path).name
     events = _read(trials_dir / trial_id / "metrics.jsonl")
+    started = [e for e in events if e.get("event") in ("start", "resume", "exploit")]
     values = [] if history is None or t.metric not in history else [v for v in history[t.metric] if _finite(v)]
     return {
         "id": trial_id,
@@ -252,7 +255,8 @@ def _trial_row(result, t: TuneConfig, trials_dir: Path) -> dict:
         "final": m.get(t.metric),
         "best": (min if t.mode == "min" else max)(values) if values else None,
         "stopped_early": not result.error and not any(e.get("event") == "completed" for e in events),
-        "config": {k: d.clamp(result.config[k]) for k, d in dists.items()},  # as the trial ran it
+        # As the trial last ran it: after an exploit with no report since, Tune's result still holds the donor's.
+        "config": {k: d.clamp(started[-1]["config"][k] if started else result.config[k]) for k, d in dists.items()},
         "exploits": [{"step": e["from_step"], "donor": e["donor"],
                       "config": {k: d.clamp(e["config"][k]) for k, d in dists.items()}}
                      for e in events if e.get("event") == "exploit"],
