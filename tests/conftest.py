@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def _free_port() -> int:
 @contextmanager
 def ray_head(num_cpus: int, dashboard: bool = False):
     """A Ray head on loopback started with `ray start` (a separate cluster, like a user's); yields
-    (GCS address, job API URL or None, add_node). Its processes are killed at the end."""
+    (GCS address, job API URL or None, add_node, temp dir). Its processes are killed at the end."""
     ray = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
     port, dash = _free_port(), _free_port()
@@ -124,11 +123,19 @@ def ray_head(num_cpus: int, dashboard: bool = False):
                    capture_output=True)
     address = f"127.0.0.1:{port}"
 
-    def add_node():
+    def raylets() -> set:
+        return {p for p in psutil.process_iter(["name", "cmdline"])
+                if p.info["name"] == "raylet" and any(temp in c for c in p.info["cmdline"] or [])}
+
+    def add_node() -> psutil.Process:
+        """Start a worker node; returns its raylet (SIGKILL it to lose the node)."""
+        before = raylets()
         subprocess.run([ray, "start", f"--address={address}", *common], check=True, env=env, capture_output=True)
+        (raylet,) = raylets() - before
+        return raylet
 
     try:
-        yield address, f"http://127.0.0.1:{dash}" if dashboard else None, add_node
+        yield address, f"http://127.0.0.1:{dash}" if dashboard else None, add_node, Path(temp)
     finally:
         # The cluster's processes name its temp dir; their children (dashboard modules) may not.
         procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in p.info["cmdline"] or [])]
@@ -140,6 +147,13 @@ def ray_head(num_cpus: int, dashboard: bool = False):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def job_api():
+    """A Ray head with its job API for the tests of one module: (job API URL, the head's temp dir)."""
+    with ray_head(num_cpus=2, dashboard=True) as (_, url, _add, temp):
+        yield url, temp
+
+
 def _children(p: psutil.Process) -> list:
     try:
         return p.children(recursive=True)
@@ -147,17 +161,13 @@ def _children(p: psutil.Process) -> list:
         return []
 
 
-def kill_a_worker_after(metrics: Path, key: str, value: int, killed: list) -> None:
-    """SIGKILL a Ray Train worker once metrics.jsonl has a record with `key` >= value (run in a thread);
-    appends (pid, value seen) to `killed`."""
-    deadline = time.time() + 300
-    while time.time() < deadline and not killed:
-        if metrics.exists():
-            done = max((json.loads(x).get(key, 0) for x in metrics.read_text().splitlines()), default=0)
-            if done >= value:
-                killed.append((kill_a_train_worker(), done))
-                return
-        time.sleep(0.05)
+def registered_steps(run: Path) -> list[int]:
+    """Steps of the pretraining checkpoints Ray Train has registered in `run` (what a restart loads)."""
+    snapshot = run / "pretrain" / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    results = json.loads(snapshot.read_text())["checkpoint_results"]
+    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 
 
 def kill_a_train_worker() -> int:
@@ -174,6 +184,9 @@ def lmfleet_cmd() -> list[str]:
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s, and a report (every checkpoint) waits for a poll:
+# 0.5 s keeps the many short test runs short. Ray passes it on to controllers, workers and job drivers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

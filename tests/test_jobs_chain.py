@@ -4,17 +4,9 @@ SFT -> reward -> PPO as three jobs, each reading the previous output; a failing 
 import json
 import subprocess
 
-import pytest
-
-from conftest import lmfleet_cmd, ray_head, shared, write_config
+from conftest import lmfleet_cmd, shared, write_config
 
 TRAIN = {"max_steps": 3, "per_device_batch": 4, "max_length": 128, "logging_steps": 1, "save_steps": 100}
-
-
-@pytest.fixture(scope="module")
-def job_api():
-    with ray_head(num_cpus=2, dashboard=True) as (_, url, _add):
-        yield url
 
 
 def _run(config, address, cwd) -> subprocess.CompletedProcess:
@@ -23,6 +15,7 @@ def _run(config, address, cwd) -> subprocess.CompletedProcess:
 
 
 def test_pipeline_runs_as_chained_jobs(tmp_path, job_api, base_lm):
+    url, _ = job_api
     from ray.job_submission import JobSubmissionClient
 
     from lmfleet.jobs import use_token_if_present
@@ -36,14 +29,14 @@ def test_pipeline_runs_as_chained_jobs(tmp_path, job_api, base_lm):
                 "ppo": {"rollout_batch": 4, "mini_batch": 2}, "generation": {"max_new_tokens": 8},
                 "training": {"max_length": 128}, "eval": {"samples": 2}},
     }})
-    result = _run(config, job_api, tmp_path)  # output_dir is relative: jobs must run where we submitted
+    result = _run(config, url, tmp_path)  # output_dir is relative: jobs must run where we submitted
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(report["stages"]) == ["sft", "reward", "ppo"]
     assert [j["stage"] for j in report["jobs"]] == ["sft", "reward", "ppo"]
     assert report["seconds"] > sum(sum(s["seconds"].values()) for s in report["stages"].values())  # whole chain
     use_token_if_present()
-    client = JobSubmissionClient(job_api)
+    client = JobSubmissionClient(url)
     for job in report["jobs"]:
         info = client.get_job_info(job["job_id"])
         assert info.status == "SUCCEEDED" and info.metadata["lmfleet_stage"] == job["stage"]
@@ -52,6 +45,7 @@ def test_pipeline_runs_as_chained_jobs(tmp_path, job_api, base_lm):
 
 
 def test_failing_stage_stops_the_chain(tmp_path, job_api, base_lm):
+    url, _ = job_api
     hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 16}
     config = write_config(tmp_path / "failing.yaml", {"name": "broken", "output_dir": str(tmp_path / "out"), "stages": {
         # every pair is longer than 16 tokens: the reward stage has nothing to train on
@@ -59,7 +53,7 @@ def test_failing_stage_stops_the_chain(tmp_path, job_api, base_lm):
                    "eval": {"generation": {"max_new_tokens": 4}}},
         "ppo": {"model": str(base_lm), "reward_model": "reward", "dataset": hh, "iterations": 1},
     }})
-    result = _run(config, job_api, tmp_path)
+    result = _run(config, url, tmp_path)
     assert result.returncode == 1
     assert "stage 'reward' failed" in result.stderr
     assert "no pairs left to train on" in result.stderr  # the stage's own error, from its job's log

@@ -1,7 +1,9 @@
 """Elastic training on a real multi-node local Ray cluster: a run that starts on one node grows to
-two workers when a second node joins, and keeps the global batch and the data order."""
+two workers when a second node joins, shrinks back to one when that node dies (SIGKILL of its raylet)
+and finishes, keeping the global batch and the data order throughout."""
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,13 +16,13 @@ from lmfleet.train.data import BatchPlan
 
 from conftest import lmfleet_cmd, ray_head, write_config
 
-STEPS = 150
+STEPS = 300
 
 
 @pytest.fixture
 def ray_cluster():
     """A head node with 1 CPU on loopback; yields (address, add_node). Its processes are killed at the end."""
-    with ray_head(num_cpus=1) as (address, _, add_node):
+    with ray_head(num_cpus=1) as (address, _, add_node, _temp):
         yield address, add_node
 
 
@@ -30,7 +32,7 @@ def _steps(metrics: Path) -> list[dict]:
     return [r for r in map(json.loads, metrics.read_text().splitlines()) if isinstance(r.get("step"), int)]
 
 
-def test_run_grows_from_one_to_two_workers(packed, tmp_path, ray_cluster):
+def test_run_grows_then_shrinks_and_finishes(packed, tmp_path, ray_cluster):
     address, add_node = ray_cluster
     out = tmp_path / "run"
     cfg = {"name": "elastic", "output_dir": str(out), "stages": {"pretrain": {
@@ -44,11 +46,17 @@ def test_run_grows_from_one_to_two_workers(packed, tmp_path, ray_cluster):
     proc = subprocess.Popen([*lmfleet_cmd(), "run", str(write_config(tmp_path / "c.yaml", cfg)), "--address", address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(s["step"] >= 10 for s in _steps(out / "metrics.jsonl")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        add_node()
+        def wait_for(condition):
+            deadline = time.time() + 300
+            while time.time() < deadline and not condition(_steps(out / "metrics.jsonl")):
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                time.sleep(0.2)
+
+        wait_for(lambda steps: any(s["step"] >= 10 for s in steps))
+        raylet = add_node()
+        # Lose the second node once the grown run has checkpointed at 2 workers.
+        wait_for(lambda steps: sum(s["world_size"] == 2 for s in steps) >= 12)
+        raylet.send_signal(signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -56,10 +64,14 @@ def test_run_grows_from_one_to_two_workers(packed, tmp_path, ray_cluster):
 
     steps = _steps(out / "metrics.jsonl")
     sizes = [s["world_size"] for s in steps]
-    assert sizes[0] == 1 and sizes[-1] == 2, sizes
     grown = sizes.index(2)
+    shrunk = grown + sizes[grown:].index(1)
+    assert sizes[0] == 1 and set(sizes[shrunk:]) == {1}, sizes
     assert all(s["global_batch"] == 8 for s in steps)
-    assert {s["accum"] for s in steps[:grown]} == {4} and {s["accum"] for s in steps[grown:]} == {2}
+    assert {s["accum"] for s in steps[:grown]} == {4} and {s["accum"] for s in steps[grown:shrunk]} == {2}
+    assert {s["accum"] for s in steps[shrunk:]} == {4}
+    # After the node died the run went on from its last checkpoint (every 5 steps), not from scratch.
+    assert steps[shrunk]["step"] > 10 and (steps[shrunk]["step"] - 1) % 5 == 0, steps[shrunk]
     assert steps[-1]["step"] == STEPS and steps[-1]["loss"] < steps[0]["loss"]
 
     # The data order is that of the plan whatever the worker count: every step's sample ids match.
@@ -70,5 +82,5 @@ def test_run_grows_from_one_to_two_workers(packed, tmp_path, ray_cluster):
         logged[rec["step"]] = rec
     for step in range(1, STEPS + 1):
         assert logged[step]["samples"] == plan.next_batch(step - 1).tolist(), step
-    assert {r["world_size"] for r in logged.values()} == {1, 2}
+    assert {r["world_size"] for r in logged.values()} == {1, 2}  # the last record of each step
     assert np.isfinite([s["loss"] for s in steps]).all()

@@ -1,10 +1,12 @@
-"""Fault tolerance: SIGKILL a training worker mid-run; the run resumes from its last checkpoint and
-reproduces the uninterrupted run exactly (losses and the sample ids of every step)."""
+"""Fault tolerance: SIGKILL a training worker in the middle of a checkpoint (written to storage, not
+yet registered by Ray Train); the run resumes from the previous checkpoint and reproduces the
+uninterrupted run exactly (losses and the sample ids of every step)."""
 
 import json
 import threading
+import time
 
-from conftest import kill_a_worker_after, pretrain
+from conftest import kill_a_train_worker, pretrain, registered_steps
 
 STEPS = 40
 
@@ -18,25 +20,39 @@ def _by_step(path):
     return out
 
 
-def test_sigkill_worker_resumes_exactly(packed, tmp_path):
+def _kill_while_a_checkpoint_is_pending(run, seen: dict) -> None:
+    """SIGKILL a worker once a checkpoint dir is in storage but newer than every registered one (Ray Train
+    registers a checkpoint when all ranks reported it, on the controller's next poll)."""
+    storage = run / "pretrain" / "ray" / "train"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        registered = registered_steps(run)
+        written = [int(d.name.removeprefix("step_")) for d in storage.glob("step_*")]
+        pending = [s for s in written if registered and s > max(registered)]
+        if pending:
+            seen.update(registered=max(registered), pending=max(pending), pid=kill_a_train_worker())
+            return
+        time.sleep(0.005)
+
+
+def test_sigkill_mid_checkpoint_resumes_exactly(packed, tmp_path):
     common = dict(steps=STEPS, parallel__strategy="ddp", scaling__num_workers=2, checkpoint__every=5,
                   log_samples=True, model__dropout=0.1)
     reference, _ = pretrain(tmp_path, packed, name="uninterrupted", **common)
 
-    killed: list = []
-    watcher = threading.Thread(target=kill_a_worker_after, args=(tmp_path / "faulty" / "metrics.jsonl", "step", 12, killed))
+    seen: dict = {}
+    watcher = threading.Thread(target=_kill_while_a_checkpoint_is_pending, args=(tmp_path / "faulty", seen))
     watcher.start()
     steps, report = pretrain(tmp_path, packed, name="faulty", **common)
     watcher.join()
-    assert killed, "the run finished before a worker could be killed"
-    killed_at = killed[0][1]
-    assert killed_at < STEPS
+    assert seen, "no checkpoint was caught between its upload and its registration"
 
     samples = (tmp_path / "faulty" / "pretrain" / "samples.jsonl").read_text().splitlines()
     logged = [json.loads(x)["step"] for x in samples]
     assert len(logged) > STEPS and sorted(set(logged)) == list(range(1, STEPS + 1))  # some steps re-ran
     first_rerun = logged[[i for i in range(1, len(logged)) if logged[i] <= logged[i - 1]][0]]
-    assert first_rerun % 5 == 1 and first_rerun <= killed_at  # resumed right after a checkpoint
+    # From the last registered checkpoint: the one being written when the worker died is never loaded.
+    assert first_rerun == seen["registered"] + 1 and seen["pending"] > seen["registered"], seen
 
     ref_samples = _by_step(tmp_path / "uninterrupted" / "pretrain" / "samples.jsonl")
     got_samples = _by_step(tmp_path / "faulty" / "pretrain" / "samples.jsonl")

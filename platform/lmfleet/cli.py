@@ -1,4 +1,4 @@
-"""`lmfleet` command line: run and validate stage configs."""
+"""`lmfleet` command line: run, validate and submit stage configs; follow Ray jobs."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ def run(
                                       "http://HEAD:8265 runs each stage as a Ray job.")
     ] = None,
     stage: Annotated[list[str] | None, typer.Option(help="Run only these stages of the config.")] = None,
+    force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
 ) -> None:
     """Run a stage, or a pipeline of stages, on Ray.
 
-    With a Ray job API address (http://HEAD:8265) each stage runs as its own Ray job, in order."""
+    Stages that already succeeded with the same config, after their inputs, are skipped (--force
+    re-runs them). With a Ray job API address (http://HEAD:8265) each stage runs as its own Ray job."""
     from lmfleet import jobs, runner
 
     try:
@@ -45,9 +47,9 @@ def run(
             raise UserError(f"{config}: --stage {', '.join(unknown)}: not a stage of this config")
         address = address or loaded.config.ray.address or os.environ.get("RAY_ADDRESS")
         if jobs.is_job_address(address):
-            report = jobs.run_as_jobs(loaded, config, set_ or [], address, only=stage)
+            report = jobs.run_as_jobs(loaded, config, set_ or [], address, only=stage, force=force)
         else:
-            report = runner.run(loaded, address=address, only=stage)
+            report = runner.run(loaded, address=address, only=stage, force=force)
     except jobs.StageFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -57,6 +59,92 @@ def run(
         typer.echo(f"interrupted{f': {err}' if str(err) else ''}", err=True)
         raise typer.Exit(130) from None
     typer.echo(summarize(report))
+
+
+AddressOpt = Annotated[str | None, typer.Option(help="Ray job API, http://HEAD:8265 (default: RAY_ADDRESS).")]
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
+
+
+def _job_address(address: str | None) -> str:
+    return address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML, inside the current directory.")],
+    address: AddressOpt = None,
+    set_: SetOpt = None,
+    stage: Annotated[list[str] | None, typer.Option(help="Run only these stages of the config.")] = None,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE environment variable of the job. Repeatable.")] = None,
+    pip: Annotated[list[str] | None, typer.Option(help="Extra pip requirement for the job. Repeatable.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Also leave this path pattern out of the upload.")] = None,
+    wait: Annotated[bool, typer.Option(help="Stream the job's log and exit with its status.")] = True,
+    force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
+) -> None:
+    """Submit `lmfleet run CONFIG` as a Ray job; the current directory is uploaded as its working dir
+    (without .git, .venv, runs/, data/, checkpoints). Exit code: 0 succeeded, 1 failed, 130 stopped."""
+    from lmfleet import jobs
+
+    try:
+        client, job_id = jobs.submit(config, _job_address(address), set_ or [], env or [], pip or [], exclude or [],
+                                     stage, force)
+        if not wait:
+            typer.echo(job_id)
+            return
+        typer.echo(f"submitted Ray job {job_id}", err=True)
+        status = jobs.follow(client, job_id)
+    except UserError as err:
+        _fail(err)
+    typer.echo(f"Ray job {job_id}: {status}", err=True)
+    raise typer.Exit(EXIT_CODES.get(status, 1))
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+JobId = Annotated[str, typer.Argument(help="The job's submission id (what `lmfleet submit --no-wait` printed).")]
+
+
+def _client(address: str | None):
+    from lmfleet import jobs
+
+    try:
+        return jobs.client_for(_job_address(address))
+    except UserError as err:
+        _fail(err)
+
+
+def _job_call(fn, job_id: str):
+    try:
+        return fn(job_id)
+    except RuntimeError as err:  # the job API's answer, e.g. no such job
+        _fail(UserError(f"job {job_id}: {str(err).splitlines()[0]}"))
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: JobId, address: AddressOpt = None) -> None:
+    """Print the job's status (and its message once it ended)."""
+    info = _job_call(_client(address).get_job_info, job_id)
+    typer.echo(f"{info.status.value}" + (f": {info.message}" if info.message else ""))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: JobId, address: AddressOpt = None,
+              follow: Annotated[bool, typer.Option(help="Keep streaming until the job ends.")] = False) -> None:
+    """Print the job's log."""
+    from lmfleet import jobs
+
+    client = _client(address)
+    if follow:
+        status = jobs.follow(client, job_id)
+        raise typer.Exit(EXIT_CODES.get(status, 1))
+    typer.echo(_job_call(client.get_job_logs, job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobId, address: AddressOpt = None) -> None:
+    """Stop the job (its driver gets SIGINT, then SIGKILL)."""
+    stopped = _job_call(_client(address).stop_job, job_id)
+    typer.echo(f"stop requested for {job_id}" if stopped else f"{job_id} had already ended")
 
 
 @app.command()

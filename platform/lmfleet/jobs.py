@@ -39,9 +39,9 @@ def use_token_if_present() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def stage_command(config: Path, stage: str, overrides: list[str]) -> str:
+def stage_command(config: Path, stage: str, overrides: list[str], force: bool = False) -> str:
     # --address auto: the job's driver joins its cluster (never the job API again, whatever the config says).
-    args = ["lmfleet", "run", str(config), "--stage", stage, "--address", "auto"]
+    args = ["lmfleet", "run", str(config), "--stage", stage, "--address", "auto", *(["--force"] if force else [])]
     for item in overrides:
         args += ["--set", item]
     return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
@@ -74,19 +74,85 @@ def _follow(client, job_id: str, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: list[str] | None = None) -> dict:
-    """Submit the stages of `loaded` one job at a time; returns the run report the jobs wrote."""
+# Never uploaded with the working dir: history, environments, run outputs, data and checkpoints (jobs
+# read those from storage every node shares). Gitignore syntax, as Ray's runtime_env `excludes`.
+UPLOAD_EXCLUDES = [".git", ".venv", "runs/", "data/", "checkpoints/", "**/__pycache__", "*.safetensors", "*.pt",
+                   "*.bin", "*.distcp", "*.parquet", "*.arrow"]
+
+
+def client_for(address: str):
+    """A JobSubmissionClient for `address` (http://HEAD:8265), or a UserError saying why not."""
     from ray.job_submission import JobSubmissionClient
 
+    if not is_job_address(address):
+        raise UserError(f"--address {address!r}: expected the Ray job API, http://HEAD:8265 (or set RAY_ADDRESS)")
+    use_token_if_present()
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # connection refused, not a job API, ...
+        raise UserError(f"--address {address}: cannot reach the Ray job API ({err})") from None
+
+
+def submit(config: Path, address: str, overrides: list[str], env: list[str], pip: list[str],
+           excludes: list[str], stages: list[str] | None, force: bool = False) -> tuple[object, str]:
+    """Submit `lmfleet run CONFIG` as one Ray job that uploads the current directory; returns (client, id)."""
+    from lmfleet.runner import load_run
+
+    loaded = load_run(config, overrides)
+    unknown = sorted(set(stages or []) - {s.name for s in loaded.stages})
+    if unknown:
+        raise UserError(f"{config}: --stage {', '.join(unknown)}: not a stage of this config")
+    try:
+        relative = config.resolve().relative_to(Path.cwd())
+    except ValueError:
+        raise UserError(f"{config}: must be inside the current directory, which is uploaded as the job's "
+                        "working dir") from None
+    if not loaded.config.run_dir.is_absolute():
+        raise UserError(f"{config}: output_dir {str(loaded.config.run_dir)!r} is relative: it would land in the "
+                        "job's temporary copy of this directory. Set output_dir (--set output_dir=...) to a path "
+                        "every node of the cluster shares.")
+    env_vars = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    runtime_env: dict = {"working_dir": ".", "excludes": [*UPLOAD_EXCLUDES, *excludes]}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    if pip:
+        runtime_env["pip"] = list(pip)
+    args = ["lmfleet", "run", str(relative), "--address", "auto"]
+    for item in overrides:
+        args += ["--set", item]
+    for stage in stages or []:
+        args += ["--stage", stage]
+    if force:
+        args.append("--force")
+    client = client_for(address)
+    job_id = _submit(client, entrypoint=shlex.join(args), runtime_env=runtime_env,
+                     submission_id=f"lmfleet-{loaded.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                     metadata={"lmfleet_run": loaded.config.name})
+    return client, job_id
+
+
+def follow(client, job_id: str) -> str:
+    """Stream the job's log to stderr until it ends (Ctrl-C stops the job); returns its final status."""
+    try:
+        return _follow(client, job_id)
+    except KeyboardInterrupt:
+        client.stop_job(job_id)
+        raise UserError(f"interrupted: stopped Ray job {job_id}") from None
+
+
+def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: list[str] | None = None,
+                force: bool = False) -> dict:
+    """Submit the stages of `loaded` one job at a time; returns the run report the jobs wrote."""
     run_dir = loaded.config.run_dir.resolve()
     stages = [s for s in loaded.stages if not only or s.name in only]
     for i, spec in enumerate(stages):  # inputs checked before the first job starts
         spec.preflight({s.name for s in stages[:i]}, run_dir)
-    use_token_if_present()
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as err:  # connection refused, not a job API, ...
-        raise UserError(f"--address {address}: cannot reach the Ray job API ({err})") from None
+    client = client_for(address)
     overrides = [*overrides, f"output_dir={run_dir}"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
@@ -94,7 +160,7 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
     for spec in stages:
         job_id = _submit(
             client,
-            entrypoint=stage_command(config.resolve(), spec.name, overrides),
+            entrypoint=stage_command(config.resolve(), spec.name, overrides, force),
             submission_id=f"lmfleet-{loaded.config.name}-{spec.name}-{stamp}",
             metadata={"lmfleet_run": loaded.config.name, "lmfleet_stage": spec.name},
         )

@@ -117,14 +117,19 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
 def _interrupted(marker: Path, state: dict) -> bool:
     """Whether the stage dir holds an interrupted run of this very stage config (Ctrl-C, or a driver that
     died: its marker still says running)."""
-    if not marker.exists():
-        return False
-    previous = json.loads(marker.read_text(encoding="utf-8"))
-    return previous["status"] in ("running", "interrupted") and {k: previous[k] for k in state} == state
+    previous = _read_state(marker)
+    return previous.get("status") in ("running", "interrupted") and {k: previous.get(k) for k in state} == state
 
 
-def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None) -> dict:
-    """Run the stages of a loaded config in order; returns the run report (also written to report.json)."""
+def _read_state(marker: Path) -> dict:
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
+
+
+def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None, force: bool = False) -> dict:
+    """Run the stages of a loaded config in order; returns the run report (also written to report.json).
+
+    A stage whose last run succeeded with the same config and seed, after every earlier stage of the
+    config last finished (its inputs are not newer), is up to date: it is skipped unless `force`."""
     cfg = loaded.config
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,8 +151,19 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
     started = time.perf_counter()
     for spec in stages:
         ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics)
-        state = {"kind": spec.kind, "config": spec.config.model_dump(mode="json")}
+        state = {"kind": spec.kind, "config": spec.config.model_dump(mode="json"), "seed": cfg.seed}
         marker = ctx.out_dir / STAGE_STATE
+        previous = _read_state(marker)
+        earlier = loaded.stages[: loaded.stages.index(spec)]
+        inputs_finished = max((_read_state(run_dir / e.name / STAGE_STATE).get("finished", 0) for e in earlier),
+                              default=0)
+        if (not force and previous.get("status") == "succeeded" and {k: previous.get(k) for k in state} == state
+                and previous["finished"] >= inputs_finished):
+            log.info("stage %s: up to date (same config, finished after its inputs): skipped; --force re-runs it",
+                     spec.name)
+            summary = ["up to date: not re-run (--force re-runs it)", *previous["report"].get("summary", [])]
+            report["stages"][spec.name] = {**previous["report"], "skipped": True, "summary": summary}
+            continue
         if spec.resumes and _interrupted(marker, state):
             log.info("stage %s: resuming its interrupted run in %s", spec.name, ctx.out_dir)
         else:  # a stage rewrites its whole output dir: stale files of an earlier run must not mix in
@@ -166,8 +182,9 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
             report["error"] = f"{type(err).__name__}: {err}"
             report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
             raise
-        marker.write_text(json.dumps({**state, "status": "succeeded"}), encoding="utf-8")
         report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
+        marker.write_text(json.dumps({**state, "status": "succeeded", "finished": time.time(),
+                                      "report": report["stages"][spec.name]}, default=str), encoding="utf-8")
         report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["status"] = "succeeded"
     report["seconds"] = round(time.perf_counter() - started, 3)

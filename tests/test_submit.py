@@ -1,0 +1,90 @@
+"""`lmfleet submit` and `lmfleet jobs` against a Ray head started like a user's (`ray start --head`):
+the working dir is uploaded without history, outputs or checkpoints; logs, status, stop, a failing job."""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import lmfleet_cmd, shared, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _lmfleet(*args, cwd, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*lmfleet_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def _project(tmp_path, packed):
+    """A user's project dir: configs, plus what must not be uploaded (.git, old runs, checkpoints)."""
+    project = tmp_path / "project"
+    (project / "jobs").mkdir(parents=True)
+    (project / ".git").mkdir()
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / "runs" / "old").mkdir(parents=True)
+    (project / "runs" / "old" / "model.safetensors").write_bytes(b"\0" * 1024)
+    (project / "notes.txt").write_text("uploaded\n")
+    data = {"sources": [{"name": "plays", "format": "text", "text_unit": "block",
+                         "paths": [str(shared("tinyshakespeare.txt"))]}],
+            "tokenizer": {"vocab_size": 300}, "pack": {"seq_len": 32}}
+    write_config(project / "jobs" / "data.yaml", {"name": "up", "stages": {"data": data}})
+    long = {"data": str(packed), "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1,
+                                           "max_seq_len": 32},
+            "steps": 100000, "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "log_every": 50,
+            "checkpoint": {"every": 100000}, "eval": {"every": 100000}, "export": False}
+    write_config(project / "jobs" / "long.yaml", {"name": "long", "stages": {"pretrain": long}})
+    write_config(project / "jobs" / "broken.yaml", {"name": "broken", "stages": {"pretrain": {**long, "data": "/nope"}}})
+    return project
+
+
+def test_submit_logs_status_stop(tmp_path, job_api, packed):
+    from ray.job_submission import JobSubmissionClient
+
+    from lmfleet.jobs import use_token_if_present
+
+    url, head_temp = job_api
+    project = _project(tmp_path, packed)
+    out = tmp_path / "runs"
+
+    # A relative output_dir would land in the job's temporary copy of the project: refused up front.
+    refused = _lmfleet("submit", "jobs/data.yaml", "--address", url, cwd=project)
+    assert refused.returncode == 2 and "output_dir 'runs/up' is relative" in refused.stderr
+
+    done = _lmfleet("submit", "jobs/data.yaml", "--address", url, "--set", f"output_dir={out / 'up'}",
+                    "--env", "LMFLEET_NOTE=hello", cwd=project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run up: succeeded" in done.stderr and "Ray job lmfleet-up-" in done.stderr
+    assert json.loads((out / "up" / "report.json").read_text())["status"] == "succeeded"
+    use_token_if_present()
+    client = JobSubmissionClient(url)
+    (job,) = [j for j in client.list_jobs() if (j.metadata or {}).get("lmfleet_run") == "up"]
+    assert job.runtime_env["env_vars"] == {"LMFLEET_NOTE": "hello"}
+    # What the head unpacked as the job's working dir: the project without .git, runs/ or checkpoints.
+    (uploaded,) = {p.parent.parent for p in head_temp.glob("**/working_dir_files/*/jobs/data.yaml")}
+    assert (uploaded / "notes.txt").exists() and (uploaded / "jobs" / "long.yaml").exists()
+    assert not (uploaded / ".git").exists() and not (uploaded / "runs").exists()
+
+    # --no-wait prints the id; status, logs and stop wrap the same client.
+    started = _lmfleet("submit", "jobs/long.yaml", "--address", url, "--set", f"output_dir={out / 'long'}",
+                       "--no-wait", cwd=project)
+    assert started.returncode == 0, started.stderr[-3000:]
+    job_id = started.stdout.strip()
+    deadline = time.time() + 300
+    while "[pretrain] train ..." not in client.get_job_logs(job_id) and time.time() < deadline:
+        time.sleep(1)
+    assert _lmfleet("jobs", "status", job_id, "--address", url, cwd=project).stdout.startswith("RUNNING")
+    stop = _lmfleet("jobs", "stop", job_id, "--address", url, cwd=project)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    followed = _lmfleet("jobs", "logs", job_id, "--address", url, "--follow", cwd=project)
+    assert followed.returncode == 130  # STOPPED
+    assert _lmfleet("jobs", "status", job_id, "--address", url, cwd=project).stdout.startswith("STOPPED")
+    assert "stage pretrain" in _lmfleet("jobs", "logs", job_id, "--address", url, cwd=project).stdout
+
+    # A failing job: the submit exits 1 and its streamed log says why.
+    failed = _lmfleet("submit", "jobs/broken.yaml", "--address", url, "--set", f"output_dir={out / 'broken'}",
+                      cwd=project)
+    assert failed.returncode == 1 and "pretrain.data '/nope': no packed data" in failed.stderr
+    assert "FAILED" in failed.stderr
+    unknown = _lmfleet("jobs", "status", "lmfleet-no-such-job", "--address", url, cwd=project)
+    assert unknown.returncode == 2 and "lmfleet-no-such-job" in unknown.stderr
