@@ -3,6 +3,7 @@ two workers when a second node joins, shrinks back to one when that node dies (S
 and finishes, keeping the global batch and the data order throughout."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -43,8 +44,11 @@ def test_run_grows_then_shrinks_and_finishes(packed, tmp_path, ray_cluster):
         "checkpoint": {"every": 5}, "eval": {"every": 1000, "batches": 1}, "log_every": 1,
         "log_samples": True, "export": False,
     }}}
+    # After the node dies the controller first asks for 2 workers again (the cluster still lists the dead
+    # node's CPU) and falls back to 1 when that start times out: 60 s by default, 20 s here.
+    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
     proc = subprocess.Popen([*lmfleet_cmd(), "run", str(write_config(tmp_path / "c.yaml", cfg)), "--address", address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         def wait_for(condition):
             deadline = time.time() + 300
