@@ -22,7 +22,7 @@ from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
 from lmfleet.stages import StageSpec, resolve_stages
 
 log = logging.getLogger("lmfleet")
-STAGE_STATE = "stage.json"  # in each stage dir: its config and whether its last run finished
+STAGE_STATE = "stage.json"  # in each stage dir: config, seed, status and (once it succeeded) its report
 
 
 @dataclass

@@ -285,7 +285,8 @@ def _search_and_evaluate(kind: str, module, cfg, ctx, records: Records, paths: d
     from lmfleet.tune.search import run_search
 
     report = run_search(cfg, ctx, partial(launch_trial, kind, paths))
-    shutil.rmtree(Path(paths["out"]) / "hf", ignore_errors=True)
+    for scratch in [Path(paths["out"]) / "hf", *Path(paths["out"]).glob("trials/*/hf")]:  # HF's own saves
+        shutil.rmtree(scratch, ignore_errors=True)
     report["data"] = records.counts()
     report["eval"] = _evaluate(module, cfg, ctx, paths)
     report["summary"] = report["summary"][:3] + module.summary(report["eval"], report) + report["summary"][3:]
