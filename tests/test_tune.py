@@ -12,6 +12,7 @@ import pytest
 
 from lmfleet.errors import ConfigError
 from lmfleet.runner import load_run
+from lmfleet.tune.search import attempt_records
 
 from conftest import lmfleet_cmd, pretrain, pretrain_stage, write_config
 
@@ -72,12 +73,11 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
     # Trials that had reported a checkpoint continue from it (the others start over).
     resumed = 0
     for t in report["trials"]:
-        records = _records(stage / "trials", t["id"])
-        for i, r in enumerate(records):
-            if r.get("event") == "resume":
+        for event, steps in attempt_records(_records(stage / "trials", t["id"])):
+            if event["event"] == "resume":
                 resumed += 1
-                assert r["from_step"] >= 10 and r["from_step"] % 10 == 0, r
-                assert next(x["step"] for x in records[i:] if "step" in x) == r["from_step"] + 1, (t["id"], progress)
+                assert event["from_step"] >= 10 and event["from_step"] % 10 == 0, event
+                assert steps[0]["step"] == event["from_step"] + 1, (t["id"], progress)
     assert resumed, progress
 
 
@@ -93,10 +93,11 @@ def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupte
     for receiver, e in exploits:
         # The loss of step s+1 is computed before that step's update: from the donor's checkpointed
         # weights on the same batch, whatever learning rate the receiver explores.
-        records = _records(trials_dir, receiver)
-        at = next(i for i, r in enumerate(records) if r.get("event") == "exploit" and r["from_step"] == e["step"])
-        mine = next(r["loss"] for r in records[at:] if r.get("step") == e["step"] + 1)
-        theirs = [r["loss"] for r in _records(trials_dir, e["donor"]) if r.get("step") == e["step"] + 1]
+        attempt = next(steps for event, steps in attempt_records(_records(trials_dir, receiver))
+                       if event["event"] == "exploit" and event["from_step"] == e["step"])
+        mine = next(r["loss"] for r in attempt if r["step"] == e["step"] + 1)
+        theirs = [r["loss"] for _, steps in attempt_records(_records(trials_dir, e["donor"]))
+                  for r in steps if r["step"] == e["step"] + 1]
         assert any(mine == pytest.approx(x, rel=1e-5) for x in theirs), (receiver, e, mine, theirs)
     # Each trial's final loss is on the same last batch: PBT's best against the fixed configs' median.
     fifo = json.loads((interrupted_fifo[2] / "report.json").read_text())

@@ -97,12 +97,12 @@ def split_datasets(paths: dict) -> dict:
 class MetricsCallback(TrainerCallback):
     """Appends the trainer's logs (rank 0) to the run's metrics.jsonl, like the pretraining loop."""
 
-    def __init__(self, path: str, stage: str):
-        self.log, self.stage = MetricsLog(Path(path)), stage
+    def __init__(self, path: str, stage: str, tags: dict):
+        self.log, self.stage, self.tags = MetricsLog(Path(path)), stage, tags
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self.log.write(self.stage, step=state.global_step, **logs)
+            self.log.write(self.stage, **self.tags, step=state.global_step, **logs)
 
 
 class ReportCheckpoints(RayTrainReportCallback):
@@ -174,7 +174,8 @@ def _worker(config: dict) -> None:
     if config.get("stop_at"):
         args["max_steps"] = config["stop_at"]
     trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
-    for callback in (ReportCheckpoints(), MetricsCallback(paths["metrics"], config["stage"]), ApplyHyperparams()):
+    metrics = MetricsCallback(paths["metrics"], config["stage"], config.get("tags", {}))
+    for callback in (ReportCheckpoints(), metrics, ApplyHyperparams()):
         trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)
     ckpt = ray.train.get_checkpoint() or config.get("init_checkpoint")
@@ -226,12 +227,13 @@ def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
 
 
 def launch_trial(kind: str, paths: dict, cfg, out: Path, metrics: Path, seed: int, stage: str, *,
-                 init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None):
+                 init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None,
+                 tags: dict | None = None):
     """The stage's run for a Tune search (lmfleet.tune.search.run_search): a trial writing under `out`,
     or the export of the best trial's checkpoint (steps: stop there) into out/model."""
     paths = {**paths, "out": str(out), "hf_output": str(out / "hf"), "metrics": str(metrics)}
     loop_config = {"kind": kind, "paths": paths, "init_checkpoint": init_checkpoint, "export": export,
-                   "stop_at": steps}
+                   "stop_at": steps, "tags": tags or {}}
     return launch(_worker, loop_config, cfg, out, seed, stage, paths["use_gpu"], callbacks)
 
 
@@ -285,7 +287,7 @@ def _search_and_evaluate(kind: str, module, cfg, ctx, records: Records, paths: d
     from lmfleet.tune.search import run_search
 
     report = run_search(cfg, ctx, partial(launch_trial, kind, paths))
-    for scratch in [Path(paths["out"]) / "hf", *Path(paths["out"]).glob("trials/*/hf")]:  # HF's own saves
+    for scratch in [Path(paths["out"]) / "hf", *Path(paths["out"]).glob("trials/*/attempts/*/hf")]:  # HF's saves
         shutil.rmtree(scratch, ignore_errors=True)
     report["data"] = records.counts()
     report["eval"] = _evaluate(module, cfg, ctx, paths)

@@ -359,7 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
         if done % cfg.eval.every == 0 or done == cfg.steps:
             metrics.update(trainer.evaluate())
         if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
-            metrics_log.write(config["stage"], **metrics)
+            metrics_log.write(config["stage"], **config.get("tags", {}), **metrics)
             if tb:
                 for k, v in metrics.items():
                     if isinstance(v, int | float) and k != "step":

@@ -50,10 +50,11 @@ def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
 
 
 def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str, *, init_checkpoint=None,
-           callbacks=(), export: bool = True, steps: int | None = None):
+           callbacks=(), export: bool = True, steps: int | None = None, tags: dict | None = None):
     """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (ray/, model/); returns its
     Result. init_checkpoint: where a run without checkpoints of its own starts (a Tune trial's donor).
-    steps: stop there instead of at cfg.steps (the schedule still spans cfg.steps)."""
+    steps: stop there instead of at cfg.steps (the schedule still spans cfg.steps). tags: added to every
+    metrics record."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -72,7 +73,7 @@ def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": seed, "stage": stage,
-                           "init_checkpoint": init_checkpoint, "stop_at": steps or cfg.steps},
+                           "init_checkpoint": init_checkpoint, "stop_at": steps or cfg.steps, "tags": tags or {}},
         scaling_config=ScalingConfig(
             num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},

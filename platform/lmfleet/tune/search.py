@@ -10,7 +10,7 @@ TuneReportCallback passes only the checkpoint's path as a metric, which PBT cann
 
 The stage dir of a search:
   tune/search/           Tune's experiment: state for resuming, each trial's Tune checkpoints
-  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and Train run dir
+  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and its latest attempt's Train run dir
   trials.csv, trials.md  the trial table (final metric, hyperparameters, lineage of exploits)
   plots/                 the metric and the learning rate of every trial over steps
   model/ (+ ray/)        the best trial's last checkpoint, exported by a normal run of the stage
@@ -25,6 +25,7 @@ import math
 import random
 import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,28 +57,32 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = model_cls.model_validate(trial_config(base, config, TuneConfig.model_validate(tune_cfg).distributions()))
     out = Path(trials_dir) / trial_id
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
+    # Each start of the trial (first, after an exploit, on resume) is an attempt with its own Train run dir:
+    # a reused dir would resume Train's own latest checkpoint instead of `start` (Train restores a run of the
+    # same name), and the previous attempt's workers may still be shutting down, writing into theirs.
+    attempt = uuid.uuid4().hex[:8]
+    for old in out.glob("attempts/*"):
+        shutil.rmtree(old, ignore_errors=True)
+    run_dir = out / "attempts" / attempt
+    run_dir.mkdir(parents=True)
     start = ray.tune.get_checkpoint()
     if start is None:
-        MetricsLog(metrics_path).write(stage, event="start", config=config)
+        MetricsLog(metrics_path).write(stage, event="start", attempt=attempt, config=config)
     else:  # PBT's exploit (another trial's checkpoint) or a resumed search (our own)
         meta = start.get_metadata()
         if "trial_id" not in meta:
             raise RuntimeError(f"trial {trial_id}: checkpoint {start.path} is gone or was not written by a trial")
         event = "exploit" if meta["trial_id"] != trial_id else "resume"
-        MetricsLog(metrics_path).write(stage, event=event, donor=meta["trial_id"], from_step=meta["step"],
-                                       config=config)
-    # Start from `start` alone: a Train run dir left by this trial's previous attempt would resume its own
-    # latest checkpoint instead of the donor's (Train restores a run of the same name).
-    shutil.rmtree(out / "ray", ignore_errors=True)
+        MetricsLog(metrics_path).write(stage, event=event, attempt=attempt, donor=meta["trial_id"],
+                                       from_step=meta["step"], config=config)
     queue = Queue(actor_options={"num_cpus": 0})
     outcome: dict = {}
 
     def fit():
         try:
-            launch(cfg, out, metrics_path, seed, stage, init_checkpoint=start, callbacks=[ForwardReports(queue)],
-                   export=False)
+            launch(cfg, run_dir, metrics_path, seed, stage, init_checkpoint=start, callbacks=[ForwardReports(queue)],
+                   export=False, tags={"attempt": attempt})
         except BaseException as err:  # re-raised in the trial's thread below
             outcome["error"] = err
         finally:
@@ -96,7 +101,7 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    MetricsLog(metrics_path).write(stage, event="completed")  # not stopped early by the scheduler
+    MetricsLog(metrics_path).write(stage, event="completed", attempt=attempt)  # not stopped by the scheduler
 
 
 def _scheduler(t: TuneConfig):
@@ -292,16 +297,27 @@ def write_table(trials: list[dict], t: TuneConfig, out: Path) -> None:
     (out / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _segments(records: list[dict], key: str, donors: dict[str, list[dict]]) -> list[list[tuple]]:
-    """A trial's (step, value) series, cut at each exploit; the new piece starts at the donor's point."""
-    pieces: list[list[tuple]] = [[]]
+def attempt_records(records: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """A trial's records as (start event, its attempt's step records): late records of an attempt that was
+    already replaced (its workers shutting down) are dropped."""
+    out: list[tuple[dict, list[dict]]] = []
     for e in records:
-        if e.get("event") == "exploit":
-            start = [(d["step"], d[key]) for d in donors.get(e["donor"], [])
-                     if d.get("step") == e["from_step"] and _finite(d.get(key))]
-            pieces.append(start[-1:])
-        elif "step" in e and _finite(e.get(key)):
-            pieces[-1].append((e["step"], e[key]))
+        if e.get("event") in ("start", "resume", "exploit"):
+            out.append((e, []))
+        elif out and "step" in e and e.get("attempt") == out[-1][0]["attempt"]:
+            out[-1][1].append(e)
+    return out
+
+
+def _segments(records: list[dict], key: str, donors: dict[str, list[dict]]) -> list[list[tuple]]:
+    """A trial's (step, value) series, one piece per attempt; after an exploit it starts at the donor's point."""
+    pieces = []
+    for event, steps in attempt_records(records):
+        piece = []
+        if event["event"] == "exploit":
+            piece = [(d["step"], d[key]) for d in donors.get(event["donor"], [])
+                     if d.get("step") == event["from_step"] and _finite(d.get(key))][-1:]
+        pieces.append(piece + [(e["step"], e[key]) for e in steps if _finite(e.get(key))])
     return [p for p in pieces if p]
 
 
