@@ -58,6 +58,14 @@ class MetricsLog:
             f.write(json.dumps(record, default=str) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl, a stage's data files); [] if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
 @dataclass
 class StageContext:
     """What a stage function gets besides its config: where to write, the seed, logging and metrics."""

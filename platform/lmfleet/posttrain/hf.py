@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from lmfleet.posttrain.config import PeftConfig, TrainingConfig
 from lmfleet.posttrain.records import Records, prompt_of
-from lmfleet.runner import MetricsLog
+from lmfleet.runner import MetricsLog, read_jsonl
 
 STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(cfg, paths)
     "sft": "lmfleet.posttrain.sft",
@@ -76,13 +76,6 @@ def peft_config(p: PeftConfig | None, task_type: str):
         return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
     return peft.PromptEncoderConfig(num_virtual_tokens=p.num_virtual_tokens,
                                      encoder_hidden_size=p.encoder_hidden_size, task_type=task_type)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def split_datasets(paths: dict) -> dict:

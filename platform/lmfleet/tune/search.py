@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from lmfleet.runner import MetricsLog
+from lmfleet.runner import MetricsLog, read_jsonl
 from lmfleet.tune.config import ASHAConfig, PBTConfig, TuneConfig, trial_config
 
 log = logging.getLogger("lmfleet")
@@ -156,6 +156,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     from ray import tune
 
     t: TuneConfig = cfg.tune
+    dists = t.distributions()
     out = ctx.out_dir.resolve()
     experiment = out / "tune" / "search"
     base = cfg.model_dump(mode="json", exclude={"tune"})
@@ -180,7 +181,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
                                           grace_period=p.grace_period, mode=t.mode)
         tuner = tune.Tuner(
             trainable,
-            param_space={k: d.to_ray() for k, d in t.distributions().items()},
+            param_space={k: d.to_ray() for k, d in dists.items()},
             tune_config=tune.TuneConfig(
                 metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(t),
                 search_alg=_searcher(t, ctx.seed, _max_concurrent(t, cfg.scaling)), reuse_actors=False,
@@ -197,10 +198,9 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     # Tune returns normally on Ctrl-C; a trial that finished or was stopped has reported done.
     if any(r.error is None and not (r.metrics or {}).get("done") for r in grid):
         raise KeyboardInterrupt(f"search interrupted: run the same command again to resume it ({experiment})")
-    dists = t.distributions()
     results = {}
     for r in grid:
-        row = _trial_row(r, t, out / "trials")
+        row = _trial_row(r, t, dists, out / "trials")
         results[row["id"]] = (row, r)
     trials = [row for row, _ in sorted(results.values(), key=lambda x: x[0]["id"])]
     ok = [r for r in trials if _finite(r["final"])]
@@ -243,16 +243,16 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def _trial_row(result, t: TuneConfig, trials_dir: Path) -> dict:
-    m, dists = result.metrics or {}, t.distributions()
+def _trial_row(result, t: TuneConfig, dists: dict, trials_dir: Path) -> dict:
+    m = result.metrics or {}
     history = result.metrics_dataframe
     # The trial's own reports name it; its last metrics may be the donor's (PBT copies them on an exploit).
     if history is not None and "trial_id" in history and len(history):
         trial_id = history["trial_id"].iloc[-1]
     else:
         trial_id = m.get("trial_id") or Path(result.path).name
-    events = _read(trials_dir / trial_id / "metrics.jsonl")
-    started = [e for e in events if e.get("event") in ("start", "resume", "exploit")]
+    events = read_jsonl(trials_dir / trial_id / "metrics.jsonl")
+    attempts = attempt_records(events)
     values = [] if history is None or t.metric not in history else [v for v in history[t.metric] if _finite(v)]
     return {
         "id": trial_id,
@@ -261,18 +261,13 @@ def _trial_row(result, t: TuneConfig, trials_dir: Path) -> dict:
         "best": (min if t.mode == "min" else max)(values) if values else None,
         "stopped_early": not result.error and not any(e.get("event") == "completed" for e in events),
         # As the trial last ran it: after an exploit with no report since, Tune's result still holds the donor's.
-        "config": {k: d.clamp(started[-1]["config"][k] if started else result.config[k]) for k, d in dists.items()},
+        "config": {k: d.clamp(attempts[-1][0]["config"][k] if attempts else result.config[k])
+                   for k, d in dists.items()},
         "exploits": [{"step": e["from_step"], "donor": e["donor"],
                       "config": {k: d.clamp(e["config"][k]) for k, d in dists.items()}}
                      for e in events if e.get("event") == "exploit"],
         "error": str(result.error).splitlines()[0] if result.error else None,
     }
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _fmt(v) -> str:
@@ -304,7 +299,7 @@ def attempt_records(records: list[dict]) -> list[tuple[dict, list[dict]]]:
     for e in records:
         if e.get("event") in ("start", "resume", "exploit"):
             out.append((e, []))
-        elif out and "step" in e and e.get("attempt") == out[-1][0]["attempt"]:
+        elif out and "step" in e and e.get("attempt") == out[-1][0].get("attempt"):
             out[-1][1].append(e)
     return out
 
@@ -330,7 +325,7 @@ def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) 
     import matplotlib.pyplot as plt
 
     plots.mkdir(parents=True, exist_ok=True)
-    records = {r["id"]: _read(trials_dir / r["id"] / "metrics.jsonl") for r in trials}
+    records = {r["id"]: read_jsonl(trials_dir / r["id"] / "metrics.jsonl") for r in trials}
     logged = {k for rows in records.values() for e in rows for k in e}
     lr = "lr" if "lr" in logged else "learning_rate"  # pretraining's name, HF's
     for key, name in ((metric, "metric"), (lr, "lr")):
