@@ -161,13 +161,38 @@ def _children(p: psutil.Process) -> list:
         return []
 
 
-def registered_steps(run: Path) -> list[int]:
-    """Steps of the pretraining checkpoints Ray Train has registered in `run` (what a restart loads)."""
-    snapshot = run / "pretrain" / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
+def registered_steps(run: Path, filesystem=None, storage: str | None = None) -> list[int]:
+    """Steps of the pretraining checkpoints Ray Train has registered (what a restart loads): in the run dir,
+    or in `storage` (the stage's storage root) of a pyarrow `filesystem`."""
+    from pyarrow import fs
+
+    if filesystem is None:
+        filesystem, storage = fs.LocalFileSystem(), str(run / "pretrain" / "ray")
+    snapshot = f"{storage}/train/checkpoint_manager_snapshot.json"
+    if filesystem.get_file_info(snapshot).type == fs.FileType.NotFound:
         return []
-    results = json.loads(snapshot.read_text())["checkpoint_results"]
+    with filesystem.open_input_stream(snapshot) as f:
+        results = json.loads(f.read())["checkpoint_results"]
     return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 API on loopback (moto's server: no cloud account here) with an empty bucket `lmfleet`; yields
+    (the env a job needs to reach it, a pyarrow S3FileSystem for the test's own reads)."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    filesystem = fs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1", scheme="http",
+                                 endpoint_override=env["AWS_ENDPOINT_URL"].removeprefix("http://"),
+                                 allow_bucket_creation=True)
+    filesystem.create_dir("lmfleet")
+    yield env, filesystem
+    server.stop()
 
 
 def kill_a_train_worker() -> int:

@@ -141,9 +141,8 @@ def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     )
     ev = report["eval"]  # ~54 held-out prompts, one sampled answer per policy each
     assert ev["samples"] > 40
-    # PPO's gain varied between runs of this suite (the SFT / reward fixtures came out differently): a fixed
-    # kl_coef 0.05 gave KL 4.3 to 11.1 nats; kl_target 2 gave +0.77 (win rate 0.85, KL 2.3) in one session
-    # and +0.10 (win rate 0.57, KL 1.75) in a CI run of the same code.
+    # Reproducible since models are built after seeding (the reward model's score head was drawn from whatever
+    # RNG state its Ray worker process had): policy 0.240 vs SFT 0.063, win rate 0.70, KL 2.0 in 3 runs.
     assert ev["policy_score"] > ev["reference_score"], ev
     assert ev["win_rate"] > 0.5, ev  # under the reward model, against the SFT policy's answers
     assert ev["kl"] < 10.0, ev  # a bound on the drift: ~3x the configured kl_target

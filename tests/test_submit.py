@@ -3,9 +3,13 @@ the working dir is uploaded without history, outputs or checkpoints; logs, statu
 
 import json
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from lmfleet.jobs import TERMINAL
 
 from conftest import lmfleet_cmd, shared, write_config
 
@@ -33,7 +37,9 @@ def _project(tmp_path, packed):
                                            "max_seq_len": 32},
             "steps": 100000, "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "log_every": 50,
             "checkpoint": {"every": 100000}, "eval": {"every": 100000}, "export": False}
-    write_config(project / "jobs" / "long.yaml", {"name": "long", "stages": {"pretrain": long}})
+    # A pipeline: submitted as a chain, a job on the cluster submitting one job per stage.
+    write_config(project / "jobs" / "long.yaml", {"name": "long", "stages": {
+        "warmup": {"kind": "pretrain", **long}, "more": {"kind": "pretrain", **long}}})
     write_config(project / "jobs" / "broken.yaml", {"name": "broken", "stages": {"pretrain": {**long, "data": "/nope"}}})
     return project
 
@@ -65,13 +71,21 @@ def test_submit_logs_status_stop(tmp_path, job_api, packed):
     assert (uploaded / "notes.txt").exists() and (uploaded / "jobs" / "long.yaml").exists()
     assert not (uploaded / ".git").exists() and not (uploaded / "runs").exists()
 
-    # --no-wait prints the id; status, logs and stop wrap the same client.
+    # Plain Ray's CLI does the same (README): the stage is up to date in the shared run dir, so it is skipped.
+    plain = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url,
+                            "--working-dir", ".", "--", "lmfleet", "run", "jobs/data.yaml", "--address", "auto",
+                            "--set", f"output_dir={out / 'up'}"], capture_output=True, text=True, cwd=project,
+                           timeout=600)
+    assert plain.returncode == 0, (plain.stdout + plain.stderr)[-3000:]
+    assert "up to date" in plain.stdout + plain.stderr and "run up: succeeded" in plain.stdout + plain.stderr
+
+    # --no-wait prints the id; status, logs and stop wrap the same client. Stopping a chain stops its stage's job.
     started = _lmfleet("submit", "jobs/long.yaml", "--address", url, "--set", f"output_dir={out / 'long'}",
                        "--no-wait", cwd=project)
     assert started.returncode == 0, started.stderr[-3000:]
     job_id = started.stdout.strip()
     deadline = time.time() + 300
-    while "[pretrain] train ..." not in client.get_job_logs(job_id) and time.time() < deadline:
+    while "[warmup] train ..." not in client.get_job_logs(job_id) and time.time() < deadline:
         time.sleep(1)
     assert _lmfleet("jobs", "status", job_id, "--address", url, cwd=project).stdout.startswith("RUNNING")
     stop = _lmfleet("jobs", "stop", job_id, "--address", url, cwd=project)
@@ -79,7 +93,13 @@ def test_submit_logs_status_stop(tmp_path, job_api, packed):
     followed = _lmfleet("jobs", "logs", job_id, "--address", url, "--follow", cwd=project)
     assert followed.returncode == 130  # STOPPED
     assert _lmfleet("jobs", "status", job_id, "--address", url, cwd=project).stdout.startswith("STOPPED")
-    assert "stage pretrain" in _lmfleet("jobs", "logs", job_id, "--address", url, cwd=project).stdout
+    assert "stage warmup: submitted Ray job" in _lmfleet("jobs", "logs", job_id, "--address", url, cwd=project).stdout
+    (stage_job,) = [j for j in client.list_jobs() if (j.metadata or {}).get("lmfleet_run") == "long"
+                    and j.submission_id != job_id]
+    assert stage_job.metadata["lmfleet_stage"] == "warmup"
+    while client.get_job_status(stage_job.submission_id).value not in TERMINAL and time.time() < deadline:
+        time.sleep(1)
+    assert client.get_job_status(stage_job.submission_id).value == "STOPPED"
 
     # A failing job: the submit exits 1 and its streamed log says why.
     failed = _lmfleet("submit", "jobs/broken.yaml", "--address", url, "--set", f"output_dir={out / 'broken'}",

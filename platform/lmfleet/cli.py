@@ -33,6 +33,8 @@ def run(
     ] = None,
     stage: Annotated[list[str] | None, typer.Option(help="Run only these stages of the config.")] = None,
     force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
+    chain: Annotated[bool, typer.Option(help="Inside a Ray job (`lmfleet submit` of a pipeline): run each "
+                                             "stage as its own Ray job on this cluster.")] = False,
 ) -> None:
     """Run a stage, or a pipeline of stages, on Ray.
 
@@ -46,7 +48,9 @@ def run(
         if unknown:
             raise UserError(f"{config}: --stage {', '.join(unknown)}: not a stage of this config")
         address = address or loaded.config.ray.address or os.environ.get("RAY_ADDRESS")
-        if jobs.is_job_address(address):
+        if chain:
+            report = jobs.run_chain(loaded, config, set_ or [], only=stage, force=force)
+        elif jobs.is_job_address(address):
             report = jobs.run_as_jobs(loaded, config, set_ or [], address, only=stage, force=force)
         else:
             report = runner.run(loaded, address=address, only=stage, force=force)
@@ -82,7 +86,8 @@ def submit(
     force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
 ) -> None:
     """Submit `lmfleet run CONFIG` as a Ray job; the current directory is uploaded as its working dir
-    (without .git, .venv, runs/, data/, checkpoints). Exit code: 0 succeeded, 1 failed, 130 stopped."""
+    (without .git, .venv, runs/, data/, checkpoints). A pipeline runs as a chain of jobs, one per stage,
+    driven by that job on the cluster. Exit code: 0 succeeded, 1 failed, 130 stopped."""
     from lmfleet import jobs
 
     try:
@@ -142,7 +147,7 @@ def jobs_logs(job_id: JobId, address: AddressOpt = None,
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: JobId, address: AddressOpt = None) -> None:
-    """Stop the job (its driver gets SIGINT, then SIGKILL)."""
+    """Stop the job (its driver gets SIGTERM, then SIGKILL; a chain stops its running stage's job)."""
     stopped = _job_call(_client(address).stop_job, job_id)
     typer.echo(f"stop requested for {job_id}" if stopped else f"{job_id} had already ended")
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmfleet.errors import ConfigError
+from lmfleet.storage import SCHEMES, is_uri
 
 
 class StrictModel(BaseModel):
@@ -39,6 +40,9 @@ class RayConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: Path | None = Field(None, description="Default: runs/<name>.")
+    storage_path: str | None = Field(
+        None, description="Ray Train / Tune checkpoints: s3://bucket/prefix, gs://, abfs:// or a path every node "
+                          "shares; holds <name>/<stage>/. Default: inside each stage dir.")
     seed: int = 1
     ray: RayConfig = RayConfig()
     # Validated per stage kind by lmfleet.stages, which knows each kind's model.
@@ -52,6 +56,20 @@ class RunConfig(StrictModel):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name in {"logs"}:
                 raise ValueError(f"stage name {name!r}: use letters, digits, '_' or '-' (and not 'logs')")
         return stages
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_uri(cls, value: str | None) -> str | None:
+        if value is None or not is_uri(value):
+            return value
+        scheme = value.split("://", 1)[0]
+        if scheme not in SCHEMES:
+            raise ValueError(f"{value!r}: unknown scheme {scheme!r}; expected a path or one of "
+                             f"{', '.join(s + '://' for s in SCHEMES)}")
+        if "?" in value:  # joined with stage names: a query string would end up in the middle
+            raise ValueError(f"{value!r}: no query string; set endpoints and credentials in the "
+                             "environment (e.g. AWS_ENDPOINT_URL)")
+        return value
 
     @property
     def run_dir(self) -> Path:

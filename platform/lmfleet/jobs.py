@@ -1,10 +1,14 @@
-"""Follow-on Ray jobs: each stage of a config runs as its own Ray job on a cluster, started when the
-previous one succeeded, reading the previous stage's output dir.
+"""Ray jobs: `lmfleet submit` (this directory uploaded as the job's working dir) and chains of follow-on
+jobs, each stage its own Ray job, started when the previous one succeeded, reading its output dir.
 
-`lmfleet run CONFIG --address http://HEAD:8265` (a Ray job API address) takes this path. Every job
-runs `lmfleet run CONFIG --stage NAME` with the same overrides and an absolute `output_dir`, from
-the submitting directory: the cluster must share this filesystem (a local Ray head, NFS). A failed
-job stops the chain; its log tail and status message say why.
+A chain is driven either
+- from the user's shell: `lmfleet run CONFIG --address http://HEAD:8265`. Each job runs `lmfleet run
+  CONFIG --stage NAME` from the submitting directory: the cluster must share this filesystem (a local
+  head, NFS); or
+- from a job on the cluster: `lmfleet submit` of a pipeline submits `lmfleet run CONFIG --chain`, which
+  submits each stage with its own runtime env (the uploaded working dir): the chain outlives the laptop.
+Stages that are up to date get no job. A failed job stops the chain; its log tail and status message
+say why.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from lmfleet.errors import UserError
+from lmfleet.storage import is_uri
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -39,12 +45,13 @@ def use_token_if_present() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def stage_command(config: Path, stage: str, overrides: list[str], force: bool = False) -> str:
+def stage_command(config: Path, stage: str, overrides: list[str], force: bool, workdir: str | None) -> str:
+    """The entrypoint of one stage's job; `workdir`: cd there first (None: the job's own working dir)."""
     # --address auto: the job's driver joins its cluster (never the job API again, whatever the config says).
     args = ["lmfleet", "run", str(config), "--stage", stage, "--address", "auto", *(["--force"] if force else [])]
     for item in overrides:
         args += ["--set", item]
-    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
+    return f"cd {shlex.quote(workdir)} && {shlex.join(args)}" if workdir else shlex.join(args)
 
 
 def _submit(client, wait_s: float = 120.0, **job) -> str:
@@ -55,7 +62,8 @@ def _submit(client, wait_s: float = 120.0, **job) -> str:
             return client.submit_job(**job)
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
+                # e.g. a submission id in use, a runtime env the head rejects: the API's own words
+                raise UserError(f"the Ray job API refused job {job.get('submission_id')}: {err}") from None
             time.sleep(2)
 
 
@@ -107,10 +115,13 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
     except ValueError:
         raise UserError(f"{config}: must be inside the current directory, which is uploaded as the job's "
                         "working dir") from None
-    if not loaded.config.run_dir.is_absolute():
-        raise UserError(f"{config}: output_dir {str(loaded.config.run_dir)!r} is relative: it would land in the "
-                        "job's temporary copy of this directory. Set output_dir (--set output_dir=...) to a path "
-                        "every node of the cluster shares.")
+    local = {"output_dir": str(loaded.config.run_dir), "storage_path": loaded.config.storage_path}
+    for key, path in local.items():
+        if path is not None and not is_uri(path) and not Path(path).is_absolute():
+            raise UserError(f"{config}: {key} {path!r} is relative: it would land in the job's temporary copy of "
+                            f"this directory. Set {key} (--set {key}=...) to a path every node of the cluster "
+                            "shares" + (" or an object store URI (s3://, gs://, abfs://)." if key == "storage_path"
+                                        else "."))
     env_vars = {}
     for item in env:
         key, sep, value = item.partition("=")
@@ -122,7 +133,9 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
         runtime_env["env_vars"] = env_vars
     if pip:
         runtime_env["pip"] = list(pip)
-    args = ["lmfleet", "run", str(relative), "--address", "auto"]
+    selected = [s.name for s in loaded.stages if not stages or s.name in stages]
+    # A pipeline runs as a chain driven by a job on the cluster (--chain); one stage as that stage's job.
+    args = ["lmfleet", "run", str(relative), *(["--chain"] if len(selected) > 1 else ["--address", "auto"])]
     for item in overrides:
         args += ["--set", item]
     for stage in stages or []:
@@ -132,7 +145,7 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
     client = client_for(address)
     job_id = _submit(client, entrypoint=shlex.join(args), runtime_env=runtime_env,
                      submission_id=f"lmfleet-{loaded.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                     metadata={"lmfleet_run": loaded.config.name})
+                     metadata={"lmfleet_run": loaded.config.name, "lmfleet_stages": ",".join(selected)})
     return client, job_id
 
 
@@ -146,23 +159,36 @@ def follow(client, job_id: str) -> str:
 
 
 def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: list[str] | None = None,
-                force: bool = False) -> dict:
-    """Submit the stages of `loaded` one job at a time; returns the run report the jobs wrote."""
+                force: bool = False, runtime_env: dict | None = None) -> dict:
+    """Submit the stages of `loaded` one job at a time; returns the run report the jobs wrote.
+    runtime_env: every job's (with its working dir); None: the jobs run from this directory."""
+    from lmfleet.runner import up_to_date
+
     run_dir = loaded.config.run_dir.resolve()
     stages = [s for s in loaded.stages if not only or s.name in only]
     for i, spec in enumerate(stages):  # inputs checked before the first job starts
         spec.preflight({s.name for s in stages[:i]}, run_dir)
     client = client_for(address)
     overrides = [*overrides, f"output_dir={run_dir}"]
+    storage = loaded.config.storage_path
+    if storage is not None and not is_uri(storage):
+        overrides.append(f"storage_path={Path(storage).resolve()}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
     jobs = []
     for spec in stages:
+        if not force and up_to_date(loaded, spec, run_dir):
+            print(f"stage {spec.name}: up to date (same config, finished after its inputs): no job; --force "
+                  "re-runs it", file=sys.stderr)
+            jobs.append({"stage": spec.name, "job_id": None, "status": "UP_TO_DATE"})
+            continue
         job_id = _submit(
             client,
-            entrypoint=stage_command(config.resolve(), spec.name, overrides, force),
+            entrypoint=stage_command(config if runtime_env else config.resolve(), spec.name, overrides, force,
+                                     None if runtime_env else os.getcwd()),
             submission_id=f"lmfleet-{loaded.config.name}-{spec.name}-{stamp}",
             metadata={"lmfleet_run": loaded.config.name, "lmfleet_stage": spec.name},
+            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         print(f"stage {spec.name}: submitted Ray job {job_id}", file=sys.stderr)
         try:
@@ -182,3 +208,25 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
     report["seconds"] = round(time.perf_counter() - started, 3)  # the chain's, not its last job's
     report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def run_chain(loaded, config: Path, overrides: list[str], only: list[str] | None = None, force: bool = False) -> dict:
+    """Inside a Ray job (what `lmfleet submit` starts for a pipeline): run each stage as its own Ray job on
+    this job's cluster, with this job's runtime env (its uploaded working dir, env vars, pip packages)."""
+    import ray
+
+    try:
+        context = ray.init(address="auto", log_to_driver=False)
+    except ConnectionError as err:
+        raise UserError(f"--chain runs inside a Ray job on a cluster (`lmfleet submit` starts it): {err}") from None
+    runtime_env = dict(ray.get_runtime_context().runtime_env)
+    ray.shutdown()  # the stage jobs are the drivers
+    if not context.dashboard_url:
+        raise UserError("--chain: this Ray cluster has no dashboard, so no job API to submit the stages to")
+
+    def stop(signum, frame):  # `ray job stop` sends SIGTERM: stop the running stage's job too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return run_as_jobs(loaded, config, overrides, f"http://{context.dashboard_url}", only, force,
+                       runtime_env=runtime_env or None)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from lmfleet import storage
 from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
 from lmfleet.stages import StageSpec, resolve_stages
 
@@ -75,6 +76,7 @@ class StageContext:
     run_dir: Path
     seed: int
     metrics: MetricsLog
+    storage: str  # where Ray Train / Tune keep this stage's checkpoints (lmfleet.storage)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -133,11 +135,28 @@ def _read_state(marker: Path) -> dict:
     return json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
 
 
+def stage_state(loaded: LoadedRun, spec: StageSpec) -> dict:
+    """What identifies a stage's run: its kind, config and the run's seed."""
+    return {"kind": spec.kind, "config": spec.config.model_dump(mode="json"), "seed": loaded.config.seed}
+
+
+def up_to_date(loaded: LoadedRun, spec: StageSpec, run_dir: Path) -> dict | None:
+    """The stage's last state if that run succeeded with the same config and seed after every earlier stage
+    of the config last finished (its inputs are not newer); else None."""
+    previous = _read_state(run_dir / spec.name / STAGE_STATE)
+    state = stage_state(loaded, spec)
+    earlier = loaded.stages[: loaded.stages.index(spec)]
+    inputs_finished = max((_read_state(run_dir / e.name / STAGE_STATE).get("finished", 0) for e in earlier),
+                          default=0)
+    if (previous.get("status") == "succeeded" and {k: previous.get(k) for k in state} == state
+            and previous["finished"] >= inputs_finished):
+        return previous
+    return None
+
+
 def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None, force: bool = False) -> dict:
     """Run the stages of a loaded config in order; returns the run report (also written to report.json).
-
-    A stage whose last run succeeded with the same config and seed, after every earlier stage of the
-    config last finished (its inputs are not newer), is up to date: it is skipped unless `force`."""
+    Stages that are `up_to_date` are skipped unless `force`."""
     cfg = loaded.config
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,15 +177,11 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
         report["stages"] = {k: v for k, v in previous.items() if k not in only}
     started = time.perf_counter()
     for spec in stages:
-        ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics)
-        state = {"kind": spec.kind, "config": spec.config.model_dump(mode="json"), "seed": cfg.seed}
+        ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics,
+                           storage.stage_storage(cfg.storage_path, cfg.name, run_dir / spec.name))
+        state = stage_state(loaded, spec)
         marker = ctx.out_dir / STAGE_STATE
-        previous = _read_state(marker)
-        earlier = loaded.stages[: loaded.stages.index(spec)]
-        inputs_finished = max((_read_state(run_dir / e.name / STAGE_STATE).get("finished", 0) for e in earlier),
-                              default=0)
-        if (not force and previous.get("status") == "succeeded" and {k: previous.get(k) for k in state} == state
-                and previous["finished"] >= inputs_finished):
+        if not force and (previous := up_to_date(loaded, spec, run_dir)):
             log.info("stage %s: up to date (same config, finished after its inputs): skipped; --force re-runs it",
                      spec.name)
             summary = ["up to date: not re-run (--force re-runs it)", *previous["report"].get("summary", [])]
@@ -176,6 +191,7 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
             log.info("stage %s: resuming its interrupted run in %s", spec.name, ctx.out_dir)
         else:  # a stage rewrites its whole output dir: stale files of an earlier run must not mix in
             shutil.rmtree(ctx.out_dir, ignore_errors=True)
+            storage.delete(ctx.storage)  # nor old checkpoints, which Ray Train would resume from
             ctx.out_dir.mkdir(parents=True)
         marker.write_text(json.dumps({**state, "status": "running"}), encoding="utf-8")
         log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out_dir)

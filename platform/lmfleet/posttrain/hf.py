@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from lmfleet.posttrain.config import PeftConfig, TrainingConfig
 from lmfleet.posttrain.records import Records, prompt_of
 from lmfleet.runner import MetricsLog, read_jsonl
+from lmfleet.storage import checkpoint_uri
 
 STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(cfg, paths)
     "sft": "lmfleet.posttrain.sft",
@@ -155,6 +156,7 @@ def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str
 def _worker(config: dict) -> None:
     import datasets
     import ray.train
+    import transformers
     from ray.train.huggingface.transformers import prepare_trainer
 
     if not config["tty"]:
@@ -166,6 +168,9 @@ def _worker(config: dict) -> None:
                          has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
     if config.get("stop_at"):
         args["max_steps"] = config["stop_at"]
+    # New weights (a reward model's score head, PEFT adapters) are drawn while the model is built, before
+    # the HF Trainer seeds anything.
+    transformers.set_seed(config["seed"])
     trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
     metrics = MetricsCallback(paths["metrics"], config["stage"], config.get("tags", {}))
     for callback in (ReportCheckpoints(), metrics, ApplyHyperparams()):
@@ -189,8 +194,8 @@ def quarantine_long_prompts(records: Records, tokenizer, limit: int) -> None:
     records.quarantine("too_many_tokens", lambda r: len(encode_chat(tokenizer, prompt_of(r))[0]) >= limit)
 
 
-def launch(worker, loop_config: dict, cfg, out: Path, seed: int, stage: str, use_gpu: bool, callbacks=()):
-    """One Ray Train run of `worker` on the stage's workers, its run dir under out/ray; returns the Result."""
+def launch(worker, loop_config: dict, cfg, seed: int, stage: str, use_gpu: bool, storage: str, callbacks=()):
+    """One Ray Train run of `worker` on the stage's workers, its run dir in `storage`/train; returns the Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -201,7 +206,7 @@ def launch(worker, loop_config: dict, cfg, out: Path, seed: int, stage: str, use
         scaling_config=ScalingConfig(num_workers=cfg.scaling.bounds[0], use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name="train", storage_path=str(out / "ray"), callbacks=list(callbacks),
+            name="train", storage_path=storage, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_last),
         ),
@@ -210,16 +215,16 @@ def launch(worker, loop_config: dict, cfg, out: Path, seed: int, stage: str, use
 
 
 def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
-    """Run `worker` for the stage (run dir in the stage dir); returns (Result, this run's metrics)."""
+    """Run `worker` for the stage (checkpoints in the stage's storage); returns (Result, this run's metrics)."""
     started = time.time()
     with ctx.step("train"):
-        result = launch(worker, loop_config, cfg, ctx.out_dir.resolve(), ctx.seed, ctx.name, use_gpu)
+        result = launch(worker, loop_config, cfg, ctx.seed, ctx.name, use_gpu, ctx.storage)
     # metrics.jsonl is the run's log across re-runs: this run's records of this stage only.
     history = [h for h in read_jsonl(ctx.metrics.path) if h.get("stage") == ctx.name and h["time"] >= started]
     return result, history
 
 
-def launch_trial(kind: str, paths: dict, cfg, out: Path, metrics: Path, seed: int, stage: str, *,
+def launch_trial(kind: str, paths: dict, cfg, out: Path, metrics: Path, seed: int, stage: str, *, storage: str,
                  init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None,
                  tags: dict | None = None):
     """The stage's run for a Tune search (lmfleet.tune.search.run_search): a trial writing under `out`,
@@ -227,7 +232,7 @@ def launch_trial(kind: str, paths: dict, cfg, out: Path, metrics: Path, seed: in
     paths = {**paths, "out": str(out), "hf_output": str(out / "hf"), "metrics": str(metrics)}
     loop_config = {"kind": kind, "paths": paths, "init_checkpoint": init_checkpoint, "export": export,
                    "stop_at": steps, "tags": tags or {}}
-    return launch(_worker, loop_config, cfg, out, seed, stage, paths["use_gpu"], callbacks)
+    return launch(_worker, loop_config, cfg, seed, stage, paths["use_gpu"], storage, callbacks)
 
 
 def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
@@ -249,7 +254,7 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
     evaluation = _evaluate(module, cfg, ctx, paths)
     report = {"data": records.counts(), "model": str(out / "model"),
               "steps": max((h.get("step", 0) for h in records_logged), default=0),
-              "checkpoint": result.checkpoint.path if result.checkpoint else None}
+              "checkpoint": checkpoint_uri(result.checkpoint)}
     for key in ("loss", *getattr(module, "TRACKED", ())):
         values = [h[key] for h in history if key in h]
         report[f"first_{key}"], report[f"final_{key}"] = (values[0], values[-1]) if values else (None, None)

@@ -30,6 +30,7 @@ from lmfleet.posttrain.hf import read_jsonl
 from lmfleet.posttrain.models import check_model_dir, model_dir
 from lmfleet.posttrain.records import prompt_of
 from lmfleet.runner import MetricsLog
+from lmfleet.storage import checkpoint_uri
 
 # -- PPO math: pure functions on [batch, response_len] tensors; `mask` marks real response tokens --
 
@@ -365,7 +366,7 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
     report = {
         "data": records.counts(), "model": paths["export"], "iterations": cfg.iterations,
         "first_score": first.get("score"), "final_score": last.get("score"), "final_kl": last.get("kl"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None, "eval": evaluation,
+        "checkpoint": checkpoint_uri(result.checkpoint), "eval": evaluation,
     }
     report["summary"] = [
         f"prompts: {len(records.train)} train, {len(records.val)} val, {records.counts()['rejected']} quarantined",

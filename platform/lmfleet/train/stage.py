@@ -2,7 +2,7 @@
 
 Outputs (in the stage dir):
   model/          the exported model (HF LlamaForCausalLM dir when Llama-compatible, else lmfleet format)
-  ray/            Ray Train's run dir: checkpoints step_XXXXXXXX/ (keep_last), results
+  ray/            Ray Train's run dir (checkpoints step_XXXXXXXX/, keep_last), unless the run has a storage_path
   samples.jsonl   with log_samples: the sample ids of every step
   report.json     final loss, val loss / perplexity, tokens/s, MFU, steps, world sizes seen
 """
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lmfleet.errors import InputError
+from lmfleet.storage import checkpoint_uri
 from lmfleet.train.config import PretrainConfig
 
 
@@ -49,12 +50,12 @@ def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
     return cfg.model_copy(update={"model": model})
 
 
-def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str, *, init_checkpoint=None,
-           callbacks=(), export: bool = True, steps: int | None = None, tags: dict | None = None):
-    """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (ray/, model/); returns its
-    Result. init_checkpoint: where a run without checkpoints of its own starts (a Tune trial's donor).
-    steps: stop there instead of at cfg.steps (the schedule still spans cfg.steps). tags: added to every
-    metrics record."""
+def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str, *, storage: str,
+           init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None, tags: dict | None = None):
+    """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (model/, samples) and its
+    checkpoints to `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without
+    checkpoints of its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the
+    schedule still spans cfg.steps). tags: added to every metrics record."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -80,7 +81,7 @@ def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str,
             **({} if lo == hi else {"elastic_resize_monitor_interval_s": 3}),
         ),
         run_config=RunConfig(
-            name="train", storage_path=str(out / "ray"), callbacks=list(callbacks),
+            name="train", storage_path=storage, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
@@ -100,7 +101,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         return run_search(cfg, ctx, launch)
     started = time.time()
     with ctx.step("train"):
-        result = launch(cfg, out, ctx.metrics.path, ctx.seed, ctx.name, export=cfg.export)
+        result = launch(cfg, out, ctx.metrics.path, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export)
     # metrics.jsonl is the run's log across re-runs: keep this run's records.
     history = [json.loads(line) for line in ctx.metrics.path.read_text(encoding="utf-8").splitlines()]
     history = [h for h in history if h.get("stage") == ctx.name and "loss" in h and h["time"] >= started]
@@ -111,7 +112,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         # the first step pays for warm-up; the median of the rest is the steady state
         "tokens_per_s": statistics.median([h["tokens_per_s"] for h in history[1:]] or [final.get("tokens_per_s", 0.0)]),
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint_uri(result.checkpoint),
     }
     export = out / "model" / "export.json"
     if export.exists():

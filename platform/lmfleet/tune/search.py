@@ -9,11 +9,14 @@ checkpoint (weights, optimizer, data position) with the explored config. Ray 2.6
 TuneReportCallback passes only the checkpoint's path as a metric, which PBT cannot exploit.
 
 The stage dir of a search:
-  tune/search/           Tune's experiment: state for resuming, each trial's Tune checkpoints
-  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and its latest attempt's Train run dir
+  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and its latest attempt's local files
   trials.csv, trials.md  the trial table (final metric, hyperparameters, lineage of exploits)
   plots/                 the metric and the learning rate of every trial over steps
-  model/ (+ ray/)        the best trial's last checkpoint, exported by a normal run of the stage
+  model/                 the best trial's last checkpoint, exported by a normal run of the stage
+and its storage (`ray/` in the stage dir, or under the run's storage_path):
+  search/                Tune's experiment: state for resuming, each trial's Tune checkpoints
+  trials/<id>/<attempt>/ the Train run of the trial's latest attempt
+  train/                 the export's Train run
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from lmfleet import storage
 from lmfleet.runner import MetricsLog, read_jsonl
+from lmfleet.storage import checkpoint_uri
 from lmfleet.tune.config import ASHAConfig, PBTConfig, TuneConfig, trial_config
 
 log = logging.getLogger("lmfleet")
@@ -49,7 +54,7 @@ class ForwardReports(UserCallback):
 
 
 def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: Callable, stage: str, seed: int,
-               trials_dir: str) -> None:
+               trials_dir: str, trials_storage: str) -> None:
     """One Tune trial: the stage's config with the sampled values, run by the stage's own `launch`."""
     import ray.tune
     from ray.util.queue import Queue
@@ -64,6 +69,7 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     attempt = uuid.uuid4().hex[:8]
     for old in out.glob("attempts/*"):
         shutil.rmtree(old, ignore_errors=True)
+    storage.delete(storage.join(trials_storage, trial_id))
     run_dir = out / "attempts" / attempt
     run_dir.mkdir(parents=True)
     start = ray.tune.get_checkpoint()
@@ -77,12 +83,13 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
         MetricsLog(metrics_path).write(stage, event=event, attempt=attempt, donor=meta["trial_id"],
                                        from_step=meta["step"], config=config)
     queue = Queue(actor_options={"num_cpus": 0})
+    filesystem, _ = storage.filesystem(trials_storage)  # of the checkpoint paths Train reports
     outcome: dict = {}
 
     def fit():
         try:
-            launch(cfg, run_dir, metrics_path, seed, stage, init_checkpoint=start, callbacks=[ForwardReports(queue)],
-                   export=False, tags={"attempt": attempt})
+            launch(cfg, run_dir, metrics_path, seed, stage, storage=storage.join(trials_storage, trial_id, attempt),
+                   init_checkpoint=start, callbacks=[ForwardReports(queue)], export=False, tags={"attempt": attempt})
         except BaseException as err:  # re-raised in the trial's thread below
             outcome["error"] = err
         finally:
@@ -94,7 +101,7 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
         metrics, path = item
         checkpoint = None
         if path is not None:
-            checkpoint = ray.tune.Checkpoint(path)
+            checkpoint = ray.tune.Checkpoint(path, filesystem)
             # The receiving trial of an exploit reads who it copied, and from which step.
             checkpoint.set_metadata({"trial_id": trial_id, "step": metrics["step"]})
         ray.tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
@@ -150,27 +157,28 @@ def _max_concurrent(t: TuneConfig, scaling) -> int:
 def run_search(cfg, ctx, launch: Callable) -> dict:
     """Run `cfg.tune` over the stage config `cfg` (its `tune` block removed in each trial).
 
-    launch(cfg, out_dir, metrics_path, seed, stage, init_checkpoint=, callbacks=, export=, steps=) runs the
-    stage's TorchTrainer once, its Train run dir in out_dir/ray (export: write out_dir/model; steps: stop
-    there)."""
+    launch(cfg, out_dir, metrics_path, seed, stage, storage=, init_checkpoint=, callbacks=, export=, steps=)
+    runs the stage's TorchTrainer once, its Train run dir in storage/train (export: write out_dir/model;
+    steps: stop there)."""
     from ray import tune
 
     t: TuneConfig = cfg.tune
     dists = t.distributions()
     out = ctx.out_dir.resolve()
-    experiment = out / "tune" / "search"
+    experiment = storage.join(ctx.storage, "search")
     base = cfg.model_dump(mode="json", exclude={"tune"})
     base["tune"] = None
     random.seed(ctx.seed)  # PBT's explore draws from Python's random
     trainable = tune.with_resources(
         tune.with_parameters(
             _run_trial, base=base, tune_cfg=t.model_dump(mode="json"), model_cls=type(cfg), launch=launch,
-            stage=ctx.name, seed=ctx.seed, trials_dir=str(out / "trials")),
+            stage=ctx.name, seed=ctx.seed, trials_dir=str(out / "trials"),
+            trials_storage=storage.join(ctx.storage, "trials")),
         {"CPU": TRIAL_CPU},
     )
-    if tune.Tuner.can_restore(str(experiment)):
+    if tune.Tuner.can_restore(experiment):
         log.info("[%s] resuming the interrupted search in %s", ctx.name, experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         stopper = None
         if t.plateau is not None:
@@ -187,7 +195,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
                 search_alg=_searcher(t, ctx.seed, _max_concurrent(t, cfg.scaling)), reuse_actors=False,
             ),
             run_config=tune.RunConfig(
-                name="search", storage_path=str(experiment.parent), stop=stopper, verbose=1,
+                name="search", storage_path=ctx.storage, stop=stopper, verbose=1,
                 # Every checkpoint stays until the search ends: with num_to_keep, Ray 2.60 deletes a checkpoint
                 # that a PBT exploit handed to another trial, and both trials fail (FileNotFoundError).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -217,12 +225,12 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     if export:
         with ctx.step("export best"):
             best_cfg = type(cfg).model_validate(trial_config(base, best["config"], dists))
-            shutil.rmtree(out / "ray", ignore_errors=True)  # as in a trial: start from the checkpoint given
-            launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, init_checkpoint=result.checkpoint,
-                   export=True, steps=best["step"])
+            storage.delete(storage.join(ctx.storage, "train"))  # as in a trial: start from the checkpoint given
+            launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, storage=ctx.storage,
+                   init_checkpoint=result.checkpoint, export=True, steps=best["step"])
     report = {
         "metric": t.metric, "mode": t.mode, "scheduler": t.scheduler.kind, "search": t.search,
-        "best": {**best, "checkpoint": result.checkpoint.path}, "trials": trials,
+        "best": {**best, "checkpoint": checkpoint_uri(result.checkpoint)}, "trials": trials,
         "exploits": sum(len(r["exploits"]) for r in trials), "model": str(out / "model") if export else None,
         "summary": _summary(trials, best, t, out),
     }
@@ -232,11 +240,13 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
 
 def _prune_checkpoints(results) -> None:
     """Keep each trial's last Tune checkpoint (what a later exploit or export would use)."""
+    from pyarrow.fs import FileSelector
+
     for r in results:
-        keep = Path(r.checkpoint.path) if r.checkpoint else None
-        for d in Path(r.path).glob("checkpoint_*"):
-            if d != keep:
-                shutil.rmtree(d, ignore_errors=True)
+        keep = r.checkpoint.path.rstrip("/") if r.checkpoint else None
+        for entry in r.filesystem.get_file_info(FileSelector(r.path)):
+            if entry.base_name.startswith("checkpoint_") and entry.path.rstrip("/") != keep:
+                r.filesystem.delete_dir(entry.path)
 
 
 def _finite(x) -> bool:
