@@ -84,8 +84,10 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
 def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupted_fifo):
     _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=10, export=True,
                          tune={"metric": "loss", "num_samples": 1, "space": LR_GRID,
-                               # the bottom half copies the top half at every interval
-                               "scheduler": {"kind": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5}})
+                               # at step 20 the bottom half copies the top half; synchronous, so
+                               # which trials exploit does not depend on which reached the interval first
+                               "scheduler": {"kind": "pbt", "perturbation_interval": 20, "quantile_fraction": 0.5,
+                                             "synch": True}})
     trials_dir = tmp_path / "pbt" / "pretrain" / "trials"
     # An exploit at the last step (PBT cannot know it is the last) leaves no step to compare.
     exploits = [(t["id"], e) for t in report["trials"] for e in t["exploits"] if e["step"] < STEPS]

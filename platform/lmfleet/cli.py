@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lmfleet.errors import UserError
+from lmfleet.errors import StageFailed, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -54,7 +54,7 @@ def run(
             report = jobs.run_as_jobs(loaded, config, set_ or [], address, only=stage, force=force)
         else:
             report = runner.run(loaded, address=address, only=stage, force=force)
-    except jobs.StageFailed as err:
+    except StageFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     except UserError as err:

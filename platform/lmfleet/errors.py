@@ -11,3 +11,8 @@ class ConfigError(UserError):
 
 class InputError(UserError):
     """An input path that is missing or unreadable."""
+
+
+class StageFailed(UserError):
+    """A stage that ran and failed for a reason its message explains (a chained job, every trial of a
+    search); the CLI exits 1."""

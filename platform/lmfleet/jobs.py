@@ -21,14 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from lmfleet.errors import UserError
+from lmfleet.errors import StageFailed, UserError
 from lmfleet.storage import is_uri
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-class StageFailed(UserError):
-    """A stage's job ended without success (the chain stops there)."""
 
 
 def is_job_address(address: str | None) -> bool:

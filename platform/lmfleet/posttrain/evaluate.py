@@ -52,9 +52,9 @@ def completion_perplexity(model, tok, records: list[dict], max_length: int) -> f
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[dict]], gen: GenerationConfig, max_length: int,
-             batch: int = 8, seed: int = 0) -> list[str]:
-    """Responses to chat prompts (left-padded batches; stops at EOS); sampling is seeded."""
-    torch.manual_seed(seed)
+             batch: int = 8) -> list[str]:
+    """Responses to chat prompts (left-padded batches; stops at EOS)."""
+    torch.manual_seed(0)  # sampled answers reproduce, and every model compared gets the same draws
     tok.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch):
@@ -126,7 +126,7 @@ def compare_policies(policy, reference, tok, prompts: list[list[dict]], reward_m
     rm.to(policy.device).eval()
     sampling = gen.model_copy(update={"temperature": 1.0, "top_k": 0, "top_p": 1.0})
     answers = {}
-    for name, model in (("policy", policy), ("reference", reference)):  # both with the same seed
+    for name, model in (("policy", policy), ("reference", reference)):
         answers[name] = generate(model, tok, prompts, sampling, max_length)
     scores = {name: reward_scores(rm, rm_tok, prompts, a, max_length) for name, a in answers.items()}
     if not prompts:

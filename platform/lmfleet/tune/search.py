@@ -35,6 +35,7 @@ from pathlib import Path
 from ray.train import UserCallback
 
 from lmfleet import storage
+from lmfleet.errors import StageFailed
 from lmfleet.runner import MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
 from lmfleet.tune.config import ASHAConfig, PBTConfig, TuneConfig, trial_config
@@ -214,7 +215,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     ok = [r for r in trials if _finite(r["final"])]
     if not ok:
         errors = [f"{r['id']}: {r['error']}" for r in trials if r["error"]]
-        raise RuntimeError(f"no trial reported {t.metric!r}" + (f"; errors: {errors}" if errors else ""))
+        raise StageFailed(f"no trial of the search reported {t.metric!r}" + (f"; errors: {errors}" if errors else ""))
     best = (min if t.mode == "min" else max)(ok, key=lambda r: r["final"])
     result = results[best["id"]][1]
     _prune_checkpoints(r for _, r in results.values())
