@@ -108,9 +108,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def ray_head(num_cpus: int, dashboard: bool = False):
+def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None = None):
     """A Ray head on loopback started with `ray start` (a separate cluster, like a user's); yields
-    (GCS address, job API URL or None, add_node, temp dir). Its processes are killed at the end."""
+    (GCS address, job API URL or None, add_node, temp dir). Its processes are killed at the end.
+    worker_types: run Ray's own autoscaler with these node types ({name: {resources, max_workers}}),
+    launching nodes as local processes (its fake multi-node provider; see ../shared/STACK.md)."""
     ray = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
     port, dash = _free_port(), _free_port()
@@ -119,6 +121,25 @@ def ray_head(num_cpus: int, dashboard: bool = False):
     common = [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
     head = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             f"--dashboard-agent-listen-port={_free_port()}"] if dashboard else ["--include-dashboard=false"]
+    if worker_types is not None:
+        none: dict = {}
+        config = {
+            "cluster_name": "fake", "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "disable_node_updaters": True,
+                         "disable_launch_config_check": True},
+            "available_node_types": {"ray.head.default": {"resources": {"CPU": num_cpus}, "node_config": none,
+                                                          "max_workers": 0},
+                                     **{name: {"node_config": none, "min_workers": 0, **t}
+                                        for name, t in worker_types.items()}},
+            "head_node_type": "ray.head.default", "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+            "file_mounts": none, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [], "auth": none, "initialization_commands": [],
+            "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+            "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        }
+        (Path(temp) / "autoscaling.json").write_text(json.dumps(config))
+        head.append(f"--autoscaling-config={temp}/autoscaling.json")
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     subprocess.run([ray, "start", "--head", f"--port={port}", *head, *common], check=True, env=env,
                    capture_output=True)
     address = f"127.0.0.1:{port}"

@@ -40,8 +40,16 @@ def test_cli_run_writes_run_dir_and_summary(tmp_path):
         assert (run / "data" / out).exists(), out
     assert "\r" not in proc.stderr  # no progress bars redrawn in a non-TTY log
 
+    # Again: up to date, skipped without starting Ray.
+    again = subprocess.run([*lmfleet_cmd(), "run", str(path), "--set", "stages.data.dedup.threshold=0.7", "--set",
+                            "seed=5"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "up to date: not re-run" in again.stdout, again.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr and "Started a local Ray instance" not in again.stderr
+
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
 def test_shipped_configs_validate(config):
-    proc = subprocess.run([*lmfleet_cmd(), "validate", str(REPO / "jobs" / config)], capture_output=True, text=True)
+    # --config-only: the shipped configs read other runs' outputs, which do not exist here.
+    proc = subprocess.run([*lmfleet_cmd(), "validate", "--config-only", str(REPO / "jobs" / config)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

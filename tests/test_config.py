@@ -99,8 +99,12 @@ def test_cli_validate_reports_errors_without_traceback(tmp_path):
     assert "stages.data.dedup.num_perm: got -3" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
+    # validate also checks the inputs (x.jsonl, relative to where it runs) and the output dir
     ok = subprocess.run([*lmfleet_cmd(), "validate", str(write_config(tmp_path / "ok.yaml", GOOD))],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 2 and "input path 'x.jsonl' does not exist" in ok.stderr
+    (tmp_path / "x.jsonl").write_text('{"text": "a document"}\n')
+    ok = subprocess.run([*lmfleet_cmd(), "validate", "ok.yaml"], capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0 and "ok" in ok.stdout
 
 

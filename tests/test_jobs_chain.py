@@ -52,7 +52,7 @@ def test_submitted_pipeline_runs_as_chained_jobs(tmp_path, job_api, base_lm):
 
     again = _lmfleet("submit", "pipeline.yaml", "--address", url, cwd=project)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("up to date (same config, finished after its inputs): no job") == 3
+    assert again.stderr.count("up to date (same config, seed, code and inputs): no job") == 3
     stage_jobs = [j for j in client.list_jobs() if "lmfleet_stage" in (j.metadata or {})]
     assert len(stage_jobs) == 3
 

@@ -1,11 +1,12 @@
 """Checkpoint storage on an object store (`storage_path: s3://...`), against an S3 API on loopback."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from lmfleet import storage
-from lmfleet.errors import ConfigError
+from lmfleet.errors import ConfigError, InputError
 from lmfleet.runner import load_run, run
 
 from conftest import shared, write_config
@@ -36,11 +37,14 @@ def test_delete_removes_one_tree_of_a_bucket(s3, monkeypatch):
     storage.delete(root)  # nothing there: no error
 
 
-def test_a_fresh_stage_run_clears_its_old_checkpoints_in_the_bucket(tmp_path, s3, monkeypatch, ray_local):
+def test_a_fresh_stage_run_clears_only_its_own_old_checkpoints_in_the_bucket(tmp_path, s3, monkeypatch, ray_local):
     env, bucket = s3
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    _put(bucket, "lmfleet/runs/fresh/data/train/step_00000005/__0_0.distcp")  # an earlier run's checkpoint
+    old = "lmfleet/runs/fresh/data/train/step_00000005/__0_0.distcp"  # an earlier run's checkpoint
+    _put(bucket, old)
+    with bucket.open_output_stream(f"lmfleet/runs/fresh/data/{storage.MARKER}") as f:  # which lmfleet marked
+        f.write(json.dumps({"run": "fresh", "stage": "data"}).encode())
     _put(bucket, "lmfleet/runs/other/data/keep")
     data = {"sources": [{"name": "plays", "format": "text", "text_unit": "block",
                          "paths": [str(shared("tinyshakespeare.txt"))]}],
@@ -48,8 +52,14 @@ def test_a_fresh_stage_run_clears_its_old_checkpoints_in_the_bucket(tmp_path, s3
     config = write_config(tmp_path / "c.yaml", {"name": "fresh", "output_dir": str(tmp_path / "out"),
                                                 "storage_path": "s3://lmfleet/runs", "stages": {"data": data}})
     assert run(load_run(config))["status"] == "succeeded"
-    assert not _exists(bucket, "lmfleet/runs/fresh/data")
+    assert not _exists(bucket, old) and _exists(bucket, f"lmfleet/runs/fresh/data/{storage.MARKER}")
     assert _exists(bucket, "lmfleet/runs/other/data/keep")
+
+    # A prefix holding objects lmfleet did not write (no marker) is never deleted: a clear error instead.
+    _put(bucket, "lmfleet/users/fresh/data/results.csv")
+    with pytest.raises(InputError, match=r"storage s3://lmfleet/users/fresh/data: holds files lmfleet did not write"):
+        run(load_run(config, ["storage_path=s3://lmfleet/users"]), force=True)
+    assert _exists(bucket, "lmfleet/users/fresh/data/results.csv")
 
 
 @pytest.mark.parametrize("value, message", [

@@ -29,6 +29,12 @@ def _project(tmp_path, packed):
     (project / "runs" / "old").mkdir(parents=True)
     (project / "runs" / "old" / "model.safetensors").write_bytes(b"\0" * 1024)
     (project / "notes.txt").write_text("uploaded\n")
+    # Credentials a project folder often holds: never uploaded, named in a warning.
+    for secret in (".env", ".aws/credentials", ".ssh/id_ed25519", "id_rsa", ".netrc", "secrets.json"):
+        (project / secret).parent.mkdir(parents=True, exist_ok=True)
+        (project / secret).write_text("s3cr3t\n")
+    (project / ".gitignore").write_text("scratch.log\n")
+    (project / "scratch.log").write_text("ignored by git, so not uploaded\n")
     data = {"sources": [{"name": "plays", "format": "text", "text_unit": "block",
                          "paths": [str(shared("tinyshakespeare.txt"))]}],
             "tokenizer": {"vocab_size": 300}, "pack": {"seq_len": 32}}
@@ -70,6 +76,11 @@ def test_submit_logs_status_stop(tmp_path, job_api, packed):
     (uploaded,) = {p.parent.parent for p in head_temp.glob("**/working_dir_files/*/jobs/data.yaml")}
     assert (uploaded / "notes.txt").exists() and (uploaded / "jobs" / "long.yaml").exists()
     assert not (uploaded / ".git").exists() and not (uploaded / "runs").exists()
+    assert sorted(str(p.relative_to(uploaded)) for p in uploaded.rglob("*") if p.is_file()) == [
+        ".gitignore", "jobs/broken.yaml", "jobs/data.yaml", "jobs/long.yaml", "notes.txt"]
+    assert "uploading 5 files (" in done.stderr
+    assert ("not uploaded, as they look like credentials: .aws/credentials, .env, .netrc, .ssh/id_ed25519, id_rsa, "
+            "secrets.json") in done.stderr
 
     # Plain Ray's CLI does the same (README): the stage is up to date in the shared run dir, so it is skipped.
     plain = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url,

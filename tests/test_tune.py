@@ -44,6 +44,9 @@ def interrupted_fifo(tmp_path_factory, packed, ray_local):
     config = write_config(tmp / "fifo.yaml", {"name": "fifo", "output_dir": str(out), "ray": {"address": address},
                                               "stages": {"pretrain": _search(packed)}})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # That Ray listens on loopback only (lmfleet.runner.init_ray): a driver joining it must keep 127.0.0.1
+    # as its address, which Ray otherwise replaces by the machine's IP (as it does for any local address).
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     trials = out / "pretrain" / "trials"
     with open(tmp / "first.log", "w") as log:
         proc = subprocess.Popen([*lmfleet_cmd(), "run", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)

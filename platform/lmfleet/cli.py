@@ -86,8 +86,9 @@ def submit(
     force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
 ) -> None:
     """Submit `lmfleet run CONFIG` as a Ray job; the current directory is uploaded as its working dir
-    (without .git, .venv, runs/, data/, checkpoints). A pipeline runs as a chain of jobs, one per stage,
-    driven by that job on the cluster. Exit code: 0 succeeded, 1 failed, 130 stopped."""
+    (without .git, .venv, runs/, data/, checkpoints, credential files such as .env or .aws/, and what
+    .gitignore lists). A pipeline runs as a chain of jobs, one per stage, driven by that job on the
+    cluster. Exit code: 0 succeeded, 1 failed, 130 stopped."""
     from lmfleet import jobs
 
     try:
@@ -153,12 +154,19 @@ def jobs_stop(job_id: JobId, address: AddressOpt = None) -> None:
 
 
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML.")], set_: SetOpt = None) -> None:
-    """Check a config without running it."""
+def validate(
+    config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML.")],
+    set_: SetOpt = None,
+    config_only: Annotated[bool, typer.Option(help="Check the config alone, not its inputs and output dir.")] = False,
+) -> None:
+    """Check a config without running it: the same checks `run` makes before any work (config, input paths,
+    output dir), offline and without starting Ray."""
     from lmfleet import runner
 
     try:
         loaded = runner.load_run(config, set_)
+        if not config_only:
+            runner.preflight(loaded, loaded.stages, loaded.config.run_dir.resolve())
     except UserError as err:
         _fail(err)
     names = ", ".join(f"{s.name} ({s.kind})" for s in loaded.stages)

@@ -35,6 +35,8 @@ class StrictModel(BaseModel):
 class RayConfig(StrictModel):
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
+    resource_wait_s: float = Field(600, ge=0, description="On an autoscaling cluster: how long a stage waits "
+                                                          "for the nodes its workers need before it fails.")
 
 
 class RunConfig(StrictModel):

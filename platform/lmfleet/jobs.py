@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lmfleet.errors import StageFailed, UserError
 from lmfleet.storage import is_uri
+from lmfleet.upload import SECRET_EXCLUDES, UPLOAD_EXCLUDES, describe, scan
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -78,12 +79,6 @@ def _follow(client, job_id: str, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-# Never uploaded with the working dir: history, environments, run outputs, data and checkpoints (jobs
-# read those from storage every node shares). Gitignore syntax, as Ray's runtime_env `excludes`.
-UPLOAD_EXCLUDES = [".git", ".venv", "runs/", "data/", "checkpoints/", "**/__pycache__", "*.safetensors", "*.pt",
-                   "*.bin", "*.distcp", "*.parquet", "*.arrow"]
-
-
 def client_for(address: str):
     """A JobSubmissionClient for `address` (http://HEAD:8265), or a UserError saying why not."""
     from ray.job_submission import JobSubmissionClient
@@ -124,7 +119,7 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    runtime_env: dict = {"working_dir": ".", "excludes": [*UPLOAD_EXCLUDES, *excludes]}
+    runtime_env: dict = {"working_dir": ".", "excludes": [*UPLOAD_EXCLUDES, *SECRET_EXCLUDES, *excludes]}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     if pip:
@@ -139,6 +134,8 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
     if force:
         args.append("--force")
     client = client_for(address)
+    for line in describe(scan(Path.cwd(), excludes), Path.cwd()):
+        print(line, file=sys.stderr)
     job_id = _submit(client, entrypoint=shlex.join(args), runtime_env=runtime_env,
                      submission_id=f"lmfleet-{loaded.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                      metadata={"lmfleet_run": loaded.config.name, "lmfleet_stages": ",".join(selected)})
@@ -158,12 +155,11 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
                 force: bool = False, runtime_env: dict | None = None) -> dict:
     """Submit the stages of `loaded` one job at a time; returns the run report the jobs wrote.
     runtime_env: every job's (with its working dir); None: the jobs run from this directory."""
-    from lmfleet.runner import up_to_date
+    from lmfleet.runner import preflight, up_to_date
 
     run_dir = loaded.config.run_dir.resolve()
     stages = [s for s in loaded.stages if not only or s.name in only]
-    for i, spec in enumerate(stages):  # inputs checked before the first job starts
-        spec.preflight({s.name for s in stages[:i]}, run_dir)
+    preflight(loaded, stages, run_dir)  # inputs and the run dir checked before the first job starts
     client = client_for(address)
     overrides = [*overrides, f"output_dir={run_dir}"]
     storage = loaded.config.storage_path
@@ -174,7 +170,7 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
     jobs = []
     for spec in stages:
         if not force and up_to_date(loaded, spec, run_dir):
-            print(f"stage {spec.name}: up to date (same config, finished after its inputs): no job; --force "
+            print(f"stage {spec.name}: up to date (same config, seed, code and inputs): no job; --force "
                   "re-runs it", file=sys.stderr)
             jobs.append({"stage": spec.name, "job_id": None, "status": "UP_TO_DATE"})
             continue

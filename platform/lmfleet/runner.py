@@ -6,11 +6,16 @@ A run writes `runs/<name>/` (or `output_dir`): `config.yaml` (resolved, defaults
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,8 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from lmfleet import storage
+from lmfleet import __version__, resources, storage
 from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
+from lmfleet.errors import InputError
+from lmfleet.inputs import Input, check_overlap, digest, earlier_stage
 from lmfleet.stages import StageSpec, resolve_stages
 
 log = logging.getLogger("lmfleet")
@@ -77,6 +84,7 @@ class StageContext:
     seed: int
     metrics: MetricsLog
     storage: str  # where Ray Train / Tune keep this stage's checkpoints (lmfleet.storage)
+    started: float  # when this run of the stage first started (a resumed run keeps its first start)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -107,8 +115,9 @@ def _setup_logging(run_dir: Path) -> None:
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to `address` (or RAY_ADDRESS); without either, start an embedded local Ray."""
+    """Connect to `address` (or RAY_ADDRESS); without either, start an embedded local Ray on loopback."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
@@ -119,56 +128,213 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:  # with the dashboard: Ray Train v2 needs its state API
-        ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=runtime_env)
+        # A local Ray takes the machine's IP as its node address and its servers (GCS, raylet, workers,
+        # agents) listen on every interface; with ENABLE_RAY_CLUSTER off (Ray's own macOS / Windows
+        # default) the node address is 127.0.0.1 and they listen on loopback only. Read by ray.init alone.
+        cluster_default = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=runtime_env)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_default
     # Progress bars only on a terminal; Ray job logs and CI get periodic log lines instead.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
-def _interrupted(marker: Path, state: dict) -> bool:
-    """Whether the stage dir holds an interrupted run of this very stage config (Ctrl-C, or a driver that
-    died: its marker still says running)."""
-    previous = _read_state(marker)
-    return previous.get("status") in ("running", "interrupted") and {k: previous.get(k) for k in state} == state
-
-
 def _read_state(marker: Path) -> dict:
-    return json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
 
 
-def stage_state(loaded: LoadedRun, spec: StageSpec) -> dict:
-    """What identifies a stage's run: its kind, config and the run's seed."""
-    return {"kind": spec.kind, "config": spec.config.model_dump(mode="json"), "seed": loaded.config.seed}
+# -- ownership: lmfleet deletes and overwrites only what it wrote --
+
+RUN_MARKER = ".lmfleet-run.json"  # in the run dir: {"name": run name}; the run's records below are lmfleet's
+RUN_RECORDS = ("config.yaml", "report.json", "metrics.jsonl", "logs")
 
 
-def up_to_date(loaded: LoadedRun, spec: StageSpec, run_dir: Path) -> dict | None:
-    """The stage's last state if that run succeeded with the same config and seed after every earlier stage
-    of the config last finished (its inputs are not newer); else None."""
+def _run_owner(run_dir: Path) -> str | None:
+    """The run that owns `run_dir` by its marker, or by the records of a run dir written before markers."""
+    marker = _read_state(run_dir / RUN_MARKER)
+    if marker:
+        return marker.get("name")
+    report = _read_state(run_dir / "report.json")
+    if report.get("run_dir") == str(run_dir) and (run_dir / "config.yaml").is_file():
+        return report.get("name")
+    return None
+
+
+def _check_writable(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output_dir {run_dir}: exists and is not a folder")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output_dir {run_dir}: cannot create or write it ({existing} is not a writable folder)")
+
+
+def check_run_dir(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path) -> None:
+    """InputError unless the run may write `run_dir`: new, without lmfleet's record names, or this run's;
+    every stage dir to (re)write absent, empty or this run's own."""
+    name = loaded.config.name
+    if not run_dir.exists():
+        return
+    owner = _run_owner(run_dir)
+    if owner is not None and owner != name:
+        raise InputError(f"output_dir {run_dir}: holds run {owner!r}, not {name!r}; set output_dir to a folder of "
+                         "this run")
+    if owner is None:
+        clashes = [r for r in RUN_RECORDS if (run_dir / r).exists()]
+        if clashes:
+            raise InputError(f"output_dir {run_dir}: holds {', '.join(clashes)}, which lmfleet did not write and "
+                             "would overwrite; set output_dir to a new or empty folder")
+    for spec in stages:
+        stage_dir = run_dir / spec.name
+        if not stage_dir.exists():
+            continue
+        state = _read_state(stage_dir / STAGE_STATE) if stage_dir.is_dir() else {}
+        ours = owner == name and state.get("run", name) == name and "kind" in state
+        if not ours and (not stage_dir.is_dir() or any(stage_dir.iterdir())):
+            raise InputError(f"stages.{spec.name}: {stage_dir} holds files lmfleet did not write (no {STAGE_STATE} "
+                             f"of run {name!r}); a run rewrites its stage dirs: rename the stage or set output_dir")
+
+
+def preflight(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path) -> dict[str, list[Input]]:
+    """Before any work (run, validate, a job chain): the run dir may be written, and each stage's inputs
+    exist and lie apart from it. Returns each stage's inputs."""
+    _check_writable(run_dir)
+    names = [s.name for s in loaded.stages]
+    inputs = {}
+    for i, spec in enumerate(stages):
+        found = spec.preflight({s.name for s in stages[:i]}, run_dir)
+        earlier = [run_dir / n for n in names[: names.index(spec.name)]]
+        for inp in found:
+            check_overlap(inp, f"stages.{spec.name}", run_dir, earlier)
+        inputs[spec.name] = found
+    check_run_dir(loaded, stages, run_dir)
+    return inputs
+
+
+def claim_run_dir(run_dir: Path, name: str) -> None:
+    """Create the run dir (after `check_run_dir`) and mark it as this run's."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / RUN_MARKER).exists():
+            (run_dir / RUN_MARKER).write_text(json.dumps({"name": name}), encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"output_dir {run_dir}: cannot write it ({err.strerror})") from None
+
+
+# -- fingerprints: when a stage is up to date --
+
+@functools.cache
+def code_version() -> str:
+    """lmfleet's version and a digest of its source: a changed lmfleet re-runs stages."""
+    h = hashlib.blake2b(digest_size=8)
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return f"{__version__}+{h.hexdigest()}"
+
+
+def _stage_output(run_dir: Path, name: str) -> str | None:
+    """What downstream stages know an earlier stage's outputs by: its fingerprint and finish time."""
+    state = _read_state(run_dir / name / STAGE_STATE)
+    return f"{state.get('fingerprint')}@{state.get('finished')}" if state.get("status") == "succeeded" else None
+
+
+def stage_state(loaded: LoadedRun, spec: StageSpec, run_dir: Path, inputs: list[Input] | None = None) -> dict:
+    """What identifies a stage's run: its kind, config, the run's seed, lmfleet's code, its input files
+    (lmfleet.inputs) and every earlier stage's outputs; `fingerprint` is their digest."""
+    names = [s.name for s in loaded.stages]
+    earlier = names[: names.index(spec.name)]
+    if inputs is None:  # after the earlier stages ran: their outputs exist, so check everything but theirs
+        inputs = spec.preflight(set(earlier), run_dir)
+    stage_dirs = {n: run_dir / n for n in earlier}
+    digests = {}
+    for inp in inputs:
+        upstream = earlier_stage(inp, stage_dirs)
+        digests[inp.key] = f"stage {upstream}: {_stage_output(run_dir, upstream)}" if upstream else digest(inp)
+    state = {"run": loaded.config.name, "kind": spec.kind, "config": spec.config.model_dump(mode="json"),
+             "seed": loaded.config.seed, "code": code_version(), "inputs": digests,
+             "upstream": {n: _stage_output(run_dir, n) for n in earlier}}
+    text = json.dumps(state, sort_keys=True, default=str)
+    return {**state, "fingerprint": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}
+
+
+def changes(previous: dict, state: dict) -> list[str]:
+    """Why a stage is not up to date: what differs from its last run."""
+    if previous.get("status") != "succeeded":
+        return [f"its last run {previous.get('status', 'did not finish')}"]
+    names = {"kind": "its kind", "config": "its config", "seed": "the seed", "code": "lmfleet's code"}
+    out = [f"{names[k]} changed" for k in names if previous.get(k) != state[k]]
+    out += [f"input {k} changed" for k, v in state["inputs"].items() if (previous.get("inputs") or {}).get(k) != v]
+    out += [f"stage {k} ran again" for k, v in state["upstream"].items()
+            if (previous.get("upstream") or {}).get(k) != v]
+    return out or ["its fingerprint changed"]
+
+
+def up_to_date(loaded: LoadedRun, spec: StageSpec, run_dir: Path, state: dict | None = None) -> dict | None:
+    """The stage's last state if that run succeeded with the same fingerprint; else None."""
     previous = _read_state(run_dir / spec.name / STAGE_STATE)
-    state = stage_state(loaded, spec)
-    earlier = loaded.stages[: loaded.stages.index(spec)]
-    inputs_finished = max((_read_state(run_dir / e.name / STAGE_STATE).get("finished", 0) for e in earlier),
-                          default=0)
-    if (previous.get("status") == "succeeded" and {k: previous.get(k) for k in state} == state
-            and previous["finished"] >= inputs_finished):
+    state = state or stage_state(loaded, spec, run_dir)
+    if previous.get("status") == "succeeded" and previous.get("fingerprint") == state["fingerprint"]:
         return previous
     return None
 
 
+# -- interrupts --
+
+class Interrupts:
+    """Whether SIGINT or SIGTERM arrived while a stage ran. Ray Train installs its own SIGINT handler
+    during fit (it aborts the run and leaves by SystemExit), so the exception cannot tell: Python writes
+    each signal's number to the wakeup fd whichever handler runs. SIGTERM (`ray job stop`, `kill`)
+    becomes a KeyboardInterrupt, like Ctrl-C. Main thread only (signals are delivered there)."""
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.read, self.write = socket.socketpair()
+            for sock in (self.read, self.write):
+                sock.setblocking(False)
+            self.wakeup = signal.set_wakeup_fd(self.write.fileno(), warn_on_full_buffer=False)
+            self.sigint = signal.getsignal(signal.SIGINT)
+            self.sigterm = signal.signal(signal.SIGTERM, _keyboard_interrupt)
+        return self
+
+    def seen(self) -> bool:
+        if not self.active:
+            return False
+        try:
+            received = self.read.recv(4096)
+        except BlockingIOError:
+            received = b""
+        return bool({signal.SIGINT, signal.SIGTERM} & set(received))
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.set_wakeup_fd(self.wakeup)
+            signal.signal(signal.SIGINT, self.sigint)  # Ray Train leaves its handler, bound to a finished run
+            signal.signal(signal.SIGTERM, self.sigterm)
+            self.read.close()
+            self.write.close()
+
+
+def _keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+# -- running --
+
 def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None, force: bool = False) -> dict:
     """Run the stages of a loaded config in order; returns the run report (also written to report.json).
-    Stages that are `up_to_date` are skipped unless `force`."""
+    Stages that are `up_to_date` are skipped unless `force`; Ray starts only when a stage runs."""
     cfg = loaded.config
     run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in loaded.stages if not only or s.name in only]
+    # Every stage checks its inputs before any stage does work, so a typo fails in seconds.
+    inputs = preflight(loaded, stages, run_dir)
+    claim_run_dir(run_dir, cfg.name)
     _setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(loaded.resolved(), sort_keys=False), encoding="utf-8")
-    stages = [s for s in loaded.stages if not only or s.name in only]
-
-    # Every stage checks its inputs before any stage does work, so a typo fails in seconds.
-    for i, spec in enumerate(stages):
-        spec.preflight({s.name for s in stages[:i]}, run_dir)
-
-    init_ray(address or cfg.ray.address, cfg.ray.num_cpus)
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     report: dict = {"name": cfg.name, "run_dir": str(run_dir), "status": "running", "stages": {}}
     report_path = run_dir / "report.json"
@@ -176,38 +342,58 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
         previous = json.loads(report_path.read_text(encoding="utf-8")).get("stages", {})
         report["stages"] = {k: v for k, v in previous.items() if k not in only}
     started = time.perf_counter()
-    for spec in stages:
-        ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics,
-                           storage.stage_storage(cfg.storage_path, cfg.name, run_dir / spec.name))
-        state = stage_state(loaded, spec)
-        marker = ctx.out_dir / STAGE_STATE
-        if not force and (previous := up_to_date(loaded, spec, run_dir)):
-            log.info("stage %s: up to date (same config, finished after its inputs): skipped; --force re-runs it",
+    for i, spec in enumerate(stages):
+        # The first stage's inputs were checked above; later ones only now exist to digest.
+        state = stage_state(loaded, spec, run_dir, inputs[spec.name] if i == 0 else None)
+        marker = run_dir / spec.name / STAGE_STATE
+        previous = _read_state(marker)
+        if not force and (done := up_to_date(loaded, spec, run_dir, state)):
+            log.info("stage %s: up to date (same config, seed, code and inputs): skipped; --force re-runs it",
                      spec.name)
-            summary = ["up to date: not re-run (--force re-runs it)", *previous["report"].get("summary", [])]
-            report["stages"][spec.name] = {**previous["report"], "skipped": True, "summary": summary}
+            summary = ["up to date: not re-run (--force re-runs it)", *done["report"].get("summary", [])]
+            report["stages"][spec.name] = {**done["report"], "skipped": True, "summary": summary}
             continue
-        if spec.resumes and _interrupted(marker, state):
+        if previous and not force:
+            log.info("stage %s: runs again: %s", spec.name, "; ".join(changes(previous, state)))
+        init_ray(address, cfg.ray.num_cpus)
+        scaling = getattr(spec.config, "scaling", None)
+        if scaling is not None:
+            resources.ensure(f"stages.{spec.name}", scaling, cfg.ray.resource_wait_s, embedded=not address)
+        ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics,
+                           storage.stage_storage(cfg.storage_path, cfg.name, run_dir / spec.name), time.time())
+        owner = {"run": cfg.name, "stage": spec.name}
+        resume = (spec.resumes and previous.get("status") in ("running", "interrupted")
+                  and previous.get("fingerprint") == state["fingerprint"])
+        if resume:  # an interrupted run of the same stage (Ctrl-C, or a driver that died: still "running")
             log.info("stage %s: resuming its interrupted run in %s", spec.name, ctx.out_dir)
-        else:  # a stage rewrites its whole output dir: stale files of an earlier run must not mix in
+            ctx.started = previous.get("started", ctx.started)
+        else:  # a stage rewrites its whole output dir (lmfleet's own, checked): stale files must not mix in
+            if cfg.storage_path is not None:  # outside the stage dir: lmfleet's only if it carries the marker
+                storage.check_owned(ctx.storage, owner)
             shutil.rmtree(ctx.out_dir, ignore_errors=True)
-            storage.delete(ctx.storage)  # nor old checkpoints, which Ray Train would resume from
-            ctx.out_dir.mkdir(parents=True)
-        marker.write_text(json.dumps({**state, "status": "running"}), encoding="utf-8")
+            storage.reset(ctx.storage, owner)  # nor old checkpoints, which Ray Train would resume from
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {**state, "started": ctx.started}
+        marker.write_text(json.dumps({**record, "status": "running"}), encoding="utf-8")
         log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out_dir)
-        try:
-            stage_report = spec.run(ctx)
-        except BaseException as err:
-            # Ctrl-C leaves a resumable stage to resume; an error makes the next run start afresh.
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            marker.write_text(json.dumps({**state, "status": status}), encoding="utf-8")
-            report["status"] = "failed"
-            report["failed_stage"] = spec.name
-            report["error"] = f"{type(err).__name__}: {err}"
-            report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-            raise
+        with Interrupts() as signals:
+            try:
+                stage_report = spec.run(ctx)
+            except BaseException as err:
+                interrupted = isinstance(err, KeyboardInterrupt) or signals.seen()
+                status = "interrupted" if interrupted else "failed"
+                marker.write_text(json.dumps({**record, "status": status}), encoding="utf-8")
+                report.update(status=status, failed_stage=spec.name, error=f"{type(err).__name__}: {err}")
+                report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+                if not interrupted:
+                    raise
+                again = "resumes it from its last checkpoint" if spec.resumes else "runs it again"
+                log.info("stage %s interrupted: the same command %s", spec.name, again)
+                if isinstance(err, KeyboardInterrupt) and str(err):
+                    raise  # the stage's own words (a search says where it resumes)
+                raise KeyboardInterrupt(f"stage {spec.name!r} interrupted; the same command {again}") from None
         report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
-        marker.write_text(json.dumps({**state, "status": "succeeded", "finished": time.time(),
+        marker.write_text(json.dumps({**record, "status": "succeeded", "finished": time.time(),
                                       "report": report["stages"][spec.name]}, default=str), encoding="utf-8")
         report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["status"] = "succeeded"

@@ -18,7 +18,9 @@ from lmfleet.errors import ConfigError
 class _Entry:
     config: str  # "module:ConfigModel"
     run: str  # "module:function(config, ctx) -> report dict"
-    preflight: str | None = None  # "module:function(config, upstream, run_dir)": InputError before any work
+    # "module:function(config, upstream, run_dir) -> list[Input]": InputError before any work; the inputs
+    # it returns are checked against the run dir and make part of the stage's fingerprint (lmfleet.inputs).
+    preflight: str
     resumes: bool = False  # an interrupted run of the same config continues from its checkpoints
 
 
@@ -37,27 +39,32 @@ _REGISTRY: dict[str, _Entry] = {
     "sft": _Entry(
         "lmfleet.posttrain.config:SFTStageConfig",
         "lmfleet.posttrain.sft:run_sft_stage",
-        "lmfleet.posttrain.sft:check_inputs",
+        "lmfleet.posttrain.inputs:check_sft",
+        resumes=True,
     ),
     "reward": _Entry(
         "lmfleet.posttrain.config:RewardStageConfig",
         "lmfleet.posttrain.reward:run_reward_stage",
-        "lmfleet.posttrain.reward:check_inputs",
+        "lmfleet.posttrain.inputs:check_reward",
+        resumes=True,
     ),
     "dpo": _Entry(
         "lmfleet.posttrain.config:DPOStageConfig",
         "lmfleet.posttrain.dpo:run_dpo_stage",
-        "lmfleet.posttrain.dpo:check_inputs",
+        "lmfleet.posttrain.inputs:check_dpo",
+        resumes=True,
     ),
     "distill": _Entry(
         "lmfleet.posttrain.config:DistillStageConfig",
         "lmfleet.posttrain.distill:run_distill_stage",
-        "lmfleet.posttrain.distill:check_inputs",
+        "lmfleet.posttrain.inputs:check_distill",
+        resumes=True,
     ),
     "ppo": _Entry(
         "lmfleet.posttrain.config:PPOStageConfig",
         "lmfleet.posttrain.ppo:run_ppo_stage",
-        "lmfleet.posttrain.ppo:check_inputs",
+        "lmfleet.posttrain.inputs:check_ppo",
+        resumes=True,
     ),
 }
 
@@ -84,11 +91,10 @@ class StageSpec:
     def resumes(self) -> bool:
         return _REGISTRY[self.kind].resumes
 
-    def preflight(self, upstream: set[str], run_dir) -> None:
-        """Check inputs exist; those of `upstream` stages (run before this one now) come later."""
-        ref = _REGISTRY[self.kind].preflight
-        if ref is not None:
-            _load(ref)(self.config, upstream, run_dir)
+    def preflight(self, upstream: set[str], run_dir) -> list:
+        """Check inputs exist (those of `upstream` stages, run before this one now, come later); returns
+        the stage's inputs (lmfleet.inputs.Input)."""
+        return _load(_REGISTRY[self.kind].preflight)(self.config, upstream, run_dir)
 
 
 def resolve_stages(run: RunConfig, source: str) -> list[StageSpec]:

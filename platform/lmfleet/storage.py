@@ -10,7 +10,10 @@ same code handles a local dir and a bucket. Credentials and endpoints come from 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from lmfleet.errors import InputError
 
 # The URI schemes pyarrow (and so Ray) opens as filesystems.
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
@@ -48,6 +51,48 @@ def delete(path: str) -> None:
     filesys, inner = filesystem(path)
     if filesys.get_file_info(inner).type != fs.FileType.NotFound:
         filesys.delete_dir(inner)
+
+
+MARKER = "lmfleet-stage.json"  # in a stage's storage root: lmfleet wrote this tree, for this run's stage
+
+
+def _read_marker(filesys, inner: str) -> dict | None:
+    from pyarrow import fs
+
+    marker = f"{inner}/{MARKER}"
+    if filesys.get_file_info(marker).type != fs.FileType.File:
+        return None
+    with filesys.open_input_stream(marker) as f:
+        return json.loads(f.read())
+
+
+def check_owned(path: str, owner: dict) -> None:
+    """InputError unless the tree at `path` is absent, empty, or carries lmfleet's marker for `owner`
+    ({run, stage}): a fresh run deletes it, and lmfleet never deletes what it did not write."""
+    from pyarrow import fs
+
+    filesys, inner = filesystem(path)
+    if filesys.get_file_info(inner).type == fs.FileType.NotFound:
+        return
+    marker = _read_marker(filesys, inner)
+    if marker == owner:
+        return
+    found = filesys.get_file_info(fs.FileSelector(inner, recursive=True))
+    if not found:
+        return
+    whose = f"stage {marker.get('stage')!r} of run {marker.get('run')!r}" if marker else "files lmfleet did not write"
+    raise InputError(f"storage {path}: holds {whose} ({len(found)} entries, e.g. {found[0].path}); lmfleet would "
+                     "delete it for a fresh run: set storage_path to a prefix of its own")
+
+
+def reset(path: str, owner: dict) -> None:
+    """Start the stage's storage afresh: delete the tree at `path` (after `check_owned`) and mark it as `owner`'s."""
+    check_owned(path, owner)
+    delete(path)
+    filesys, inner = filesystem(path)
+    filesys.create_dir(inner)
+    with filesys.open_output_stream(f"{inner}/{MARKER}") as f:
+        f.write(json.dumps(owner).encode())
 
 
 def checkpoint_uri(checkpoint) -> str | None:

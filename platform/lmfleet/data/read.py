@@ -11,13 +11,16 @@ object of the record's other fields, so heterogeneous sources share one Parquet 
 from __future__ import annotations
 
 import ast
+import errno
 import glob
 import gzip
 import hashlib
 import json
+import os
 import re
 import sysconfig
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +46,8 @@ ROW_SCHEMA = pa.schema(
 REJECT_REASONS = (
     "invalid_json",
     "invalid_utf8",
+    "invalid_unicode",  # valid JSON whose strings hold lone surrogates ("\ud800"): not encodable as UTF-8
+    "damaged_file",  # a truncated or corrupt file (gzip, Parquet, ...): records before the damage are kept
     "invalid_python",
     "not_an_object",
     "missing_text",
@@ -74,6 +79,25 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts[:fixed]) if fixed else Path(".")
 
 
+def _patterns(src: SourceConfig) -> list[str]:
+    return src.paths or ([str(stdlib_dir())] if src.format == "python_docstrings" else [])
+
+
+def named_paths(src: SourceConfig) -> list[Path]:
+    """What the source's paths name: files, folders, and the folder part of each glob."""
+    return [_glob_base(p) if glob.has_magic(p) else Path(p) for p in _patterns(src)]
+
+
+def _bad_link(src: SourceConfig, path: Path) -> InputError:
+    """The error for a symbolic link that leads nowhere: a loop, or a missing target."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return InputError(f"source {src.name!r}: {path} is a symbolic link loop")
+    return InputError(f"source {src.name!r}: {path} is a symbolic link to {os.readlink(path)!r}, which does not exist")
+
+
 def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, str]]:
     """(absolute path, id path) of each input of a source, in order, each file once.
 
@@ -82,9 +106,8 @@ def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> 
     `suffixes` overrides the file endings looked for in folders (default: those of src.format).
     Raises InputError naming the path that matched nothing or cannot be read.
     """
-    patterns = src.paths or ([str(stdlib_dir())] if src.format == "python_docstrings" else [])
     files: dict[Path, str] = {}
-    for pattern in patterns:
+    for pattern in _patterns(src):
         if glob.has_magic(pattern):
             base = _glob_base(pattern)
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
@@ -92,6 +115,8 @@ def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> 
             base = Path(pattern) if Path(pattern).is_dir() else Path(pattern).parent
             matches = [Path(pattern)] if Path(pattern).exists() else []
         if not matches:
+            if os.path.islink(pattern):
+                raise _bad_link(src, Path(pattern))
             raise InputError(f"source {src.name!r}: input path {pattern!r} does not exist")
         for m in matches:
             if src.format == "hf_dataset":
@@ -103,11 +128,16 @@ def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> 
             elif m.is_dir():
                 wanted = suffixes or _SUFFIXES[src.format]
                 found = sorted(
-                    p for p in m.rglob(src.glob)
-                    if p.is_file() and p.name.endswith(wanted) and "site-packages" not in p.parts
+                    p for p in m.rglob(src.glob) if p.name.endswith(wanted) and "site-packages" not in p.parts
+                    and (p.is_file() or p.is_symlink())
                 )
+                for p in found:
+                    if not p.exists():  # a link to nothing: an input the user expects to be read
+                        raise _bad_link(src, p)
                 if not found and not glob.has_magic(pattern):
                     raise InputError(f"source {src.name!r}: no {'/'.join(wanted)} files under {m}")
+            elif m.is_symlink() and not m.exists():  # a glob matched a link to nothing
+                raise _bad_link(src, m)
             else:
                 found = [m]
             for f in found:
@@ -171,8 +201,8 @@ class RecordBuilder:
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace")
         self.rows.append(
-            {"id": doc_id or location, "source": self.src.name, "source_index": self.source_index,
-             "location": location, "reject_reason": reason, "raw": raw[:RAW_PREFIX]}
+            {"id": printable(doc_id or location), "source": self.src.name, "source_index": self.source_index,
+             "location": printable(location), "reject_reason": reason, "raw": printable(raw[:RAW_PREFIX])}
         )
 
     def record(self, location: str, default_id: str, obj: dict) -> None:
@@ -201,12 +231,15 @@ class RecordBuilder:
             reason = "too_short"
         elif len(norm) > self.filt.max_chars:
             reason = "too_long"
+        meta_json = _dump(meta or {})
+        if not reason and not (valid_unicode(norm) and valid_unicode(meta_json)):
+            reason = "invalid_unicode"
         if reason:
             return self.reject(location, reason, text, doc_id)
         self.rows.append(
-            {"id": doc_id, "source": self.src.name, "source_index": self.source_index, "text": norm,
-             "meta": _dump(meta or {}), "location": location, "content_hash": content_hash(norm),
-             "uid": doc_uid(self.src.name, key or doc_id)}
+            {"id": printable(doc_id), "source": self.src.name, "source_index": self.source_index, "text": norm,
+             "meta": meta_json, "location": printable(location), "content_hash": content_hash(norm),
+             "uid": doc_uid(self.src.name, printable(key or doc_id))}
         )
 
     def flush(self, force: bool = False) -> Iterator[pa.Table]:
@@ -219,12 +252,39 @@ def _dump(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, default=str)
 
 
+def valid_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: JSON's "\\ud800" escapes decode to lone surrogates, which do not."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates (from JSON escapes or undecodable file names) as backslash escapes."""
+    return text if valid_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# What reading a damaged file raises part-way: truncated or corrupt gzip (EOFError, BadGzipFile, zlib.error),
+# a corrupt Parquet file (ArrowException), an I/O error. The records read before it are kept.
+DAMAGED = (EOFError, OSError, zlib.error, pa.ArrowException)
+
+
 def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator[pa.Table]:
-    """Yield row tables for one input file (or one HF dataset dir)."""
+    """Yield row tables for one input file (or one HF dataset dir). A file that turns out damaged part-way
+    keeps the records read before the damage and adds one `damaged_file` reject naming the file and error."""
     src = SourceConfig.model_validate_json(task["source"])
     rb = RecordBuilder(src, task["source_index"], norm, filt)
-    path, rel = Path(task["path"]), task["relpath"]
-    prefix = f"{src.name}/{rel}"
+    path = Path(task["path"])
+    try:
+        yield from _read_records(src, path, f"{src.name}/{task['relpath']}", rb)
+    except DAMAGED as err:
+        rb.reject(str(path), "damaged_file", f"{type(err).__name__}: {err} (records before this point were read)")
+    yield from rb.flush(force=True)
+
+
+def _read_records(src: SourceConfig, path: Path, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:
     if src.format == "jsonl":
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as f:
@@ -306,7 +366,6 @@ def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator
                     yield from rb.flush()
     elif src.format == "python_docstrings":
         yield from _docstrings(path, prefix, rb)
-    yield from rb.flush(force=True)
 
 
 def _docstrings(path: Path, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:

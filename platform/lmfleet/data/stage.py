@@ -25,23 +25,32 @@ import pyarrow.parquet as pq
 
 from lmfleet.data import dedup, mixing, packing
 from lmfleet.data.config import DataConfig
-from lmfleet.data.read import check_hf_split, expand_paths, read_file
+from lmfleet.data.read import ROW_SCHEMA, check_hf_split, expand_paths, named_paths, read_file
 from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
 from lmfleet.errors import InputError
+from lmfleet.inputs import Input
 
 OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
 
 
-def check_inputs(cfg: DataConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> dict:
-    """Every source path exists and is readable, and a reused tokenizer dir has a tokenizer."""
+def source_files(cfg: DataConfig) -> dict[str, list[tuple[Path, str]]]:
+    """(path, id path) of every input file of each source; InputError for a path that is missing or unreadable."""
     files = {src.name: expand_paths(src) for src in cfg.sources}
     for src in cfg.sources:
         if src.format == "hf_dataset":
             for path, _ in files[src.name]:
                 check_hf_split(src, path)
+    return files
+
+
+def check_inputs(cfg: DataConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
+    """Every source path exists and is readable, and a reused tokenizer dir has a tokenizer."""
+    files = source_files(cfg)
+    inputs = [Input(f"sources.{src.name}", tuple(named_paths(src)), tuple(files[src.name])) for src in cfg.sources]
     if cfg.tokenizer.path is not None:
         check_tokenizer_dir(cfg.tokenizer.path)
-    return files
+        inputs.append(Input("tokenizer.path", (Path(cfg.tokenizer.path),)))
+    return inputs
 
 
 def _cluster_cpus() -> int:
@@ -69,18 +78,21 @@ def _sum_by(ds, key: str, value=None) -> dict:
 
 
 def _read_batch(table: pa.Table, norm, filt) -> pa.Table:
-    from lmfleet.data.read import ROW_SCHEMA
-
     out = [t for task in table.to_pylist() for t in read_file(task, norm, filt)]
     return pa.concat_tables([ROW_SCHEMA.empty_table(), *out])
 
 
-def _write_parquet(ds, path: Path) -> None:
-    """Ray Data writes no file for an empty dataset; readers still expect a dir with the schema."""
+def _write_parquet(ds, path: Path, columns: list[str]) -> None:
+    """Ray Data writes no file for an empty dataset; readers still expect a dir with the schema (that of
+    ROW_SCHEMA's `columns`: an empty dataset may have none of its own)."""
+    ds = ds.select_columns(columns)
     ds.write_parquet(str(path))
     if not any(path.glob("*.parquet")):
         path.mkdir(parents=True, exist_ok=True)
-        pq.write_table(ds.schema().base_schema.empty_table(), path / "empty.parquet")
+        schema = ds.schema()
+        schema = schema.base_schema if schema is not None else pa.schema(
+            [ROW_SCHEMA.field(c) if c in ROW_SCHEMA.names else pa.field(c, pa.string()) for c in columns])
+        pq.write_table(schema.empty_table(), path / "empty.parquet")
 
 
 def _is_reject(table: pa.Table, want: bool) -> pa.Table:
@@ -96,12 +108,16 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
     report: dict = {"outputs": {}}
 
     with ctx.step("read"):
-        files = check_inputs(cfg)
+        files = source_files(cfg)
+        # Empty files hold no record: counted, not read.
+        empty = {f for src in cfg.sources for f, _ in files[src.name] if f.is_file() and f.stat().st_size == 0}
         tasks = [
             {"source": src.model_dump_json(), "source_index": i, "path": str(f), "relpath": rel}
             for i, src in enumerate(cfg.sources)
-            for f, rel in files[src.name]
+            for f, rel in files[src.name] if f not in empty
         ]
+        if not tasks:
+            raise InputError(f"every input file is empty: {', '.join(sorted(map(str, empty)))}")
         records = (
             ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
             .map_batches(_read_batch, batch_size=1, batch_format="pyarrow",
@@ -109,7 +125,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             .materialize()
         )
         rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
-        _write_parquet(rejects.select_columns(["id", "source", "location", "reject_reason", "raw"]), out / "rejects")
+        _write_parquet(rejects, out / "rejects", ["id", "source", "location", "reject_reason", "raw"])
         reasons = _sum_by(rejects, "reject_reason")
         docs_in_by_source = _sum_by(records, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
@@ -119,8 +135,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         if n_valid == 0:
             raise InputError(f"no valid documents among {n_in} records (rejects: {dict(reasons)}; see "
                              f"{out / 'rejects'}); check text_field and the filter settings")
-        report.update(files=len(tasks), docs_in=n_in, rejected=n_in - n_valid, rejects=dict(sorted(reasons.items())),
-                      valid_docs=n_valid)
+        report.update(files=len(tasks) + len(empty), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
+                      rejects=dict(sorted(reasons.items())), valid_docs=n_valid)
         report["outputs"]["rejects"] = str(out / "rejects")
 
     partitions = max(cpus, math.ceil((valid.size_bytes() or 1) / 128e6))
@@ -136,9 +152,9 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         pq.write_table(edges.select(["u_id", "v_id", "similarity"]).rename_columns(["id_a", "id_b", "similarity"]),
                        out / "pairs.parquet")
         clustered = dedup.with_cluster_ids(unique, clusters)
-        _write_parquet(clustered.select_columns(["id", "source", "cluster_id"]), out / "clusters.parquet")
+        _write_parquet(clustered, out / "clusters.parquet", ["id", "source", "cluster_id"])
         kept = dedup.drop_removed(clustered, clusters).select_columns(OUTPUT_COLUMNS + ["uid"]).materialize()
-        _write_parquet(kept.select_columns(OUTPUT_COLUMNS), out / "kept")
+        _write_parquet(kept, out / "kept", OUTPUT_COLUMNS)
         report.update(
             near_duplicates_removed=len(clusters.removed_uids),
             clusters=clusters.num_clusters,
@@ -239,7 +255,8 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
 def _summary(r: dict) -> list[str]:
     rejects = ", ".join(f"{k} {v}" for k, v in r["rejects"].items()) or "none"
     lines = [
-        f"documents read: {r['docs_in']} from {r['files']} files; rejected {r['rejected']} ({rejects})",
+        f"documents read: {r['docs_in']} from {r['files']} files"
+        + (f" ({r['empty_files']} empty)" if r["empty_files"] else "") + f"; rejected {r['rejected']} ({rejects})",
         f"exact duplicates removed: {r['exact_duplicates_removed']}",
         f"near duplicates removed: {r['near_duplicates_removed']} in {r['clusters']} clusters"
         + (f" (MinHash {r['lsh']['num_perm']} perms, {r['lsh']['bands']}x{r['lsh']['rows']} bands, "

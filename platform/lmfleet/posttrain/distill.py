@@ -16,19 +16,14 @@ from trl import SFTTrainer
 
 from lmfleet.posttrain.config import DistillStageConfig
 from lmfleet.posttrain.hf import quarantine_long_prompts, read_jsonl, run_hf_stage, split_datasets
-from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
+from lmfleet.posttrain.inputs import check_distill
+from lmfleet.posttrain.models import load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_sft
 
 CONFIG = DistillStageConfig
 TRACKED = ("kl", "lm_loss")  # logged per step; first and final values go in the report
 _SIZES = {"n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
           "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size"}
-
-
-def check_inputs(cfg: DistillStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
-    check_model_dir(cfg.model, "distill.model", upstream, run_dir, full_weights=True)
-    if cfg.student_model is not None:
-        check_model_dir(cfg.student_model, "distill.student_model", upstream, run_dir, full_weights=True)
 
 
 def build_student(cfg: DistillStageConfig, teacher_dir: Path, seed: int):
@@ -129,7 +124,7 @@ def summary(e: dict, report: dict) -> list[str]:
 
 
 def run_distill_stage(cfg: DistillStageConfig, ctx) -> dict:
-    check_inputs(cfg, run_dir=ctx.run_dir)
+    check_distill(cfg, run_dir=ctx.run_dir)
     paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
     with ctx.step("read"):
         records = read_sft(cfg.dataset, ctx.seed)

@@ -17,17 +17,12 @@ from lmfleet.posttrain.hf import (
     run_hf_stage,
     split_datasets,
 )
-from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
+from lmfleet.posttrain.inputs import check_dpo
+from lmfleet.posttrain.models import load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_preferences
 
 CONFIG = DPOStageConfig
 TRACKED = ("rewards/margins", "rewards/accuracies")
-
-
-def check_inputs(cfg: DPOStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
-    check_model_dir(cfg.model, "dpo.model", upstream, run_dir, full_weights=True)
-    if cfg.reward_model is not None:
-        check_model_dir(cfg.reward_model, "dpo.reward_model", upstream, run_dir, full_weights=True)
 
 
 def build_trainer(cfg: DPOStageConfig, paths: dict, args: dict):
@@ -85,7 +80,7 @@ def summary(e: dict, report: dict) -> list[str]:
 
 
 def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:
-    check_inputs(cfg, run_dir=ctx.run_dir)
+    check_dpo(cfg, run_dir=ctx.run_dir)
     paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
     with ctx.step("read"):
         records = read_preferences(cfg.dataset, ctx.seed)

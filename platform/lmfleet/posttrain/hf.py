@@ -14,7 +14,6 @@ import importlib
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -216,11 +215,11 @@ def launch(worker, loop_config: dict, cfg, seed: int, stage: str, use_gpu: bool,
 
 def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
     """Run `worker` for the stage (checkpoints in the stage's storage); returns (Result, this run's metrics)."""
-    started = time.time()
     with ctx.step("train"):
         result = launch(worker, loop_config, cfg, ctx.seed, ctx.name, use_gpu, ctx.storage)
-    # metrics.jsonl is the run's log across re-runs: this run's records of this stage only.
-    history = [h for h in read_jsonl(ctx.metrics.path) if h.get("stage") == ctx.name and h["time"] >= started]
+    # metrics.jsonl is the run's log across re-runs: this run's records of this stage only (a resumed run's
+    # since its first start).
+    history = [h for h in read_jsonl(ctx.metrics.path) if h.get("stage") == ctx.name and h["time"] >= ctx.started]
     return result, history
 
 

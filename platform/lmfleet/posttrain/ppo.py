@@ -27,7 +27,8 @@ from torch import nn
 from lmfleet.errors import InputError
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, PPOStageConfig
 from lmfleet.posttrain.hf import read_jsonl
-from lmfleet.posttrain.models import check_model_dir, model_dir
+from lmfleet.posttrain.inputs import check_ppo
+from lmfleet.posttrain.models import model_dir
 from lmfleet.posttrain.records import prompt_of
 from lmfleet.runner import MetricsLog
 from lmfleet.storage import checkpoint_uri
@@ -313,11 +314,6 @@ def _worker(config: dict) -> None:
         trainer.tok.save_pretrained(paths["export"])
 
 
-def check_inputs(cfg: PPOStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
-    check_model_dir(cfg.model, "ppo.model", upstream, run_dir, full_weights=True)
-    check_model_dir(cfg.reward_model, "ppo.reward_model", upstream, run_dir, full_weights=True)
-
-
 def evaluate(cfg: PPOStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import compare_policies, device
     from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
@@ -337,7 +333,7 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
     from lmfleet.posttrain.hf import fit, quarantine_long_prompts, run_eval_task
     from lmfleet.posttrain.models import load_tokenizer
 
-    check_inputs(cfg, run_dir=ctx.run_dir)
+    check_ppo(cfg, run_dir=ctx.run_dir)
     out = ctx.out_dir.resolve()
     policy_dir = model_dir(cfg.model, ctx.run_dir).resolve()
     with ctx.step("read"):

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmfleet.data.config import SourceConfig
-from lmfleet.data.read import content_hash, expand_paths
+from lmfleet.data.read import DAMAGED, content_hash, expand_paths, named_paths, printable, valid_unicode
 from lmfleet.errors import ConfigError
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, SFT_FORMATS, DatasetConfig
 
 REJECT_REASONS = (
     "invalid_json",
     "invalid_utf8",
+    "invalid_unicode",
+    "damaged_file",
     "invalid_python",
     "not_an_object",
     "unknown_format",
@@ -120,7 +122,7 @@ def _read(cfg: DatasetConfig, seed: int, kind: str) -> Records:
             record = value if cfg.format == "python_functions" else _convert(value, cfg.format, kind)
             valid.append(_finish(record, cfg))
         except Reject as r:
-            out.rejects.append({"reason": r.reason, "location": location, "raw": raw[:RAW_PREFIX]})
+            out.rejects.append({"reason": r.reason, "location": printable(location), "raw": printable(raw[:RAW_PREFIX])})
     if cfg.max_records is not None and len(valid) > cfg.max_records:
         # A seeded sample, kept in file order so outputs read like their inputs.
         keep = random.Random(seed).sample(range(len(valid)), cfg.max_records)
@@ -135,16 +137,25 @@ def _read(cfg: DatasetConfig, seed: int, kind: str) -> Records:
     return out
 
 
-def _files(cfg: DatasetConfig) -> list[tuple[Path, str]]:
-    """(absolute path, path relative to what was named) of each input file; the data stage's rules."""
-    if cfg.format == "python_functions":
-        return expand_paths(SourceConfig(name="dataset", format="python_docstrings", paths=cfg.paths))
-    return expand_paths(SourceConfig(name="dataset", format="jsonl", paths=cfg.paths), RECORD_SUFFIXES)
+def _source(cfg: DatasetConfig) -> SourceConfig:
+    """The dataset's paths as a data stage source: the same path rules (folders, globs, links)."""
+    fmt = "python_docstrings" if cfg.format == "python_functions" else "jsonl"
+    return SourceConfig(name="dataset", format=fmt, paths=cfg.paths)
+
+
+def dataset_files(cfg: DatasetConfig) -> list[tuple[Path, str]]:
+    """(absolute path, path relative to what was named) of each input file; InputError if a path is missing."""
+    return expand_paths(_source(cfg), None if cfg.format == "python_functions" else RECORD_SUFFIXES)
+
+
+def dataset_paths(cfg: DatasetConfig) -> list[Path]:
+    """What the dataset's paths name (files, folders, the folders of globs)."""
+    return named_paths(_source(cfg))
 
 
 def _file_values(cfg: DatasetConfig) -> Iterator[tuple[str, str, object]]:
     """(location, raw text, JSON value or Reject) of each record of the input files."""
-    for path, _ in _files(cfg):
+    for path, _ in dataset_files(cfg):
         if path.name.endswith(".json"):
             raw = path.read_bytes()
             try:
@@ -156,22 +167,30 @@ def _file_values(cfg: DatasetConfig) -> Iterator[tuple[str, str, object]]:
             for i, value in enumerate(data if isinstance(data, list) else [data]):
                 yield f"{path}:[{i}]", json.dumps(value, ensure_ascii=False), value
             continue
-        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines separate nothing in JSONL; they are not records
-                location = f"{path}:{lineno}"
-                try:
-                    # A BOM is not content.
-                    text = line.rstrip(b"\r\n").decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    yield location, line.decode("utf-8", errors="replace"), Reject("invalid_utf8")
-                    continue
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError:
-                    value = Reject("invalid_json")
-                yield location, text, value
+        try:
+            yield from _jsonl_values(path)
+        except DAMAGED as err:  # as in the data stage: the records before the damage are kept
+            yield str(path), f"{type(err).__name__}: {err} (records before this point were read)", Reject(
+                "damaged_file")
+
+
+def _jsonl_values(path: Path) -> Iterator[tuple[str, str, object]]:
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines separate nothing in JSONL; they are not records
+            location = f"{path}:{lineno}"
+            try:
+                # A BOM is not content.
+                text = line.rstrip(b"\r\n").decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield location, line.decode("utf-8", errors="replace"), Reject("invalid_utf8")
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = Reject("invalid_json")
+            yield location, text, value
 
 
 def _convert(value: object, fmt: str, kind: str) -> dict:
@@ -268,6 +287,8 @@ def _finish(record: dict, cfg: DatasetConfig) -> dict:
             raise Reject("bad_role")
     if any(not m["content"].strip() for m in turns):
         raise Reject("empty")
+    if not all(valid_unicode(m["content"]) for m in turns):  # lone surrogates ("\ud800" in JSON)
+        raise Reject("invalid_unicode")
     if key == "prompt" and record["chosen"][0]["content"].strip() == record["rejected"][0]["content"].strip():
         raise Reject("same_answer")
     if sum(len(m["content"]) for m in turns) > cfg.max_chars:
@@ -282,7 +303,7 @@ def _functions(cfg: DatasetConfig, kind: str, seed: int) -> Iterator[tuple[str, 
     another function's docstring (equally fluent, so only matching the signature tells them apart).
     """
     found = []  # (location, signature, summary)
-    for path, rel in _files(cfg):
+    for path, rel in dataset_files(cfg):
         if _TEST_DIRS & set(Path(rel).parts[:-1]):
             continue
         raw = path.read_bytes()

@@ -9,14 +9,11 @@ from lmfleet.errors import InputError
 from lmfleet.posttrain.config import RewardStageConfig
 from lmfleet.posttrain.evaluate import encode_chat
 from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage, split_datasets
-from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
+from lmfleet.posttrain.inputs import check_reward
+from lmfleet.posttrain.models import load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_preferences
 
 CONFIG = RewardStageConfig
-
-
-def check_inputs(cfg: RewardStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
-    check_model_dir(cfg.model, "reward.model", upstream, run_dir, full_weights=True)
 
 
 def load_reward_model(path: Path):
@@ -59,7 +56,7 @@ def summary(e: dict, report: dict) -> list[str]:
 
 
 def run_reward_stage(cfg: RewardStageConfig, ctx) -> dict:
-    check_inputs(cfg, run_dir=ctx.run_dir)
+    check_reward(cfg, run_dir=ctx.run_dir)
     path = model_dir(cfg.model, ctx.run_dir).resolve()
     with ctx.step("read"):
         records = read_preferences(cfg.dataset, ctx.seed)

@@ -16,14 +16,11 @@ from lmfleet.posttrain.hf import (
     run_hf_stage,
     split_datasets,
 )
-from lmfleet.posttrain.models import check_model_dir, load_tokenizer, model_dir
+from lmfleet.posttrain.inputs import check_sft
+from lmfleet.posttrain.models import load_tokenizer, model_dir
 from lmfleet.posttrain.records import read_sft
 
 CONFIG = SFTStageConfig
-
-
-def check_inputs(cfg: SFTStageConfig, upstream=frozenset(), run_dir: Path | None = None) -> None:
-    check_model_dir(cfg.model, "sft.model", upstream, run_dir, full_weights=True)
 
 
 def build_trainer(cfg: SFTStageConfig, paths: dict, args: dict):
@@ -77,7 +74,7 @@ def summary(e: dict, report: dict) -> list[str]:
 
 
 def run_sft_stage(cfg: SFTStageConfig, ctx) -> dict:
-    check_inputs(cfg, run_dir=ctx.run_dir)
+    check_sft(cfg, run_dir=ctx.run_dir)
     path = model_dir(cfg.model, ctx.run_dir).resolve()
     with ctx.step("read"):
         records = read_sft(cfg.dataset, ctx.seed)

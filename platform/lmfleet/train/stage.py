@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 from lmfleet.errors import InputError
+from lmfleet.inputs import Input
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.config import PretrainConfig
 
@@ -25,12 +25,11 @@ def packed_dir(cfg: PretrainConfig, run_dir: Path | None) -> Path:
     return base / "packed" if (base / "packed").is_dir() or not (base / "index.json").exists() else base
 
 
-def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> None:
-    if cfg.data in upstream:
-        return  # produced by an earlier stage of this run
+def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
     path = packed_dir(cfg, run_dir)
-    if not (path / "index.json").is_file():
+    if cfg.data not in upstream and not (path / "index.json").is_file():  # upstream: an earlier stage writes it
         raise InputError(f"pretrain.data {cfg.data!r}: no packed data at {path} (expected a data stage output dir)")
+    return [Input("data", (path,))]
 
 
 def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
@@ -99,12 +98,11 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         from lmfleet.tune.search import run_search
 
         return run_search(cfg, ctx, launch)
-    started = time.time()
     with ctx.step("train"):
         result = launch(cfg, out, ctx.metrics.path, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export)
-    # metrics.jsonl is the run's log across re-runs: keep this run's records.
+    # metrics.jsonl is the run's log across re-runs: keep this run's records (a resumed run's since its first start).
     history = [json.loads(line) for line in ctx.metrics.path.read_text(encoding="utf-8").splitlines()]
-    history = [h for h in history if h.get("stage") == ctx.name and "loss" in h and h["time"] >= started]
+    history = [h for h in history if h.get("stage") == ctx.name and "loss" in h and h["time"] >= ctx.started]
     final = history[-1] if history else {}
     report = {
         "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),

@@ -1,0 +1,35 @@
+"""Preflight of the post-training stages: the model dirs each one reads and its dataset files.
+
+Kept apart from the stage modules so `lmfleet validate` checks inputs without importing torch or TRL.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from lmfleet.inputs import Input
+from lmfleet.posttrain.models import check_model_dir, model_dir
+from lmfleet.posttrain.records import dataset_files, dataset_paths
+
+MODEL_KEYS = ("model", "reward_model", "student_model")  # the config keys that name an input model
+
+
+def check_inputs(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = None, *, kind: str) -> list[Input]:
+    """Every model the stage reads is a HF dir (or an earlier stage of this run) and its dataset paths
+    exist; InputError naming the key otherwise. Returns the stage's inputs."""
+    inputs = []
+    for key in MODEL_KEYS:
+        ref = getattr(cfg, key, None)
+        if ref is not None:
+            check_model_dir(ref, f"{kind}.{key}", upstream, run_dir, full_weights=True)
+            inputs.append(Input(key, (model_dir(ref, run_dir),)))
+    inputs.append(Input("dataset.paths", tuple(dataset_paths(cfg.dataset)), tuple(dataset_files(cfg.dataset))))
+    return inputs
+
+
+check_sft = partial(check_inputs, kind="sft")
+check_reward = partial(check_inputs, kind="reward")
+check_dpo = partial(check_inputs, kind="dpo")
+check_distill = partial(check_inputs, kind="distill")
+check_ppo = partial(check_inputs, kind="ppo")
