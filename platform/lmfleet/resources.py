@@ -81,7 +81,7 @@ def can_add_nodes(status: dict | None) -> bool:
 
 
 def _pending(status: dict | None) -> str:
-    """What the autoscaler is launching, from its status: "2 x cpu_worker launching"."""
+    """What the autoscaler is launching, from its status: "2 x cpu_worker"."""
     report = (status or {}).get("autoscaler_report") or {}
     launches = dict(report.get("pending_launches") or {})
     for node in report.get("pending_nodes") or []:  # (ip, node type, status)
