@@ -31,12 +31,16 @@ def shared(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One embedded local Ray for the session's in-process stage runs (what `lmfleet run` starts)."""
+def ray_local(s3, tmp_path_factory):
+    """One embedded local Ray for the session's in-process stage runs (what `lmfleet run` starts). Its
+    workers see the loopback S3 API (as a cluster's nodes see their cloud's through instance roles) and
+    keep their copies of objects in a cache of the session's."""
     import ray
 
     from lmfleet.runner import init_ray
 
+    os.environ.update(s3[0])
+    os.environ["LMFLEET_CACHE"] = str(tmp_path_factory.mktemp("lmfleet-cache"))
     init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
@@ -108,11 +112,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None = None):
+def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None = None, idle_timeout_minutes: float = 5):
     """A Ray head on loopback started with `ray start` (a separate cluster, like a user's); yields
     (GCS address, job API URL or None, add_node, temp dir). Its processes are killed at the end.
     worker_types: run Ray's own autoscaler with these node types ({name: {resources, max_workers}}),
-    launching nodes as local processes (its fake multi-node provider; see ../shared/STACK.md)."""
+    launching nodes as local processes (its fake multi-node provider; see ../shared/STACK.md), and
+    terminating them after `idle_timeout_minutes` idle."""
     ray = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
     port, dash = _free_port(), _free_port()
@@ -125,13 +130,15 @@ def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None =
         none: dict = {}
         config = {
             "cluster_name": "fake", "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            # use_node_id_as_ip: the monitor matches its launched nodes to raylets by node id (they all share
+            # this machine's IP); without it they stay "uninitialized" and are never found idle.
             "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "disable_node_updaters": True,
-                         "disable_launch_config_check": True},
+                         "disable_launch_config_check": True, "use_node_id_as_ip": True},
             "available_node_types": {"ray.head.default": {"resources": {"CPU": num_cpus}, "node_config": none,
                                                           "max_workers": 0},
                                      **{name: {"node_config": none, "min_workers": 0, **t}
                                         for name, t in worker_types.items()}},
-            "head_node_type": "ray.head.default", "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+            "head_node_type": "ray.head.default", "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes,
             "file_mounts": none, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
             "rsync_exclude": [], "rsync_filter": [], "auth": none, "initialization_commands": [],
             "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
@@ -197,13 +204,17 @@ def registered_steps(run: Path, filesystem=None, storage: str | None = None) -> 
     return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3():
-    """An S3 API on loopback (moto's server: no cloud account here) with an empty bucket `lmfleet`; yields
-    (the env a job needs to reach it, a pyarrow S3FileSystem for the test's own reads)."""
+    """An S3 API on loopback (moto's server: no cloud account here) with a bucket `lmfleet` (tests use
+    prefixes of their own); yields (the env a job needs to reach it, a pyarrow S3FileSystem for the test's
+    own reads and writes)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
     from pyarrow import fs
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}", "AWS_ACCESS_KEY_ID": "test",

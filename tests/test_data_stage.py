@@ -144,8 +144,8 @@ def _stage_docs(corpus) -> dict[str, str]:
     cfg = load_run(write_config(corpus / "c.yaml", data_config(corpus, corpus / "unused"))).stages[0].config
     docs = {}
     for i, src in enumerate(cfg.sources):
-        for f, rel in expand_paths(src):
-            task = {"source": src.model_dump_json(), "source_index": i, "path": str(f), "relpath": rel}
+        for f in expand_paths(src):
+            task = {"source": src.model_dump_json(), "source_index": i, "path": f.path, "relpath": f.rel}
             for t in read_file(task, cfg.normalize, cfg.filter):
                 docs.update((r["id"], r["text"]) for r in t.to_pylist() if r["reject_reason"] is None)
     return docs

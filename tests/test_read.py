@@ -1,6 +1,7 @@
 """Readers and record classification on real files (no Ray): every record is kept or rejected with a reason."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -127,8 +128,9 @@ def test_expand_paths_errors_and_defaults(tmp_path):
     with pytest.raises(InputError, match="has no split 'test'"):
         check_hf_split(SourceConfig(name="h", format="hf_dataset", paths=[str(hf)], split="test"), hf)
     files = expand_paths(SourceConfig(name="std", format="python_docstrings"))
-    assert len(files) > 500 and all(f.suffix == ".py" and stdlib_dir().resolve() in f.parents for f, _ in files)
-    assert ("json/decoder.py" in {rel for _, rel in files})  # ids relative to the folder named
+    assert len(files) > 500 and all(
+        f.path.endswith(".py") and stdlib_dir().resolve() in Path(f.path).parents for f in files)
+    assert ("json/decoder.py" in {f.rel for f in files})  # ids relative to the folder named
 
 
 def test_expand_paths_dedupes_and_ids_relative_to_what_was_named(tmp_path, monkeypatch):
@@ -138,8 +140,8 @@ def test_expand_paths_dedupes_and_ids_relative_to_what_was_named(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     src = SourceConfig(name="s", format="jsonl", paths=["d/**", "d", str(tmp_path / "d" / "a.jsonl")])
     files = expand_paths(src)
-    assert [rel for _, rel in files] == ["a.jsonl", "sub/b.jsonl"]  # each file once
-    assert all(f.is_absolute() for f, _ in files)
+    assert [f.rel for f in files] == ["a.jsonl", "sub/b.jsonl"]  # each file once
+    assert all(Path(f.path).is_absolute() and f.size == 3 for f in files)
 
 
 def test_normalize_nfkc_and_whitespace():

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmfleet.errors import ConfigError
-from lmfleet.storage import SCHEMES, is_uri
+from lmfleet.uri import SCHEMES, is_uri
 
 
 class StrictModel(BaseModel):

@@ -15,23 +15,29 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmfleet import uri
 from lmfleet.errors import InputError
+from lmfleet.uri import FileRef, is_uri
 
 
 @dataclass(frozen=True)
 class Input:
     """One input of a stage: `key` (the config key that names it, relative to the stage), `paths` (what
-    the key names: files, folders, the folders of globs) and `files` (the files it reads, each with the
-    id the digest uses; None: every file under `paths`)."""
+    the key names: files, folders, the folders of globs; URIs as strings) and `files` (the files it reads,
+    each with the id, size and mtime the digest uses; None: every file under `paths`)."""
 
     key: str
-    paths: tuple[Path, ...]
-    files: tuple[tuple[Path, str], ...] | None = field(default=None, compare=False)
+    paths: tuple[Path | str, ...]
+    files: tuple[FileRef, ...] | None = field(default=None, compare=False)
 
-    def all_files(self) -> list[tuple[Path, str]]:
+    def all_files(self) -> list[FileRef]:
         if self.files is not None:
             return list(self.files)
-        return [f for path in self.paths for f in files_under(path)]
+        return [f for path in self.paths for f in files_under(path, self.key)]
+
+    def local_paths(self) -> list[Path]:
+        """The paths on this machine's filesystem (object-store URIs cannot overlap a local run dir)."""
+        return [Path(p) for p in self.paths if not is_uri(p)]
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -41,7 +47,7 @@ def _within(path: Path, folder: Path) -> bool:
 def check_overlap(inp: Input, stage_key: str, run_dir: Path, earlier_dirs: list[Path]) -> None:
     """InputError if an input lies inside the run dir (outside the dirs of earlier stages, whose outputs
     later stages read) or is a folder that holds the run dir."""
-    for named in inp.paths:
+    for named in inp.local_paths():
         path = _absolute(named)
         if _within(path, run_dir) and not any(_within(path, d) for d in earlier_dirs):
             raise InputError(f"{stage_key}.{inp.key}: input {named} is inside the run's output_dir {run_dir}, "
@@ -54,7 +60,8 @@ def check_overlap(inp: Input, stage_key: str, run_dir: Path, earlier_dirs: list[
 def earlier_stage(inp: Input, stage_dirs: dict[str, Path]) -> str | None:
     """The earlier stage of the run whose outputs are this input (its paths lie in that stage's dir)."""
     for name, folder in stage_dirs.items():
-        if inp.paths and all(_within(_absolute(p), folder) for p in inp.paths):
+        if inp.paths and len(inp.local_paths()) == len(inp.paths) and all(
+                _within(_absolute(p), folder) for p in inp.local_paths()):
             return name
     return None
 
@@ -65,20 +72,26 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def files_under(path: Path) -> list[tuple[Path, str]]:
-    """Every file under `path` (itself if a file), with its path relative to `path` as id."""
-    if path.is_file():
-        return [(path, path.name)]
-    return sorted((p, str(p.relative_to(path))) for p in path.rglob("*") if p.is_file())
+def files_under(path: Path | str, key: str = "path") -> list[FileRef]:
+    """Every file under `path` (itself if a file; a path or URI), with its path relative to `path` as id."""
+    if is_uri(path):
+        return uri.refs_under(str(path), key)
+    path = Path(path)
+    found = [(path, path.name)] if path.is_file() else sorted(
+        (p, str(p.relative_to(path))) for p in path.rglob("*") if p.is_file())
+    refs = []
+    for p, file_id in found:
+        try:
+            st = p.stat()
+        except OSError as err:
+            raise InputError(f"{key}: cannot read {p} ({err.strerror})") from None
+        refs.append(FileRef(str(p), file_id, st.st_size, st.st_mtime_ns))
+    return refs
 
 
 def digest(inp: Input) -> str:
     """A digest of the input's files: id, size and mtime of each (see the module docstring)."""
     h = hashlib.blake2b(digest_size=16)
-    for path, file_id in inp.all_files():
-        try:
-            st = path.stat()
-        except OSError as err:
-            raise InputError(f"{inp.key}: cannot read {path} ({err.strerror})") from None
-        h.update(f"{file_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    for ref in inp.all_files():
+        h.update(f"{ref.rel}\0{ref.size}\0{ref.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from lmfleet.errors import StageFailed, UserError
-from lmfleet.storage import is_uri
 from lmfleet.upload import SECRET_EXCLUDES, UPLOAD_EXCLUDES, describe, scan
+from lmfleet.uri import is_uri
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -14,17 +14,7 @@ import json
 from pathlib import Path
 
 from lmfleet.errors import InputError
-
-# The URI schemes pyarrow (and so Ray) opens as filesystems.
-SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+from lmfleet.uri import filesystem, is_uri, join
 
 
 def stage_storage(storage_path: str | None, run_name: str, stage_dir: Path) -> str:
@@ -33,15 +23,6 @@ def stage_storage(storage_path: str | None, run_name: str, stage_dir: Path) -> s
         return str(stage_dir / "ray")
     base = storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
     return join(base, run_name, stage_dir.name)
-
-
-def filesystem(path: str):
-    """(pyarrow filesystem, path inside it) for a storage path or URI."""
-    from pyarrow import fs
-
-    if is_uri(path):
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), str(Path(path).resolve())
 
 
 def delete(path: str) -> None:

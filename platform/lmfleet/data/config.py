@@ -19,7 +19,8 @@ class SourceConfig(StrictModel):
     format: Format
     paths: list[str] = Field(
         default_factory=list,
-        description="Files, dirs or globs. Empty only for python_docstrings (default: this Python's stdlib).",
+        description="Files, dirs or globs: local paths or URIs (s3://, gs://, abfs://); .gz, .zst, .bz2, .xz "
+        "files are decompressed. Empty only for python_docstrings (default: this Python's stdlib).",
     )
     text_field: str | list[str] = Field(
         "text", description="Field holding the text; a list joins the non-empty fields with a blank line."
@@ -36,6 +37,14 @@ class SourceConfig(StrictModel):
         if not self.paths and self.format != "python_docstrings":
             raise ValueError(f"source {self.name!r}: 'paths' is required for format {self.format!r}")
         return self
+
+
+class ReadConfig(StrictModel):
+    split_bytes: int | None = Field(
+        128 << 20, ge=1 << 10,
+        description="Uncompressed JSONL files larger than this are read by several tasks, one per byte range, "
+        "each from the first full line after its offset (same ids and rows as one task); null: one task per file.",
+    )
 
 
 class FilterConfig(StrictModel):
@@ -128,6 +137,7 @@ class PackConfig(StrictModel):
 
 class DataConfig(StrictModel):
     sources: list[SourceConfig] = Field(..., min_length=1)
+    read: ReadConfig = ReadConfig()
     filter: FilterConfig = FilterConfig()
     normalize: NormalizeConfig = NormalizeConfig()
     dedup: DedupConfig = DedupConfig()

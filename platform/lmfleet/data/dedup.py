@@ -86,29 +86,38 @@ class LshParams:
 
 
 def _band_rows(table: pa.Table, p: LshParams, partitions: int) -> pa.Table:
-    """One row per (document, band): the band's hash and who the document is."""
-    sigs = minhash.minhash_signatures(
-        table["text"].to_pylist(), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed, char_ngrams=p.char_ngrams
-    )
+    """One row per (document, band): the band's hash and who the document is (no signature: verification
+    fetches the signatures of candidate documents afterwards, see `candidate_edges`)."""
+    sigs = _signatures(table, p)
     bands = minhash.band_hashes(sigs, p.bands, p.rows, seed=p.seed)  # (n, b) uint64
     n = len(table)
-    doc = np.repeat(np.arange(n), p.bands)
+    doc = pa.array(np.repeat(np.arange(n), p.bands))
     keys = bands.reshape(-1)
-    cols = {
+    return pa.table({
         "band_key": pa.array(keys),
         "bucket": pa.array(_bucket_of(keys, partitions)),
-        "uid": table["uid"].take(pa.array(doc)),
-        "source_index": table["source_index"].take(pa.array(doc)),
-        "id": table["id"].take(pa.array(doc)),
-    }
-    if p.verify:
-        flat = pa.array(sigs.reshape(-1))
-        cols["sig"] = pa.FixedSizeListArray.from_arrays(flat, p.num_perm).take(pa.array(doc))
-    return pa.table(cols)
+        "uid": table["uid"].take(doc),
+        "source_index": table["source_index"].take(doc),
+        "id": table["id"].take(doc),
+    })
+
+
+def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
+    return minhash.minhash_signatures(
+        table["text"].to_pylist(), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed, char_ngrams=p.char_ngrams
+    )
+
+
+def _candidate_signatures(table: pa.Table, p: LshParams, uids: np.ndarray) -> pa.Table:
+    """(uid, signature) of the documents of `table` among `uids` (sorted)."""
+    table = table.filter(pa.array(np.isin(table["uid"].to_numpy(), uids)))
+    sigs = _signatures(table, p) if len(table) else np.zeros((0, p.num_perm), np.uint32)
+    return pa.table({"uid": table["uid"], "sig": pa.FixedSizeListArray.from_arrays(
+        pa.array(sigs.reshape(-1), pa.uint32()), p.num_perm)})
 
 
 def _bucket_edges(table: pa.Table, p: LshParams) -> pa.Table:
-    """Edges between documents sharing a band hash.
+    """Candidate edges between documents sharing a band hash (similarity null: not yet verified).
 
     Small buckets link all pairs (so verification can judge each pair); a bucket larger than
     max_bucket_pairs links every member to its first member only, bounding the edge count.
@@ -127,18 +136,11 @@ def _bucket_edges(table: pa.Table, p: LshParams) -> pa.Table:
         right.append(j + s)
     if not left:
         return EDGE_SCHEMA.empty_table()
-    u, v = np.concatenate(left), np.concatenate(right)
-    similarity = np.full(len(u), np.nan)
-    if p.verify:
-        sigs = table["sig"].combine_chunks().flatten().to_numpy().reshape(len(table), p.num_perm)
-        similarity = (sigs[u] == sigs[v]).mean(axis=1)
-        keep = similarity >= p.threshold
-        u, v, similarity = u[keep], v[keep], similarity[keep]
     cols = {}
-    for side, idx in (("u", u), ("v", v)):
+    for side, idx in (("u", np.concatenate(left)), ("v", np.concatenate(right))):
         taken = table.select(["uid", "source_index", "id"]).take(pa.array(idx, type=pa.int64()))
         cols.update({f"{side}_{name}": taken[name] for name in ("uid", "source_index", "id")})
-    cols["similarity"] = pa.array(similarity, pa.float64(), from_pandas=True)  # NaN -> null when not verified
+    cols["similarity"] = pa.nulls(len(cols["u_uid"]), pa.float64())
     return pa.table(cols, schema=EDGE_SCHEMA)
 
 
@@ -150,7 +152,14 @@ EDGE_SCHEMA = pa.schema(
 
 
 def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
-    """All (verified) near-duplicate edges, deduplicated, as a small table on the driver."""
+    """All (verified) near-duplicate edges, deduplicated, as a small table on the driver.
+
+    The band shuffle carries only ids (~40 bytes a row). Carrying each document's signature in every
+    band row, as this did before, shuffled bands x 512 bytes per document: 808 MB for a 57 MB corpus
+    (112k documents, 14 bands), and near dedup took 21.5 s on 2 CPUs against 12.7 s without it.
+    Verification then computes the signatures of the candidate documents alone (a few % of the corpus)
+    in one pass and compares each pair's on the driver.
+    """
     import ray
 
     edges = (
@@ -165,7 +174,21 @@ def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
     pairs = np.stack([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()], axis=1)
     pairs.sort(axis=1)
     _, first = np.unique(pairs, axis=0, return_index=True)
-    return edges.take(pa.array(np.sort(first)))
+    edges = edges.take(pa.array(np.sort(first)))
+    if not params.verify or len(edges) == 0:
+        return edges
+    u, v = edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()
+    wanted = np.unique(np.concatenate([u, v]))
+    found = pa.concat_tables(ray.get(ds.select_columns(["uid", "text"]).map_batches(
+        _candidate_signatures, batch_format="pyarrow", batch_size=2000,
+        fn_kwargs={"p": params, "uids": wanted}).to_arrow_refs()))
+    order = np.argsort(found["uid"].to_numpy())
+    sig_uids = found["uid"].to_numpy()[order]
+    sigs = found["sig"].combine_chunks().flatten().to_numpy().reshape(len(found), params.num_perm)[order]
+    similarity = (sigs[np.searchsorted(sig_uids, u)] == sigs[np.searchsorted(sig_uids, v)]).mean(axis=1)
+    keep = similarity >= params.threshold
+    edges = edges.set_column(edges.schema.get_field_index("similarity"), "similarity", pa.array(similarity))
+    return edges.filter(pa.array(keep))
 
 
 @dataclass

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import ast
 import errno
+import fnmatch
 import glob
-import gzip
 import hashlib
+import itertools
 import json
+import lzma
+import math
 import os
 import re
 import sysconfig
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lmfleet import uri
 from lmfleet.data.config import FilterConfig, NormalizeConfig, SourceConfig
 from lmfleet.errors import InputError
 
@@ -59,13 +63,22 @@ REJECT_REASONS = (
 RAW_PREFIX = 2000  # chars of a rejected record kept in rejects/, enough to see what was wrong
 ROWS_PER_BATCH = 5000
 
-_SUFFIXES = {
-    "jsonl": (".jsonl", ".jsonl.gz", ".ndjson"),
+_FORMAT_SUFFIXES = {
+    "jsonl": (".jsonl", ".ndjson"),
     "json": (".json",),
     "parquet": (".parquet",),
     "text": (".txt", ".md", ".rst"),
     "python_docstrings": (".py",),
 }
+
+
+def with_compressions(suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    """Each suffix as it is and with each compression suffix (.jsonl.gz, .jsonl.zst, ...)."""
+    return tuple(s + c for s in suffixes for c in ("", *uri.COMPRESSIONS))
+
+
+_SUFFIXES = {fmt: with_compressions(sfx) if fmt in ("jsonl", "json", "text") else sfx
+             for fmt, sfx in _FORMAT_SUFFIXES.items()}
 
 
 def stdlib_dir() -> Path:
@@ -74,18 +87,17 @@ def stdlib_dir() -> Path:
 
 def _glob_base(pattern: str) -> Path:
     """The folder part of a glob before its first wildcard: ids are relative to it."""
-    parts = Path(pattern).parts
-    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-    return Path(*parts[:fixed]) if fixed else Path(".")
+    return Path(uri.glob_base(pattern))
 
 
 def _patterns(src: SourceConfig) -> list[str]:
     return src.paths or ([str(stdlib_dir())] if src.format == "python_docstrings" else [])
 
 
-def named_paths(src: SourceConfig) -> list[Path]:
-    """What the source's paths name: files, folders, and the folder part of each glob."""
-    return [_glob_base(p) if glob.has_magic(p) else Path(p) for p in _patterns(src)]
+def named_paths(src: SourceConfig) -> list[Path | str]:
+    """What the source's paths name: files, folders, and the folder part of each glob (URIs as strings)."""
+    return [(uri.glob_base(p) if glob.has_magic(p) else p) if uri.is_uri(p)
+            else _glob_base(p) if glob.has_magic(p) else Path(p) for p in _patterns(src)]
 
 
 def _bad_link(src: SourceConfig, path: Path) -> InputError:
@@ -98,16 +110,57 @@ def _bad_link(src: SourceConfig, path: Path) -> InputError:
     return InputError(f"source {src.name!r}: {path} is a symbolic link to {os.readlink(path)!r}, which does not exist")
 
 
-def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, str]]:
-    """(absolute path, id path) of each input of a source, in order, each file once.
+def _is_hf_dir(folder: str) -> bool:
+    return any(uri.info(uri.join(folder, f)).is_file for f in ("dataset_info.json", "dataset_dict.json"))
+
+
+def _expand_uri(src: SourceConfig, pattern: str, wanted: tuple[str, ...]) -> list[uri.FileRef]:
+    """The files of one URI of a source: an object, a prefix (files with the wanted suffixes under it)
+    or a glob; an hf_dataset URI names a save_to_disk dir (one entry, sized by its files)."""
+    from pyarrow import fs
+
+    key = f"sources.{src.name}.paths"
+    if glob.has_magic(pattern):
+        if src.format == "hf_dataset":  # the save_to_disk dirs among the matched prefixes
+            return [_hf_ref(d.path, d.rel, key) for d in uri.glob_files(pattern, key, dirs=True) if _is_hf_dir(d.path)]
+        refs = uri.glob_files(pattern, key)
+        return [r for r in refs if src.format != "python_docstrings" or r.path.endswith(".py")]
+    found = uri.info(pattern, key)
+    if found.type == fs.FileType.NotFound:
+        raise uri.not_found(key, pattern)
+    if src.format == "hf_dataset":
+        if found.type != fs.FileType.Directory or not _is_hf_dir(pattern):
+            raise InputError(f"source {src.name!r}: {pattern} is not a dataset saved with datasets' save_to_disk")
+        return [_hf_ref(pattern, pattern.rstrip("/").rsplit("/", 1)[-1], key)]
+    refs = uri.refs_under(pattern, key)
+    if found.type == fs.FileType.File:
+        return refs
+    refs = [r for r in refs if r.path.endswith(wanted) and fnmatch.fnmatchcase(r.path.rsplit("/", 1)[-1], src.glob)]
+    if not refs:
+        raise InputError(f"source {src.name!r}: no {'/'.join(wanted)} files under {pattern}")
+    return refs
+
+
+def _hf_ref(folder: str, rel: str, key: str) -> uri.FileRef:
+    files = uri.files_under(folder, key)
+    return uri.FileRef(folder, rel, sum(f.size for f in files), max((f.mtime_ns or 0) for f in files))
+
+
+def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> list[uri.FileRef]:
+    """Each input file of a source (absolute path or URI, id path, size, mtime), in order, each once.
 
     The id path is relative to what the user named (a folder, the folder part of a glob, or the
     file's own folder), so ids stay the same when the data moves or other files are added.
     `suffixes` overrides the file endings looked for in folders (default: those of src.format).
     Raises InputError naming the path that matched nothing or cannot be read.
     """
-    files: dict[Path, str] = {}
+    files: dict[str, uri.FileRef] = {}
+    wanted = suffixes or _SUFFIXES.get(src.format, ())
     for pattern in _patterns(src):
+        if uri.is_uri(pattern):
+            for ref in _expand_uri(src, pattern, wanted):
+                files.setdefault(ref.path, ref)
+            continue
         if glob.has_magic(pattern):
             base = _glob_base(pattern)
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
@@ -126,7 +179,6 @@ def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> 
                     )
                 found = [m]
             elif m.is_dir():
-                wanted = suffixes or _SUFFIXES[src.format]
                 found = sorted(
                     p for p in m.rglob(src.glob) if p.name.endswith(wanted) and "site-packages" not in p.parts
                     and (p.is_file() or p.is_symlink())
@@ -142,18 +194,27 @@ def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> 
                 found = [m]
             for f in found:
                 rel = str(f.relative_to(base)) if f != base else f.name
-                files.setdefault(f.resolve(), rel)
-    for f in files:
-        if f.is_file() and not _readable(f):
-            raise InputError(f"source {src.name!r}: cannot read {f}")
-    return list(files.items())
+                path = f.resolve()
+                if str(path) not in files:
+                    files[str(path)] = _local_ref(src, path, rel)
+    return list(files.values())
 
 
-def check_hf_split(src: SourceConfig, path: Path) -> None:
+def _local_ref(src: SourceConfig, path: Path, rel: str) -> uri.FileRef:
+    if path.is_dir():  # an hf_dataset dir
+        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return uri.FileRef(str(path), rel, sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+    if not _readable(path):
+        raise InputError(f"source {src.name!r}: cannot read {path}")
+    st = path.stat()
+    return uri.FileRef(str(path), rel, st.st_size, st.st_mtime_ns)
+
+
+def check_hf_split(src: SourceConfig, path: str) -> None:
     """A saved DatasetDict must have the configured split."""
-    dict_file = path / "dataset_dict.json"
-    if dict_file.exists():
-        splits = json.loads(dict_file.read_text(encoding="utf-8")).get("splits", [])
+    dict_file = uri.join(path, "dataset_dict.json")
+    if uri.info(dict_file).is_file:
+        splits = json.loads(uri.read_bytes(dict_file).decode("utf-8")).get("splits", [])
         if src.split not in splits:
             raise InputError(f"source {src.name!r}: {path} has no split {src.split!r}; it has {splits}")
 
@@ -268,27 +329,82 @@ def printable(text: str) -> str:
 
 # What reading a damaged file raises part-way: truncated or corrupt gzip (EOFError, BadGzipFile, zlib.error),
 # a corrupt Parquet file (ArrowException), an I/O error. The records read before it are kept.
-DAMAGED = (EOFError, OSError, zlib.error, pa.ArrowException)
+DAMAGED = (EOFError, OSError, zlib.error, lzma.LZMAError, pa.ArrowException)
+
+
+def byte_ranges(size: int, split_bytes: int | None) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about split_bytes each covering a file of `size` bytes (one when small)."""
+    n = 1 if not split_bytes or size <= split_bytes else math.ceil(size / split_bytes)
+    bounds = [size * i // n for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def count_newlines(path: str, start: int, end: int) -> int:
+    """Newline bytes in [start, end) of an uncompressed file: what a range's first line number needs."""
+    n, left = 0, end - start
+    with uri.open_raw(path, start) as f:
+        while left > 0:
+            chunk = f.read(min(left, uri.READ_BUFFER))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            left -= len(chunk)
+    return n
+
+
+def first_lines(ranges: list[tuple[int, int]], newlines: list[int]) -> list[int]:
+    """The number of the first line owned by each range (a line belongs to the range holding its first
+    byte), from `newlines[k]` = newline bytes in [start_k - 1, start_{k+1} - 1) (k < last; [0, ..) for k = 0).
+    The first line owned by range k > 0 begins after the first newline at or after start_k - 1."""
+    out, before = [1], 0
+    for k in range(1, len(ranges)):
+        before += newlines[k - 1]
+        out.append(before + 2)
+    return out
+
+
+def newline_spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans whose newline counts `first_lines` takes: the ranges shifted back by one byte."""
+    starts = [0] + [s - 1 for s, _ in ranges[1:]]
+    return list(itertools.pairwise(starts))
+
+
+def _range_lines(f, start: int, end: int | None, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the lines starting in [start, end) of an open file; end None: to EOF."""
+    pos = 0
+    if start > 0:
+        f.seek(start - 1)
+        pos = start - 1 + len(f.readline())  # the line holding byte start - 1 is the previous range's
+    lineno = first_line
+    for raw in f:
+        if end is not None and pos >= end:
+            break
+        yield lineno, raw
+        pos += len(raw)
+        lineno += 1
 
 
 def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator[pa.Table]:
-    """Yield row tables for one input file (or one HF dataset dir). A file that turns out damaged part-way
-    keeps the records read before the damage and adds one `damaged_file` reject naming the file and error."""
+    """Yield row tables for one input file, one byte range of it (task keys start, end, first_line) or
+    one HF dataset dir. A file that turns out damaged part-way keeps the records read before the damage
+    and adds one `damaged_file` reject naming the file and error."""
     src = SourceConfig.model_validate_json(task["source"])
     rb = RecordBuilder(src, task["source_index"], norm, filt)
-    path = Path(task["path"])
+    path = task["path"]
+    span = (task.get("start", 0), task.get("end"), task.get("first_line", 1))
     try:
-        yield from _read_records(src, path, f"{src.name}/{task['relpath']}", rb)
+        yield from _read_records(src, path, f"{src.name}/{task['relpath']}", rb, span)
     except DAMAGED as err:
-        rb.reject(str(path), "damaged_file", f"{type(err).__name__}: {err} (records before this point were read)")
+        rb.reject(path, "damaged_file", f"{type(err).__name__}: {err} (records before this point were read)")
     yield from rb.flush(force=True)
 
 
-def _read_records(src: SourceConfig, path: Path, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:
+def _read_records(src: SourceConfig, path: str, prefix: str, rb: RecordBuilder,
+                  span: tuple[int, int | None, int] = (0, None, 1)) -> Iterator[pa.Table]:
     if src.format == "jsonl":
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+        start, end, first_line = span
+        with (uri.open_raw(path) if start or end is not None else uri.open_input(path)) as f:
+            for lineno, raw in _range_lines(f, start, end, first_line):
                 if not raw.strip():
                     continue  # blank lines separate nothing in JSONL; they are not records
                 loc = f"{path}:{lineno}"
@@ -308,7 +424,7 @@ def _read_records(src: SourceConfig, path: Path, prefix: str, rb: RecordBuilder)
                 rb.record(loc, f"{prefix}:{lineno}", obj)
                 yield from rb.flush()
     elif src.format == "json":
-        raw = path.read_bytes()
+        raw = uri.read_bytes(path)
         try:
             data = json.loads(raw.decode("utf-8-sig"))
         except UnicodeDecodeError:
@@ -333,15 +449,16 @@ def _read_records(src: SourceConfig, path: Path, prefix: str, rb: RecordBuilder)
         import pyarrow.parquet as pq
 
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH):
-            for obj in batch.to_pylist():
-                rb.record(f"{path}#{row}", f"{prefix}:{row}", obj)
-                row += 1
-            yield from rb.flush()
+        with uri.open_arrow(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH):
+                for obj in batch.to_pylist():
+                    rb.record(f"{path}#{row}", f"{prefix}:{row}", obj)
+                    row += 1
+                yield from rb.flush()
     elif src.format == "hf_dataset":
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(uri.local_copy(path, f"sources.{src.name}.paths")))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[src.split]
         row = 0
@@ -351,7 +468,7 @@ def _read_records(src: SourceConfig, path: Path, prefix: str, rb: RecordBuilder)
                 row += 1
             yield from rb.flush()
     elif src.format == "text":
-        raw = path.read_bytes()
+        raw = uri.read_bytes(path)
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -368,11 +485,11 @@ def _read_records(src: SourceConfig, path: Path, prefix: str, rb: RecordBuilder)
         yield from _docstrings(path, prefix, rb)
 
 
-def _docstrings(path: Path, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:
+def _docstrings(path: str, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:
     """Module, class and function docstrings of a Python file; functions carry their signature."""
-    raw = path.read_bytes()
+    raw = uri.read_bytes(path)
     try:
-        tree = ast.parse(raw, filename=str(path))
+        tree = ast.parse(raw, filename=path)
     except (SyntaxError, ValueError):
         rb.reject(str(path), "invalid_python", raw)
         return

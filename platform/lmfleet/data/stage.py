@@ -25,21 +25,32 @@ import pyarrow.parquet as pq
 
 from lmfleet.data import dedup, mixing, packing
 from lmfleet.data.config import DataConfig
-from lmfleet.data.read import ROW_SCHEMA, check_hf_split, expand_paths, named_paths, read_file
+from lmfleet.data.read import (
+    ROW_SCHEMA,
+    byte_ranges,
+    check_hf_split,
+    count_newlines,
+    expand_paths,
+    first_lines,
+    named_paths,
+    newline_spans,
+    read_file,
+)
 from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
+from lmfleet.uri import FileRef, compression
 
 OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
 
 
-def source_files(cfg: DataConfig) -> dict[str, list[tuple[Path, str]]]:
-    """(path, id path) of every input file of each source; InputError for a path that is missing or unreadable."""
+def source_files(cfg: DataConfig) -> dict[str, list[FileRef]]:
+    """Every input file of each source; InputError for a path or URI that is missing or unreadable."""
     files = {src.name: expand_paths(src) for src in cfg.sources}
     for src in cfg.sources:
         if src.format == "hf_dataset":
-            for path, _ in files[src.name]:
-                check_hf_split(src, path)
+            for ref in files[src.name]:
+                check_hf_split(src, ref.path)
     return files
 
 
@@ -77,6 +88,38 @@ def _sum_by(ds, key: str, value=None) -> dict:
     return dict(out)
 
 
+def _read_tasks(cfg: DataConfig, files: dict[str, list[FileRef]]) -> tuple[list[dict], dict]:
+    """One read task per file, or per byte range of an uncompressed JSONL file over read.split_bytes (its
+    ranges' first line numbers from a newline count of each range, run as Ray tasks: about 1 GB/s a core,
+    against ~50 MB/s for parsing). Also what the report says of splitting."""
+    import ray
+
+    split = cfg.read.split_bytes
+    counter = ray.remote(num_cpus=1)(count_newlines)
+    tasks, counts, unsplit = [], [], []
+    for i, src in enumerate(cfg.sources):
+        for ref in files[src.name]:
+            if ref.size == 0:
+                continue
+            task = {"source": src.model_dump_json(), "source_index": i, "path": ref.path, "relpath": ref.rel}
+            if src.format != "jsonl" or not split or ref.size <= split:
+                tasks.append(task)
+            elif compression(ref.path):
+                unsplit.append({"file": ref.path, "bytes": ref.size,
+                                "why": f"{compression(ref.path)} streams cannot be read from an offset"})
+                tasks.append(task)
+            else:
+                ranges = byte_ranges(ref.size, split)
+                group = [{**task, "start": a, "end": b} for a, b in ranges]
+                counts.append((group, [counter.remote(ref.path, a, b) for a, b in newline_spans(ranges)]))
+                tasks.extend(group)
+    for group, refs in counts:
+        for task, first in zip(group, first_lines([(t["start"], t["end"]) for t in group], ray.get(refs)), strict=True):
+            task["first_line"] = first
+    return tasks, {"tasks": len(tasks), "split_files": len(counts), "split_bytes": split,
+                   "unsplittable": unsplit}
+
+
 def _read_batch(table: pa.Table, norm, filt) -> pa.Table:
     out = [t for task in table.to_pylist() for t in read_file(task, norm, filt)]
     return pa.concat_tables([ROW_SCHEMA.empty_table(), *out])
@@ -110,14 +153,10 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
     with ctx.step("read"):
         files = source_files(cfg)
         # Empty files hold no record: counted, not read.
-        empty = {f for src in cfg.sources for f, _ in files[src.name] if f.is_file() and f.stat().st_size == 0}
-        tasks = [
-            {"source": src.model_dump_json(), "source_index": i, "path": str(f), "relpath": rel}
-            for i, src in enumerate(cfg.sources)
-            for f, rel in files[src.name] if f not in empty
-        ]
-        if not tasks:
-            raise InputError(f"every input file is empty: {', '.join(sorted(map(str, empty)))}")
+        empty = [ref.path for src in cfg.sources for ref in files[src.name] if ref.size == 0]
+        if len(empty) == sum(map(len, files.values())):
+            raise InputError(f"every input file is empty: {', '.join(sorted(empty))}")
+        tasks, report["read"] = _read_tasks(cfg, files)
         records = (
             ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
             .map_batches(_read_batch, batch_size=1, batch_format="pyarrow",
@@ -135,7 +174,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         if n_valid == 0:
             raise InputError(f"no valid documents among {n_in} records (rejects: {dict(reasons)}; see "
                              f"{out / 'rejects'}); check text_field and the filter settings")
-        report.update(files=len(tasks) + len(empty), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
+        report.update(files=sum(map(len, files.values())), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
                       rejects=dict(sorted(reasons.items())), valid_docs=n_valid)
         report["outputs"]["rejects"] = str(out / "rejects")
 
@@ -257,6 +296,10 @@ def _summary(r: dict) -> list[str]:
     lines = [
         f"documents read: {r['docs_in']} from {r['files']} files"
         + (f" ({r['empty_files']} empty)" if r["empty_files"] else "") + f"; rejected {r['rejected']} ({rejects})",
+        *([f"read: {r['read']['split_files']} files over read.split_bytes split into byte ranges; "
+            f"{r['read']['tasks']} read tasks"] if r["read"]["split_files"] else []),
+        *([f"read: {len(r['read']['unsplittable'])} compressed files over read.split_bytes read by one task each "
+           "(a compressed stream cannot be read from an offset)"] if r["read"]["unsplittable"] else []),
         f"exact duplicates removed: {r['exact_duplicates_removed']}",
         f"near duplicates removed: {r['near_duplicates_removed']} in {r['clusters']} clusters"
         + (f" (MinHash {r['lsh']['num_perm']} perms, {r['lsh']['bands']}x{r['lsh']['rows']} bands, "

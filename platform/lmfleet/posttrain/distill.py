@@ -17,8 +17,9 @@ from trl import SFTTrainer
 from lmfleet.posttrain.config import DistillStageConfig
 from lmfleet.posttrain.hf import quarantine_long_prompts, read_jsonl, run_hf_stage, split_datasets
 from lmfleet.posttrain.inputs import check_distill
-from lmfleet.posttrain.models import load_tokenizer, model_dir
+from lmfleet.posttrain.models import input_model, load_tokenizer
 from lmfleet.posttrain.records import read_sft
+from lmfleet.uri import local_copy
 
 CONFIG = DistillStageConfig
 TRACKED = ("kl", "lm_loss")  # logged per step; first and final values go in the report
@@ -125,10 +126,10 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_distill_stage(cfg: DistillStageConfig, ctx) -> dict:
     check_distill(cfg, run_dir=ctx.run_dir)
-    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
+    paths = {"model": input_model(cfg.model, ctx.run_dir)}
     with ctx.step("read"):
         records = read_sft(cfg.dataset, ctx.seed)
-        quarantine_long_prompts(records, load_tokenizer(paths["model"]), cfg.training.max_length)
+        quarantine_long_prompts(records, load_tokenizer(local_copy(paths["model"])), cfg.training.max_length)
     if cfg.student_model is not None:
-        paths["student"] = model_dir(cfg.student_model, ctx.run_dir).resolve()
+        paths["student"] = input_model(cfg.student_model, ctx.run_dir)
     return run_hf_stage("distill", cfg, ctx, records, paths)

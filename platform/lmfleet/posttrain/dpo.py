@@ -18,8 +18,9 @@ from lmfleet.posttrain.hf import (
     split_datasets,
 )
 from lmfleet.posttrain.inputs import check_dpo
-from lmfleet.posttrain.models import load_tokenizer, model_dir
+from lmfleet.posttrain.models import input_model, load_tokenizer
 from lmfleet.posttrain.records import read_preferences
+from lmfleet.uri import local_copy
 
 CONFIG = DPOStageConfig
 TRACKED = ("rewards/margins", "rewards/accuracies")
@@ -81,10 +82,10 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:
     check_dpo(cfg, run_dir=ctx.run_dir)
-    paths = {"model": model_dir(cfg.model, ctx.run_dir).resolve()}
+    paths = {"model": input_model(cfg.model, ctx.run_dir)}
     with ctx.step("read"):
         records = read_preferences(cfg.dataset, ctx.seed)
-        quarantine_long_prompts(records, load_tokenizer(paths["model"]), cfg.training.max_length)
+        quarantine_long_prompts(records, load_tokenizer(local_copy(paths["model"])), cfg.training.max_length)
     if cfg.reward_model is not None:
-        paths["reward_model"] = model_dir(cfg.reward_model, ctx.run_dir).resolve()
+        paths["reward_model"] = input_model(cfg.reward_model, ctx.run_dir)
     return run_hf_stage("dpo", cfg, ctx, records, paths)

@@ -21,6 +21,7 @@ from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
 from lmfleet.posttrain.config import PeftConfig, TrainingConfig
+from lmfleet.posttrain.models import local_models
 from lmfleet.posttrain.records import Records, prompt_of
 from lmfleet.runner import MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
@@ -162,7 +163,7 @@ def _worker(config: dict) -> None:
         datasets.disable_progress_bars()  # TRL's dataset preparation: one bar per map otherwise
     module = importlib.import_module(STAGES[config["kind"]])
     cfg = module.CONFIG.model_validate(config["cfg"])
-    paths = config["paths"]
+    paths = local_models(config["paths"])
     args = training_args(cfg.training, paths["hf_output"], config["seed"], paths["use_gpu"],
                          has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
     if config.get("stop_at"):
@@ -303,7 +304,7 @@ def run_eval_task(fn, cfg, paths: dict) -> dict:
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
-        return fn(cfg, paths)
+        return fn(cfg, local_models(paths))
 
     remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if paths["use_gpu"] else 0)(task)
     return ray.get(remote.options(name=f"evaluate_{fn.__module__.rsplit('.', 1)[-1]}").remote(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyarrow import fs
+
+from lmfleet import uri
 from lmfleet.errors import InputError
 
 # lmfleet's chat template. `{% generation %}` marks the assistant text, so TRL can mask everything
@@ -23,12 +26,32 @@ CHAT_TEMPLATE = (
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def model_dir(ref: str, run_dir: Path | None) -> Path:
-    """A stage name of this run (no '/') -> its model/ dir; a path -> itself, or its model/ if a stage dir."""
+def model_dir(ref: str, run_dir: Path | None) -> Path | str:
+    """A stage name of this run (no '/') -> its model/ dir; a path or URI -> itself, or its model/ if a stage dir."""
     if run_dir is not None and "/" not in ref:
         return run_dir / ref / "model"
+    if uri.is_uri(ref):
+        base = ref.rstrip("/")
+        inner = uri.join(base, "model")
+        return inner if uri.info(inner).type == fs.FileType.Directory else base
     path = Path(ref)
     return path / "model" if (path / "model").is_dir() else path
+
+
+def input_model(ref: str, run_dir: Path | None) -> str:
+    """What a stage hands its workers: the model dir as an absolute path, or a URI (see `local_models`)."""
+    path = model_dir(ref, run_dir)
+    return path if isinstance(path, str) else str(path.resolve())
+
+
+MODEL_PATHS = ("model", "reward_model", "student")  # the keys of a stage's `paths` that hold input models
+
+
+def local_models(paths: dict) -> dict:
+    """`paths` with each input model on an object store replaced by this node's copy of it: what every
+    worker and evaluation task does first (a copy per node, shared by its processes: lmfleet.uri)."""
+    return {k: str(uri.local_copy(v, k)) if k in MODEL_PATHS and isinstance(v, str) and uri.is_uri(v) else v
+            for k, v in paths.items()}
 
 
 def check_model_dir(ref: str, key: str, upstream: set[str], run_dir: Path | None, full_weights: bool = False) -> None:
@@ -36,20 +59,21 @@ def check_model_dir(ref: str, key: str, upstream: set[str], run_dir: Path | None
     `full_weights`: the stage trains or scores the weights, so an adapter-only dir will not do."""
     if ref in upstream:
         return
-    path = model_dir(ref, run_dir)
-    if not path.is_dir():
+    path = str(model_dir(ref, run_dir))
+    has = lambda name: uri.info(uri.join(path, name), key).is_file  # noqa: E731 - a path or URI
+    if uri.info(path, key).type != fs.FileType.Directory:
         raise InputError(f"{key} {ref!r}: no model at {path} (expected a stage name of this run or a HF model dir)")
-    if (path / "lmfleet_model.json").exists():
+    if has("lmfleet_model.json"):
         raise InputError(
             f"{key} {ref!r}: {path} is in lmfleet's own format (the pretrained config is not Llama-compatible); "
             "post-training needs a HF model dir: pretrain with RoPE, RMSNorm, SwiGLU, pre-norm, global attention"
         )
-    if full_weights and (path / ADAPTER_CONFIG).exists():
+    if full_weights and has(ADAPTER_CONFIG):
         raise InputError(
             f"{key} {ref!r}: {path} is a prompt/P-tuning adapter (virtual tokens cannot be merged into weights); "
             "train that stage with peft lora / ia3 or without peft to chain further stages"
         )
-    if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
+    if not has("config.json") and not has(ADAPTER_CONFIG):
         raise InputError(f"{key} {ref!r}: {path} has no config.json (expected a HF model dir)")
 
 

@@ -28,10 +28,11 @@ from lmfleet.errors import InputError
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, PPOStageConfig
 from lmfleet.posttrain.hf import read_jsonl
 from lmfleet.posttrain.inputs import check_ppo
-from lmfleet.posttrain.models import model_dir
+from lmfleet.posttrain.models import input_model, local_models
 from lmfleet.posttrain.records import prompt_of
 from lmfleet.runner import MetricsLog
 from lmfleet.storage import checkpoint_uri
+from lmfleet.uri import local_copy
 
 # -- PPO math: pure functions on [batch, response_len] tensors; `mask` marks real response tokens --
 
@@ -291,7 +292,7 @@ class PPOTrainer:
 
 def _worker(config: dict) -> None:
     cfg = PPOStageConfig.model_validate(config["cfg"])
-    paths = config["paths"]
+    paths = local_models(config["paths"])
     trainer = PPOTrainer(cfg, paths, config["seed"])
     for iteration in range(trainer.restore(), cfg.iterations):
         started = time.perf_counter()
@@ -335,11 +336,11 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
 
     check_ppo(cfg, run_dir=ctx.run_dir)
     out = ctx.out_dir.resolve()
-    policy_dir = model_dir(cfg.model, ctx.run_dir).resolve()
+    policy_dir = input_model(cfg.model, ctx.run_dir)
     with ctx.step("read"):
         records = read_prompt_records(cfg, ctx.seed)
         # A prompt must leave room for max_new_tokens: longer ones are quarantined, not cut.
-        quarantine_long_prompts(records, load_tokenizer(policy_dir),
+        quarantine_long_prompts(records, load_tokenizer(local_copy(policy_dir)),
                                 cfg.training.max_length - cfg.generation.max_new_tokens)
         records.write(out / "data")
         for name, rows in (("prompts", records.train), ("val_prompts", records.val)):
@@ -349,7 +350,7 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
         raise InputError(f"ppo.dataset: no usable prompts ({records.counts()})")
     use_gpu = cfg.scaling.resolve_gpu()
     paths = {
-        "model": str(policy_dir), "reward_model": str(model_dir(cfg.reward_model, ctx.run_dir).resolve()),
+        "model": policy_dir, "reward_model": input_model(cfg.reward_model, ctx.run_dir),
         "prompts": str(out / "data" / "prompts.jsonl"), "val_prompts": str(out / "data" / "val_prompts.jsonl"),
         "metrics": str(ctx.metrics.path.resolve()), "export": str(out / "model"), "use_gpu": use_gpu,
     }

@@ -9,7 +9,6 @@ prefix of the raw record) so every record read is counted. Only a missing path r
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import random
 import re
@@ -19,9 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmfleet.data.config import SourceConfig
-from lmfleet.data.read import DAMAGED, content_hash, expand_paths, named_paths, printable, valid_unicode
+from lmfleet.data.read import (
+    DAMAGED,
+    content_hash,
+    expand_paths,
+    named_paths,
+    printable,
+    valid_unicode,
+    with_compressions,
+)
 from lmfleet.errors import ConfigError
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, SFT_FORMATS, DatasetConfig
+from lmfleet.uri import FileRef, open_input, read_bytes
 
 REJECT_REASONS = (
     "invalid_json",
@@ -41,7 +49,7 @@ REJECT_REASONS = (
     "too_many_tokens",
 )
 RAW_PREFIX = 500  # chars of a rejected record kept, enough to see what was wrong
-RECORD_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".ndjson")
+RECORD_SUFFIXES = with_compressions((".json", ".jsonl", ".ndjson"))
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 DOCSTRING_PROMPT = "Write the docstring of this Python function:\n"
 MIN_DOCSTRING_CHARS = 20  # shorter summaries ("Return x.") teach little
@@ -143,26 +151,31 @@ def _source(cfg: DatasetConfig) -> SourceConfig:
     return SourceConfig(name="dataset", format=fmt, paths=cfg.paths)
 
 
-def dataset_files(cfg: DatasetConfig) -> list[tuple[Path, str]]:
-    """(absolute path, path relative to what was named) of each input file; InputError if a path is missing."""
+def dataset_files(cfg: DatasetConfig) -> list[FileRef]:
+    """Each input file (absolute path or URI, path relative to what was named); InputError if one is missing."""
     return expand_paths(_source(cfg), None if cfg.format == "python_functions" else RECORD_SUFFIXES)
 
 
-def dataset_paths(cfg: DatasetConfig) -> list[Path]:
+def dataset_paths(cfg: DatasetConfig) -> list[Path | str]:
     """What the dataset's paths name (files, folders, the folders of globs)."""
     return named_paths(_source(cfg))
 
 
 def _file_values(cfg: DatasetConfig) -> Iterator[tuple[str, str, object]]:
     """(location, raw text, JSON value or Reject) of each record of the input files."""
-    for path, _ in dataset_files(cfg):
-        if path.name.endswith(".json"):
-            raw = path.read_bytes()
+    for ref in dataset_files(cfg):
+        path = ref.path
+        if path.endswith(with_compressions((".json",))):
+            try:
+                raw = read_bytes(path)
+            except DAMAGED as err:
+                yield path, f"{type(err).__name__}: {err}", Reject("damaged_file")
+                continue
             try:
                 data = json.loads(raw.decode("utf-8-sig"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 reason = "invalid_utf8" if isinstance(e, UnicodeDecodeError) else "invalid_json"
-                yield str(path), raw[: RAW_PREFIX * 4].decode("utf-8", errors="replace"), Reject(reason)
+                yield path, raw[: RAW_PREFIX * 4].decode("utf-8", errors="replace"), Reject(reason)
                 continue
             for i, value in enumerate(data if isinstance(data, list) else [data]):
                 yield f"{path}:[{i}]", json.dumps(value, ensure_ascii=False), value
@@ -170,12 +183,12 @@ def _file_values(cfg: DatasetConfig) -> Iterator[tuple[str, str, object]]:
         try:
             yield from _jsonl_values(path)
         except DAMAGED as err:  # as in the data stage: the records before the damage are kept
-            yield str(path), f"{type(err).__name__}: {err} (records before this point were read)", Reject(
+            yield path, f"{type(err).__name__}: {err} (records before this point were read)", Reject(
                 "damaged_file")
 
 
-def _jsonl_values(path: Path) -> Iterator[tuple[str, str, object]]:
-    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+def _jsonl_values(path: str) -> Iterator[tuple[str, str, object]]:
+    with open_input(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines separate nothing in JSONL; they are not records
@@ -303,14 +316,15 @@ def _functions(cfg: DatasetConfig, kind: str, seed: int) -> Iterator[tuple[str, 
     another function's docstring (equally fluent, so only matching the signature tells them apart).
     """
     found = []  # (location, signature, summary)
-    for path, rel in dataset_files(cfg):
-        if _TEST_DIRS & set(Path(rel).parts[:-1]):
+    for ref in dataset_files(cfg):
+        path = ref.path
+        if _TEST_DIRS & set(Path(ref.rel).parts[:-1]):
             continue
-        raw = path.read_bytes()
+        raw = read_bytes(path)
         try:
-            tree = ast.parse(raw, filename=str(path))
+            tree = ast.parse(raw, filename=path)
         except (SyntaxError, ValueError):
-            yield str(path), raw[: RAW_PREFIX * 4].decode("utf-8", errors="replace"), Reject("invalid_python")
+            yield path, raw[: RAW_PREFIX * 4].decode("utf-8", errors="replace"), Reject("invalid_python")
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):

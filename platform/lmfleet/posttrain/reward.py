@@ -10,8 +10,9 @@ from lmfleet.posttrain.config import RewardStageConfig
 from lmfleet.posttrain.evaluate import encode_chat
 from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage, split_datasets
 from lmfleet.posttrain.inputs import check_reward
-from lmfleet.posttrain.models import load_tokenizer, model_dir
+from lmfleet.posttrain.models import input_model, load_tokenizer
 from lmfleet.posttrain.records import read_preferences
+from lmfleet.uri import local_copy
 
 CONFIG = RewardStageConfig
 
@@ -57,11 +58,11 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_reward_stage(cfg: RewardStageConfig, ctx) -> dict:
     check_reward(cfg, run_dir=ctx.run_dir)
-    path = model_dir(cfg.model, ctx.run_dir).resolve()
+    path = input_model(cfg.model, ctx.run_dir)
     with ctx.step("read"):
         records = read_preferences(cfg.dataset, ctx.seed)
         # TRL's RewardTrainer silently drops pairs longer than max_length: count them here instead.
-        tok, n = load_tokenizer(path), cfg.training.max_length
+        tok, n = load_tokenizer(local_copy(path)), cfg.training.max_length
         records.quarantine("too_many_tokens", lambda r: any(
             len(encode_chat(tok, r["prompt"], r[k][0]["content"])[0]) > n for k in ("chosen", "rejected")))
     if not records.train:

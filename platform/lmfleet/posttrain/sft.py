@@ -17,8 +17,9 @@ from lmfleet.posttrain.hf import (
     split_datasets,
 )
 from lmfleet.posttrain.inputs import check_sft
-from lmfleet.posttrain.models import load_tokenizer, model_dir
+from lmfleet.posttrain.models import input_model, load_tokenizer
 from lmfleet.posttrain.records import read_sft
+from lmfleet.uri import local_copy
 
 CONFIG = SFTStageConfig
 
@@ -75,8 +76,8 @@ def summary(e: dict, report: dict) -> list[str]:
 
 def run_sft_stage(cfg: SFTStageConfig, ctx) -> dict:
     check_sft(cfg, run_dir=ctx.run_dir)
-    path = model_dir(cfg.model, ctx.run_dir).resolve()
+    path = input_model(cfg.model, ctx.run_dir)
     with ctx.step("read"):
         records = read_sft(cfg.dataset, ctx.seed)
-        quarantine_long_prompts(records, load_tokenizer(path, cfg.chat_template), cfg.training.max_length)
+        quarantine_long_prompts(records, load_tokenizer(local_copy(path), cfg.chat_template), cfg.training.max_length)
     return run_hf_stage("sft", cfg, ctx, records, {"model": path})

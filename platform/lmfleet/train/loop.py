@@ -35,6 +35,7 @@ from lmfleet.train.parallel import (
     parallelize,
     unwrap,
 )
+from lmfleet.uri import local_copy
 
 IGNORE = -100
 # Dense bf16 peak FLOP/s of known GPUs, for the MFU estimate.
@@ -80,10 +81,11 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if paths["use_gpu"] else torch.device("cpu")
         self.layout: Layout = build_layout(cfg.parallel, self.device)
-        self.train_ds = PackedDataset(paths["packed"], "train")
+        packed = local_copy(paths["packed"], "pretrain.data")  # itself when local
+        self.train_ds = PackedDataset(packed, "train")
         self.index = index = self.train_ds.index
         self.pad_id = index["pad_id"]
-        self.val_ds = PackedDataset(paths["packed"], "val") if "val" in index["splits"] else None
+        self.val_ds = PackedDataset(packed, "val") if "val" in index["splits"] else None
         self.sources = sorted(self.train_ds.source_ranges())
         sizes = {k: sum(b - a for a, b in r) for k, r in self.train_ds.source_ranges().items()}
         self.plan = BatchPlan(self.train_ds.source_ranges(), cfg.batch.global_batch, seed, build_schedule(cfg, sizes))
@@ -372,7 +374,7 @@ def train_loop_per_worker(config: dict) -> None:
     if sd is not None:
         from lmfleet.model.export import export_model
 
-        fmt = export_model(sd, cfg.model, Path(paths["export"]), Path(paths["tokenizer"]),
+        fmt = export_model(sd, cfg.model, Path(paths["export"]), local_copy(paths["tokenizer"], "pretrain.data"),
                            eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
         (Path(paths["export"]) / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
     if samples:

@@ -13,23 +13,34 @@ import json
 import statistics
 from pathlib import Path
 
+from lmfleet import uri
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.config import PretrainConfig
 
 
-def packed_dir(cfg: PretrainConfig, run_dir: Path | None) -> Path:
-    """`data` names a stage of this run (its dir under the run dir) or is a path to a data stage dir."""
+def packed_dir(cfg: PretrainConfig, run_dir: Path | None) -> str:
+    """Where the packed data is (an absolute path or a URI): `data` names a stage of this run (its dir under
+    the run dir), or is a data stage dir or its packed/ dir, on a disk or an object store."""
+    if uri.is_uri(cfg.data):
+        base = cfg.data.rstrip("/")
+        return base if uri.info(uri.join(base, "index.json"), "pretrain.data").is_file else uri.join(base, "packed")
     base = run_dir / cfg.data if run_dir is not None and "/" not in cfg.data else Path(cfg.data)
-    return base / "packed" if (base / "packed").is_dir() or not (base / "index.json").exists() else base
+    packed = base / "packed" if (base / "packed").is_dir() or not (base / "index.json").exists() else base
+    return str(packed.resolve())
+
+
+def read_index(packed: str) -> dict:
+    return json.loads(uri.read_bytes(uri.join(packed, "index.json")).decode("utf-8"))
 
 
 def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
     path = packed_dir(cfg, run_dir)
-    if cfg.data not in upstream and not (path / "index.json").is_file():  # upstream: an earlier stage writes it
+    # upstream: an earlier stage writes it
+    if cfg.data not in upstream and not uri.info(uri.join(path, "index.json"), "pretrain.data").is_file:
         raise InputError(f"pretrain.data {cfg.data!r}: no packed data at {path} (expected a data stage output dir)")
-    return [Input("data", (path,))]
+    return [Input("data", (path if uri.is_uri(path) else Path(path),))]
 
 
 def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
@@ -60,10 +71,10 @@ def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str,
 
     from lmfleet.train.loop import train_loop_per_worker
 
-    packed = Path(cfg.data)  # resolved by the caller: workers run in other working dirs
-    index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
+    packed = cfg.data  # resolved by the caller (workers run in other working dirs): an absolute path or a URI
     paths = {
-        "packed": str(packed), "tokenizer": str((packed / index["tokenizer"]).resolve()),
+        # Workers read a URI through a node-local copy (lmfleet.uri.local_copy).
+        "packed": packed, "tokenizer": uri.relative(packed, read_index(packed)["tokenizer"]),
         "metrics": str(metrics), "samples": str(out / "samples.jsonl"),
         "export": str(out / "model") if export else None, "tensorboard": str(out / "tensorboard"),
     }
@@ -90,9 +101,8 @@ def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str,
 
 def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
-    packed = packed_dir(cfg, ctx.run_dir).resolve()
-    index = json.loads((packed / "index.json").read_text(encoding="utf-8"))
-    cfg = _resolved(cfg, index).model_copy(update={"data": str(packed)})
+    packed = packed_dir(cfg, ctx.run_dir)
+    cfg = _resolved(cfg, read_index(packed)).model_copy(update={"data": packed})
     out = ctx.out_dir.resolve()
     if cfg.tune is not None:
         from lmfleet.tune.search import run_search
