@@ -302,7 +302,7 @@ def local_copy(path: str, key: str = "path") -> Path:
     listing = files_under(path, key)
     if not listing:
         raise not_found(key, path)
-    _, inner = filesystem(path, key)
+    filesys, inner = filesystem(path, key)
     base = inner.rstrip("/") + "/"
     manifest = {f.path[len(base):]: [f.size, f.mtime_ns] for f in listing}
     root = cache_root()
@@ -317,7 +317,6 @@ def local_copy(path: str, key: str = "path") -> Path:
         shutil.rmtree(dest, ignore_errors=True)  # lmfleet's own cache entry, stale
         tmp = Path(f"{dest}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        filesys, _ = filesystem(path, key)
         for f in listing:
             target = tmp / f.path[len(base):]
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,7 @@ def _expand_uri(src: SourceConfig, pattern: str, wanted: tuple[str, ...]) -> lis
 
 
 def _hf_ref(folder: str, rel: str, key: str) -> uri.FileRef:
+    """A save_to_disk dir (path or URI) as one input: its files' total size and newest mtime."""
     files = uri.files_under(folder, key)
     return uri.FileRef(folder, rel, sum(f.size for f in files), max((f.mtime_ns or 0) for f in files))
 
@@ -202,8 +203,7 @@ def expand_paths(src: SourceConfig, suffixes: tuple[str, ...] | None = None) -> 
 
 def _local_ref(src: SourceConfig, path: Path, rel: str) -> uri.FileRef:
     if path.is_dir():  # an hf_dataset dir
-        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
-        return uri.FileRef(str(path), rel, sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+        return _hf_ref(str(path), rel, f"sources.{src.name}.paths")
     if not _readable(path):
         raise InputError(f"source {src.name!r}: cannot read {path}")
     st = path.stat()

@@ -102,11 +102,12 @@ def _read_tasks(cfg: DataConfig, files: dict[str, list[FileRef]]) -> tuple[list[
             if ref.size == 0:
                 continue
             task = {"source": src.model_dump_json(), "source_index": i, "path": ref.path, "relpath": ref.rel}
+            codec = compression(ref.path)
             if src.format != "jsonl" or not split or ref.size <= split:
                 tasks.append(task)
-            elif compression(ref.path):
+            elif codec:
                 unsplit.append({"file": ref.path, "bytes": ref.size,
-                                "why": f"{compression(ref.path)} streams cannot be read from an offset"})
+                                "why": f"{codec} streams cannot be read from an offset"})
                 tasks.append(task)
             else:
                 ranges = byte_ranges(ref.size, split)
