@@ -112,16 +112,18 @@ def _free_port() -> int:
 
 
 @contextmanager
-def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None = None, idle_timeout_minutes: float = 5):
+def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None = None, idle_timeout_minutes: float = 5,
+             env: dict | None = None):
     """A Ray head on loopback started with `ray start` (a separate cluster, like a user's); yields
     (GCS address, job API URL or None, add_node, temp dir). Its processes are killed at the end.
+    env: added to the environment of the head (and of the nodes; add_node(env) adds a node's own).
     worker_types: run Ray's own autoscaler with these node types ({name: {resources, max_workers}}),
     launching nodes as local processes (its fake multi-node provider; see ../shared/STACK.md), and
     terminating them after `idle_timeout_minutes` idle."""
     ray = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
     port, dash = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # jobs run this env's lmfleet
     common = [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
     head = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -155,10 +157,14 @@ def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None =
         return {p for p in psutil.process_iter(["name", "cmdline"])
                 if p.info["name"] == "raylet" and any(temp in c for c in p.info["cmdline"] or [])}
 
-    def add_node() -> psutil.Process:
-        """Start a worker node; returns its raylet (SIGKILL it to lose the node)."""
+    def add_node(node_env: dict | None = None) -> psutil.Process:
+        """Start a worker node (`node_env` added to its environment); returns its raylet (SIGKILL it to lose
+        the node)."""
         before = raylets()
-        subprocess.run([ray, "start", f"--address={address}", *common], check=True, env=env, capture_output=True)
+        # A head with a dashboard turns on token auth (the token in ~/.ray/auth_token): nodes must send it.
+        auth = {"RAY_AUTH_MODE": "token"} if dashboard else {}
+        subprocess.run([ray, "start", f"--address={address}", *common], check=True,
+                       env={**env, **auth, **(node_env or {})}, capture_output=True)
         (raylet,) = raylets() - before
         return raylet
 

@@ -1,6 +1,7 @@
 """Config loading and the CLI's handling of user mistakes: clear messages, no tracebacks."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_valid_config_fills_defaults(tmp_path):
     loaded = load_run(write_config(tmp_path / "c.yaml", GOOD))
     (spec,) = loaded.stages
     assert spec.kind == "data" and spec.config.dedup.num_perm == 128
-    assert str(loaded.config.run_dir) == "runs/t"
+    assert loaded.config.run_dir == Path("runs/t").resolve()
     assert loaded.resolved()["stages"]["data"]["dedup"]["threshold"] == 0.8
 
 

@@ -149,14 +149,18 @@ def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     assert (out / "model" / "config.json").exists()
 
 
-def _kill_a_worker_once_checkpointed(snapshot, killed: list) -> None:
-    """SIGKILL a Ray Train worker as soon as the controller lists a checkpoint: Ray Train v2 registers a
-    reported checkpoint when it next polls the workers (every 2 s); a kill before that loses it."""
+def _kill_a_worker_once_checkpointed(snapshot, metrics, killed: list) -> None:
+    """SIGKILL a Ray Train worker once the controller lists a checkpoint (Ray Train v2 registers a reported
+    checkpoint when it next polls the workers; a kill before that loses it) and an iteration after it is
+    logged: the resumed run re-runs at least that one."""
     deadline = time.time() + 300
     while time.time() < deadline:
-        if snapshot.exists() and json.loads(snapshot.read_text())["checkpoint_results"]:
-            killed.append(kill_a_train_worker())
-            return
+        if snapshot.exists() and (results := json.loads(snapshot.read_text())["checkpoint_results"]):
+            saved = max(int(r["checkpoint_dir_name"].removeprefix("iteration_")) for r in results)
+            logged = [json.loads(x).get("iteration", 0) for x in metrics.read_text().splitlines()]
+            if max(logged, default=0) > saved:
+                killed.append(kill_a_train_worker())
+                return
         time.sleep(0.05)
 
 
@@ -172,7 +176,8 @@ def test_ppo_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward):
     posttrain(tmp_path, "ppo", name="uninterrupted", **common)
     killed: list = []
     snapshot = tmp_path / "faulty" / "ppo" / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    watcher = threading.Thread(target=_kill_a_worker_once_checkpointed, args=(snapshot, killed))
+    watcher = threading.Thread(target=_kill_a_worker_once_checkpointed,
+                               args=(snapshot, tmp_path / "faulty" / "metrics.jsonl", killed))
     watcher.start()
     posttrain(tmp_path, "ppo", name="faulty", **common)
     watcher.join()

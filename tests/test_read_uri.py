@@ -209,7 +209,7 @@ def test_pretraining_reads_packed_data_from_a_bucket_as_from_disk(tmp_path, buck
     s3, report = pretrain(tmp_path, remote, name="s3", steps=3, export=True)
     assert [(s["step"], s["loss"]) for s in s3] == [(s["step"], s["loss"]) for s in disk]
     assert (tmp_path / "s3" / "pretrain" / "model" / "tokenizer.json").is_file() and report["export"]
-    copies = [json.loads(p.read_text()) for p in cache_root().glob("*/.lmfleet-manifest.json")]
+    copies = [json.loads(p.read_text()) for p in cache_root().glob("*.manifest.json")]
     # packed/ and tokenizer/, each copied once on this one-node cluster
     assert sum("index.json" in c for c in copies) == 1 and sum("tokenizer.json" in c for c in copies) == 1
 

@@ -83,6 +83,42 @@ def test_foreign_stage_dirs_and_input_folders_around_the_run_are_refused(tmp_pat
         run(load_run(config, [f"output_dir={tmp_path / 'other'}"]))
 
 
+def test_an_output_dir_in_a_bucket_is_owned_as_a_folder_is(tmp_path, s3, monkeypatch):
+    """output_dir=s3://...: objects lmfleet did not write, another run's prefix, inputs inside the run's
+    prefix and a missing bucket are refused before any work; no object is deleted or overwritten."""
+    env, bucket = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def put(key: str, data: bytes) -> None:
+        with bucket.open_output_stream(f"lmfleet/owned/{key}", compression=None) as f:
+            f.write(data)
+
+    def read(key: str) -> bytes:
+        with bucket.open_input_stream(f"lmfleet/owned/{key}", compression=None) as f:
+            return f.read()
+
+    put("corpus/a.jsonl", _docs(5))
+    put("theirs/report.json", b"{}")
+    put("mixed/.lmfleet-run.json", json.dumps({"name": "r"}).encode())
+    put("mixed/data/notes.txt", b"the user's own notes\n")
+    put("other/.lmfleet-run.json", json.dumps({"name": "other"}).encode())
+    config = write_config(tmp_path / "c.yaml", {"name": "r", "stages": {
+        "data": _data_stage("s3://lmfleet/owned/corpus/a.jsonl")}})
+    cases = {
+        "s3://lmfleet/owned/theirs": r"holds report.json, which lmfleet did not write",
+        "s3://lmfleet/owned/mixed": r"stages.data: s3://lmfleet/owned/mixed/data holds files lmfleet did not write",
+        "s3://lmfleet/owned/other": r"holds run 'other', not 'r'",
+        "s3://lmfleet/owned": r"input s3://lmfleet/owned/corpus/a.jsonl is inside the run's output_dir",
+        "s3://no-such-bucket/run": r"output_dir: s3://no-such-bucket/run: bucket 'no-such-bucket' does not exist",
+    }
+    for out, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            run(load_run(config, [f"output_dir={out}"]))
+    assert read("theirs/report.json") == b"{}" and read("mixed/data/notes.txt") == b"the user's own notes\n"
+    assert read("corpus/a.jsonl") == _docs(5)
+
+
 def test_bad_output_dirs_and_missing_inputs_are_error_lines(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(_docs(3))
     (tmp_path / "file").write_text("not a folder\n")

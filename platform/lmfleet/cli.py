@@ -166,7 +166,7 @@ def validate(
     try:
         loaded = runner.load_run(config, set_)
         if not config_only:
-            runner.preflight(loaded, loaded.stages, loaded.config.run_dir.resolve())
+            runner.preflight(loaded, loaded.stages, loaded.config.run_dir)
     except UserError as err:
         _fail(err)
     names = ", ".join(f"{s.name} ({s.kind})" for s in loaded.stages)
@@ -179,7 +179,7 @@ def summarize(report: dict) -> str:
     for name, stage in report["stages"].items():
         lines.append(f"[{name}]")
         lines.extend(f"  {line}" for line in stage.get("summary", []))
-    lines.append(f"full report: {Path(report['run_dir']) / 'report.json'}")
+    lines.append(f"full report: {report['run_dir'].rstrip('/')}/report.json")
     return "\n".join(lines)
 
 

@@ -41,7 +41,8 @@ class RayConfig(StrictModel):
 
 class RunConfig(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output_dir: Path | None = Field(None, description="Default: runs/<name>.")
+    output_dir: str | None = Field(None, description="A path or an object store URI (s3://bucket/prefix, gs://, "
+                                                     "abfs://...). Default: runs/<name>.")
     storage_path: str | None = Field(
         None, description="Ray Train / Tune checkpoints: s3://bucket/prefix, gs://, abfs:// or a path every node "
                           "shares; holds <name>/<stage>/. Default: inside each stage dir.")
@@ -59,7 +60,7 @@ class RunConfig(StrictModel):
                 raise ValueError(f"stage name {name!r}: use letters, digits, '_' or '-' (and not 'logs')")
         return stages
 
-    @field_validator("storage_path")
+    @field_validator("storage_path", "output_dir")
     @classmethod
     def _storage_uri(cls, value: str | None) -> str | None:
         if value is None or not is_uri(value):
@@ -74,8 +75,11 @@ class RunConfig(StrictModel):
         return value
 
     @property
-    def run_dir(self) -> Path:
-        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+    def run_dir(self) -> Path | str:
+        """The run's output dir: an absolute path, or a URI."""
+        if self.output_dir is not None and is_uri(self.output_dir):
+            return self.output_dir.rstrip("/")
+        return (Path(self.output_dir) if self.output_dir is not None else Path("runs") / self.name).resolve()
 
 
 def _path_str(loc: tuple) -> str:

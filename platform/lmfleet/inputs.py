@@ -35,33 +35,38 @@ class Input:
             return list(self.files)
         return [f for path in self.paths for f in files_under(path, self.key)]
 
-    def local_paths(self) -> list[Path]:
-        """The paths on this machine's filesystem (object-store URIs cannot overlap a local run dir)."""
-        return [Path(p) for p in self.paths if not is_uri(p)]
-
 
 def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_overlap(inp: Input, stage_key: str, run_dir: Path, earlier_dirs: list[Path]) -> None:
+def _inside(path: Path | str, folder: Path | str) -> bool:
+    """`path` is `folder` or below it: both local (links resolved) or both URIs."""
+    if is_uri(path) != is_uri(folder):
+        return False
+    if is_uri(path):
+        p, f = str(path).rstrip("/"), str(folder).rstrip("/")
+        return p == f or p.startswith(f + "/")
+    return _within(_absolute(Path(path)), Path(folder))
+
+
+def check_overlap(inp: Input, stage_key: str, run_dir: Path | str, earlier_dirs: list[Path | str]) -> None:
     """InputError if an input lies inside the run dir (outside the dirs of earlier stages, whose outputs
     later stages read) or is a folder that holds the run dir."""
-    for named in inp.local_paths():
-        path = _absolute(named)
-        if _within(path, run_dir) and not any(_within(path, d) for d in earlier_dirs):
+    for named in inp.paths:
+        if _inside(named, run_dir) and not any(_inside(named, d) for d in earlier_dirs):
             raise InputError(f"{stage_key}.{inp.key}: input {named} is inside the run's output_dir {run_dir}, "
                              "whose stage dirs lmfleet rewrites; set output_dir to a folder apart from the inputs")
-        if path.is_dir() and _within(run_dir, path):
+        folder = is_uri(named) or _absolute(Path(named)).is_dir()
+        if folder and _inside(run_dir, named if is_uri(named) else _absolute(Path(named))):
             raise InputError(f"{stage_key}.{inp.key}: the run's output_dir {run_dir} is inside the input folder "
                              f"{named}: the run would read its own outputs back; set output_dir elsewhere")
 
 
-def earlier_stage(inp: Input, stage_dirs: dict[str, Path]) -> str | None:
+def earlier_stage(inp: Input, stage_dirs: dict[str, Path | str]) -> str | None:
     """The earlier stage of the run whose outputs are this input (its paths lie in that stage's dir)."""
     for name, folder in stage_dirs.items():
-        if inp.paths and len(inp.local_paths()) == len(inp.paths) and all(
-                _within(_absolute(p), folder) for p in inp.local_paths()):
+        if inp.paths and all(_inside(p, folder) for p in inp.paths):
             return name
     return None
 

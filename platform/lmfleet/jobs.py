@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from lmfleet import outputs
 from lmfleet.errors import StageFailed, UserError
+from lmfleet.outputs import child
 from lmfleet.upload import SECRET_EXCLUDES, UPLOAD_EXCLUDES, describe, scan
 from lmfleet.uri import is_uri
 
@@ -106,13 +108,13 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
     except ValueError:
         raise UserError(f"{config}: must be inside the current directory, which is uploaded as the job's "
                         "working dir") from None
-    local = {"output_dir": str(loaded.config.run_dir), "storage_path": loaded.config.storage_path}
+    local = {"output_dir": loaded.config.output_dir or f"runs/{loaded.config.name}",
+             "storage_path": loaded.config.storage_path}
     for key, path in local.items():
         if path is not None and not is_uri(path) and not Path(path).is_absolute():
             raise UserError(f"{config}: {key} {path!r} is relative: it would land in the job's temporary copy of "
-                            f"this directory. Set {key} (--set {key}=...) to a path every node of the cluster "
-                            "shares" + (" or an object store URI (s3://, gs://, abfs://)." if key == "storage_path"
-                                        else "."))
+                            f"this directory. Set {key} (--set {key}=...) to an object store URI (s3://, gs://, "
+                            "abfs://) or a path every node of the cluster shares.")
     env_vars = {}
     for item in env:
         key, sep, value = item.partition("=")
@@ -157,7 +159,7 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
     runtime_env: every job's (with its working dir); None: the jobs run from this directory."""
     from lmfleet.runner import preflight, up_to_date
 
-    run_dir = loaded.config.run_dir.resolve()
+    run_dir = loaded.config.run_dir
     stages = [s for s in loaded.stages if not only or s.name in only]
     preflight(loaded, stages, run_dir)  # inputs and the run dir checked before the first job starts
     client = client_for(address)
@@ -194,11 +196,11 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
             tail = "\n".join(client.get_job_logs(job_id).strip().splitlines()[-5:])
             raise StageFailed(f"stage {spec.name!r} failed (Ray job {job_id}, {status}): {message}\n{tail}\n"
                               f"later stages not started: {[s.name for s in stages[len(jobs):]]}")
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report_path = child(run_dir, "report.json")
+    report = outputs.read_json(report_path)
     report["jobs"] = jobs
     report["seconds"] = round(time.perf_counter() - started, 3)  # the chain's, not its last job's
-    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    outputs.write_text(report_path, json.dumps(report, indent=2))
     return report
 
 

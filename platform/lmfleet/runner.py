@@ -1,7 +1,10 @@
 """The one runner every stage goes through: config -> run dir -> Ray -> stages in order -> report.
 
-A run writes `runs/<name>/` (or `output_dir`): `config.yaml` (resolved, defaults filled in),
-`logs/lmfleet.log`, `metrics.jsonl`, one folder per stage with its outputs, and `report.json`.
+A run writes `runs/<name>/` (or `output_dir`, a path or an object store URI): `config.yaml` (resolved,
+defaults filled in), `logs/lmfleet.log`, `metrics.jsonl`, one folder per stage with its outputs, and
+`report.json`. With a URI the driver writes into its staging copy (lmfleet.outputs) and publishes: run
+records (stage.json, report.json, config.yaml) at once, a stage's files, logs and metrics at the stage's
+end and on failure.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from pathlib import Path
 
 import yaml
 
-from lmfleet import __version__, resources, storage
+from lmfleet import __version__, outputs, resources, storage
 from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input, check_overlap, digest, earlier_stage
+from lmfleet.outputs import child
+from lmfleet.runlog import MetricsLog
 from lmfleet.stages import StageSpec, resolve_stages
+from lmfleet.uri import is_uri
 
 log = logging.getLogger("lmfleet")
 STAGE_STATE = "stage.json"  # in each stage dir: config, seed, status and (once it succeeded) its report
@@ -54,38 +60,59 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> LoadedRun:
     return LoadedRun(source, config, resolve_stages(config, source))
 
 
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl; every record carries stage and wall time."""
+class RunFiles:
+    """A run's output dir (`location`: an absolute path or a URI) and the driver's copy of it (`local`:
+    the dir itself when local, else its staging dir)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, location: Path | str):
+        self.location = location
+        self.local = outputs.staging(location)
 
-    def write(self, stage: str, **metrics) -> None:
-        record = {"time": round(time.time(), 3), "stage": stage, **metrics}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+    def write(self, rel: str, text: str) -> None:
+        """Write a run record: into the local copy and through to the output dir."""
+        path = self.local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        self.publish(rel)
 
+    def publish(self, rel: str) -> None:
+        outputs.publish(self.local / rel, child(self.location, rel))
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a JSON-lines file (metrics.jsonl, a stage's data files); [] if it does not exist."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    def fetch(self, rel: str) -> None:
+        """Replace the local copy of `rel` with the output dir's (a run resumed on another machine)."""
+        if is_uri(self.location) and outputs.exists(child(self.location, rel)):
+            outputs.fetch(str(child(self.location, rel)), self.local / rel)
 
 
 @dataclass
 class StageContext:
-    """What a stage function gets besides its config: where to write, the seed, logging and metrics."""
+    """What a stage function gets besides its config: where to write, the seed, logging and metrics.
+
+    `out` is the stage's output dir (a path or URI: what reports name and workers write to, lmfleet.outputs);
+    `out_dir` the local folder the driver writes its files into (`out` itself when local), published at the
+    stage's end."""
 
     name: str
     out_dir: Path
-    run_dir: Path
+    run_dir: Path | str
     seed: int
     metrics: MetricsLog
     storage: str  # where Ray Train / Tune keep this stage's checkpoints (lmfleet.storage)
     started: float  # when this run of the stage first started (a resumed run keeps its first start)
+    out: Path | str = None  # type: ignore[assignment]  - None: out_dir
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.out is None:
+            self.out = self.out_dir
+
+    def uri(self, *parts: str) -> str:
+        """Where a file of the stage ends up, as reports name it."""
+        return str(child(self.out, *parts))
+
+    def publish(self, *parts: str) -> None:
+        """Publish part of the driver's files now (workers read it before the stage ends)."""
+        outputs.publish(self.out_dir.joinpath(*parts), child(self.out, *parts))
 
     @contextmanager
     def step(self, step: str):
@@ -99,7 +126,7 @@ class StageContext:
         log.info("[%s] %s done in %.1f s", self.name, step, took)
 
 
-def _setup_logging(run_dir: Path) -> None:
+def _setup_logging(run_dir: Path) -> None:  # the driver's local copy of the run dir
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("lmfleet")
     root.setLevel(logging.INFO)
@@ -141,8 +168,8 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
-def _read_state(marker: Path) -> dict:
-    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+def _read_state(marker: Path | str) -> dict:
+    return outputs.read_json(marker)
 
 
 # -- ownership: lmfleet deletes and overwrites only what it wrote --
@@ -151,18 +178,23 @@ RUN_MARKER = ".lmfleet-run.json"  # in the run dir: {"name": run name}; the run'
 RUN_RECORDS = ("config.yaml", "report.json", "metrics.jsonl", "logs")
 
 
-def _run_owner(run_dir: Path) -> str | None:
+def _run_owner(run_dir: Path | str) -> str | None:
     """The run that owns `run_dir` by its marker, or by the records of a run dir written before markers."""
-    marker = _read_state(run_dir / RUN_MARKER)
+    marker = _read_state(child(run_dir, RUN_MARKER))
     if marker:
         return marker.get("name")
-    report = _read_state(run_dir / "report.json")
-    if report.get("run_dir") == str(run_dir) and (run_dir / "config.yaml").is_file():
+    report = _read_state(child(run_dir, "report.json"))
+    if report.get("run_dir") == str(run_dir) and outputs.is_file(child(run_dir, "config.yaml")):
         return report.get("name")
     return None
 
 
-def _check_writable(run_dir: Path) -> None:
+def _check_writable(run_dir: Path | str) -> None:
+    if is_uri(run_dir):  # a bucket's permissions show only on a write: claim_run_dir's marker is the first
+        outputs.check_bucket(run_dir)
+        if outputs.is_file(run_dir):
+            raise InputError(f"output_dir {run_dir}: is an object, not a prefix")
+        return
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output_dir {run_dir}: exists and is not a folder")
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
@@ -170,33 +202,34 @@ def _check_writable(run_dir: Path) -> None:
         raise InputError(f"output_dir {run_dir}: cannot create or write it ({existing} is not a writable folder)")
 
 
-def check_run_dir(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path) -> None:
+def check_run_dir(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path | str) -> None:
     """InputError unless the run may write `run_dir`: new, without lmfleet's record names, or this run's;
     every stage dir to (re)write absent, empty or this run's own."""
     name = loaded.config.name
-    if not run_dir.exists():
+    entries = outputs.listdir(run_dir)
+    if not entries:
         return
     owner = _run_owner(run_dir)
     if owner is not None and owner != name:
         raise InputError(f"output_dir {run_dir}: holds run {owner!r}, not {name!r}; set output_dir to a folder of "
                          "this run")
     if owner is None:
-        clashes = [r for r in RUN_RECORDS if (run_dir / r).exists()]
+        clashes = [r for r in RUN_RECORDS if r in entries]
         if clashes:
             raise InputError(f"output_dir {run_dir}: holds {', '.join(clashes)}, which lmfleet did not write and "
                              "would overwrite; set output_dir to a new or empty folder")
     for spec in stages:
-        stage_dir = run_dir / spec.name
-        if not stage_dir.exists():
+        if spec.name not in entries:
             continue
-        state = _read_state(stage_dir / STAGE_STATE) if stage_dir.is_dir() else {}
+        stage_dir = child(run_dir, spec.name)
+        state = _read_state(child(stage_dir, STAGE_STATE)) if not outputs.is_file(stage_dir) else {}
         ours = owner == name and state.get("run", name) == name and "kind" in state
-        if not ours and (not stage_dir.is_dir() or any(stage_dir.iterdir())):
+        if not ours and (outputs.is_file(stage_dir) or outputs.listdir(stage_dir)):
             raise InputError(f"stages.{spec.name}: {stage_dir} holds files lmfleet did not write (no {STAGE_STATE} "
                              f"of run {name!r}); a run rewrites its stage dirs: rename the stage or set output_dir")
 
 
-def preflight(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path) -> dict[str, list[Input]]:
+def preflight(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path | str) -> dict[str, list[Input]]:
     """Before any work (run, validate, a job chain): the run dir may be written, and each stage's inputs
     exist and lie apart from it. Returns each stage's inputs."""
     _check_writable(run_dir)
@@ -204,7 +237,7 @@ def preflight(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path) -> dict
     inputs = {}
     for i, spec in enumerate(stages):
         found = spec.preflight({s.name for s in stages[:i]}, run_dir)
-        earlier = [run_dir / n for n in names[: names.index(spec.name)]]
+        earlier = [child(run_dir, n) for n in names[: names.index(spec.name)]]
         for inp in found:
             check_overlap(inp, f"stages.{spec.name}", run_dir, earlier)
         inputs[spec.name] = found
@@ -212,14 +245,15 @@ def preflight(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path) -> dict
     return inputs
 
 
-def claim_run_dir(run_dir: Path, name: str) -> None:
+def claim_run_dir(run_dir: Path | str, name: str) -> None:
     """Create the run dir (after `check_run_dir`) and mark it as this run's."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / RUN_MARKER).exists():
-            (run_dir / RUN_MARKER).write_text(json.dumps({"name": name}), encoding="utf-8")
+        if not is_uri(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if not outputs.exists(child(run_dir, RUN_MARKER)):
+            outputs.write_text(child(run_dir, RUN_MARKER), json.dumps({"name": name}))
     except OSError as err:
-        raise InputError(f"output_dir {run_dir}: cannot write it ({err.strerror})") from None
+        raise InputError(f"output_dir {run_dir}: cannot write it ({err.strerror or err})") from None
 
 
 # -- fingerprints: when a stage is up to date --
@@ -234,20 +268,20 @@ def code_version() -> str:
     return f"{__version__}+{h.hexdigest()}"
 
 
-def _stage_output(run_dir: Path, name: str) -> str | None:
+def _stage_output(run_dir: Path | str, name: str) -> str | None:
     """What downstream stages know an earlier stage's outputs by: its fingerprint and finish time."""
-    state = _read_state(run_dir / name / STAGE_STATE)
+    state = _read_state(child(run_dir, name, STAGE_STATE))
     return f"{state.get('fingerprint')}@{state.get('finished')}" if state.get("status") == "succeeded" else None
 
 
-def stage_state(loaded: LoadedRun, spec: StageSpec, run_dir: Path, inputs: list[Input] | None = None) -> dict:
+def stage_state(loaded: LoadedRun, spec: StageSpec, run_dir: Path | str, inputs: list[Input] | None = None) -> dict:
     """What identifies a stage's run: its kind, config, the run's seed, lmfleet's code, its input files
     (lmfleet.inputs) and every earlier stage's outputs; `fingerprint` is their digest."""
     names = [s.name for s in loaded.stages]
     earlier = names[: names.index(spec.name)]
     if inputs is None:  # after the earlier stages ran: their outputs exist, so check everything but theirs
         inputs = spec.preflight(set(earlier), run_dir)
-    stage_dirs = {n: run_dir / n for n in earlier}
+    stage_dirs = {n: child(run_dir, n) for n in earlier}
     digests = {}
     for inp in inputs:
         upstream = earlier_stage(inp, stage_dirs)
@@ -271,9 +305,9 @@ def changes(previous: dict, state: dict) -> list[str]:
     return out or ["its fingerprint changed"]
 
 
-def up_to_date(loaded: LoadedRun, spec: StageSpec, run_dir: Path, state: dict | None = None) -> dict | None:
+def up_to_date(loaded: LoadedRun, spec: StageSpec, run_dir: Path | str, state: dict | None = None) -> dict | None:
     """The stage's last state if that run succeeded with the same fingerprint; else None."""
-    previous = _read_state(run_dir / spec.name / STAGE_STATE)
+    previous = _read_state(child(run_dir, spec.name, STAGE_STATE))
     state = state or stage_state(loaded, spec, run_dir)
     if previous.get("status") == "succeeded" and previous.get("fingerprint") == state["fingerprint"]:
         return previous
@@ -323,80 +357,136 @@ def _keyboard_interrupt(signum, frame):
 
 # -- running --
 
+# Files of a stage that its resumed run appends to (written through the appender, lmfleet.runlog): a run
+# resumed by a driver on another machine continues the output dir's copies.
+APPENDED = ("samples.jsonl", "trials")
+PUBLISH_EVERY_S = 60  # with a URI output dir: how often the growing logs are published while a stage runs
+
+
+class _Publisher:
+    """With a URI output dir, publishes the run's growing logs (metrics.jsonl, logs/, the running stage's
+    appended files) every PUBLISH_EVERY_S while stages run: a driver that dies leaves them in the bucket."""
+
+    def __init__(self, files: RunFiles):
+        self.files, self.stage = files, None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="lmfleet-publish")
+        if is_uri(files.location):
+            self.thread.start()
+
+    def publish(self) -> None:
+        for handler in logging.getLogger("lmfleet").handlers:
+            handler.flush()
+        stage = self.stage
+        for rel in ("metrics.jsonl", "logs", *(f"{stage}/{r}" for r in APPENDED if stage)):
+            self.files.publish(rel)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(PUBLISH_EVERY_S):
+            try:
+                self.publish()
+            except Exception as err:  # the bucket briefly unreachable: the next round or the stage's end retries
+                log.warning("publishing the run's logs to %s failed: %s", self.files.location, err)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = None, force: bool = False) -> dict:
     """Run the stages of a loaded config in order; returns the run report (also written to report.json).
     Stages that are `up_to_date` are skipped unless `force`; Ray starts only when a stage runs."""
     cfg = loaded.config
-    run_dir = cfg.run_dir.resolve()
+    run_dir = cfg.run_dir
     stages = [s for s in loaded.stages if not only or s.name in only]
     # Every stage checks its inputs before any stage does work, so a typo fails in seconds.
     inputs = preflight(loaded, stages, run_dir)
     claim_run_dir(run_dir, cfg.name)
-    _setup_logging(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(loaded.resolved(), sort_keys=False), encoding="utf-8")
+    files = RunFiles(run_dir)
+    for rel in ("metrics.jsonl", "logs"):  # the output dir's copies are the run's (another machine may have run it)
+        files.fetch(rel)
+    _setup_logging(files.local)
+    files.write("config.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(files.local / "metrics.jsonl")
     report: dict = {"name": cfg.name, "run_dir": str(run_dir), "status": "running", "stages": {}}
-    report_path = run_dir / "report.json"
-    if only and report_path.exists():  # a stage re-run (or one job of a chain): keep the other stages' reports
-        previous = json.loads(report_path.read_text(encoding="utf-8")).get("stages", {})
+
+    publisher = _Publisher(files)
+
+    def save_report() -> None:  # with the logs and metrics: at each stage's end and on failure
+        files.write("report.json", json.dumps(report, indent=2))
+        publisher.publish()
+
+    if only:  # a stage re-run (or one job of a chain): keep the other stages' reports
+        previous = _read_state(child(run_dir, "report.json")).get("stages", {})
         report["stages"] = {k: v for k, v in previous.items() if k not in only}
     started = time.perf_counter()
-    for i, spec in enumerate(stages):
-        # The first stage's inputs were checked above; later ones only now exist to digest.
-        state = stage_state(loaded, spec, run_dir, inputs[spec.name] if i == 0 else None)
-        marker = run_dir / spec.name / STAGE_STATE
-        previous = _read_state(marker)
-        if not force and (done := up_to_date(loaded, spec, run_dir, state)):
-            log.info("stage %s: up to date (same config, seed, code and inputs): skipped; --force re-runs it",
-                     spec.name)
-            summary = ["up to date: not re-run (--force re-runs it)", *done["report"].get("summary", [])]
-            report["stages"][spec.name] = {**done["report"], "skipped": True, "summary": summary}
-            continue
-        if previous and not force:
-            log.info("stage %s: runs again: %s", spec.name, "; ".join(changes(previous, state)))
-        init_ray(address, cfg.ray.num_cpus)
-        scaling = getattr(spec.config, "scaling", None)
-        if scaling is not None:
-            resources.ensure(f"stages.{spec.name}", scaling, cfg.ray.resource_wait_s, embedded=not address)
-        ctx = StageContext(spec.name, run_dir / spec.name, run_dir, cfg.seed, metrics,
-                           storage.stage_storage(cfg.storage_path, cfg.name, run_dir / spec.name), time.time())
-        owner = {"run": cfg.name, "stage": spec.name}
-        resume = (spec.resumes and previous.get("status") in ("running", "interrupted")
-                  and previous.get("fingerprint") == state["fingerprint"])
-        if resume:  # an interrupted run of the same stage (Ctrl-C, or a driver that died: still "running")
-            log.info("stage %s: resuming its interrupted run in %s", spec.name, ctx.out_dir)
-            ctx.started = previous.get("started", ctx.started)
-        else:  # a stage rewrites its whole output dir (lmfleet's own, checked): stale files must not mix in
-            if cfg.storage_path is not None:  # outside the stage dir: lmfleet's only if it carries the marker
-                storage.check_owned(ctx.storage, owner)
-            shutil.rmtree(ctx.out_dir, ignore_errors=True)
-            storage.reset(ctx.storage, owner)  # nor old checkpoints, which Ray Train would resume from
+    try:
+        for i, spec in enumerate(stages):
+            # The first stage's inputs were checked above; later ones only now exist to digest.
+            state = stage_state(loaded, spec, run_dir, inputs[spec.name] if i == 0 else None)
+            stage_out = child(run_dir, spec.name)
+            marker = f"{spec.name}/{STAGE_STATE}"
+            previous = _read_state(child(run_dir, marker))
+            if not force and (done := up_to_date(loaded, spec, run_dir, state)):
+                log.info("stage %s: up to date (same config, seed, code and inputs): skipped; --force re-runs it",
+                         spec.name)
+                summary = ["up to date: not re-run (--force re-runs it)", *done["report"].get("summary", [])]
+                report["stages"][spec.name] = {**done["report"], "skipped": True, "summary": summary}
+                continue
+            if previous and not force:
+                log.info("stage %s: runs again: %s", spec.name, "; ".join(changes(previous, state)))
+            init_ray(address, cfg.ray.num_cpus)
+            scaling = getattr(spec.config, "scaling", None)
+            if scaling is not None:
+                resources.ensure(f"stages.{spec.name}", scaling, cfg.ray.resource_wait_s, embedded=not address)
+            ctx = StageContext(spec.name, files.local / spec.name, run_dir, cfg.seed, metrics,
+                               storage.stage_storage(cfg.storage_path, cfg.name, stage_out), time.time(), stage_out)
+            owner = {"run": cfg.name, "stage": spec.name}
+            resume = (spec.resumes and previous.get("status") in ("running", "interrupted")
+                      and previous.get("fingerprint") == state["fingerprint"])
+            if resume:  # an interrupted run of the same stage (Ctrl-C, or a driver that died: still "running")
+                log.info("stage %s: resuming its interrupted run in %s", spec.name, ctx.out)
+                ctx.started = previous.get("started", ctx.started)
+                for rel in APPENDED:
+                    files.fetch(f"{spec.name}/{rel}")
+            else:  # a stage rewrites its whole output dir (lmfleet's own, checked): stale files must not mix in
+                if cfg.storage_path is not None:  # outside the stage dir: lmfleet's only if it carries the marker
+                    storage.check_owned(ctx.storage, owner)
+                outputs.remove(stage_out)
+                shutil.rmtree(ctx.out_dir, ignore_errors=True)  # the staging copy (the same dir when local)
+                storage.reset(ctx.storage, owner)  # nor old checkpoints, which Ray Train would resume from
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {**state, "started": ctx.started}
-        marker.write_text(json.dumps({**record, "status": "running"}), encoding="utf-8")
-        log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out_dir)
-        with Interrupts() as signals:
-            try:
-                stage_report = spec.run(ctx)
-            except BaseException as err:
-                interrupted = isinstance(err, KeyboardInterrupt) or signals.seen()
-                status = "interrupted" if interrupted else "failed"
-                marker.write_text(json.dumps({**record, "status": status}), encoding="utf-8")
-                report.update(status=status, failed_stage=spec.name, error=f"{type(err).__name__}: {err}")
-                report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-                if not interrupted:
-                    raise
-                again = "resumes it from its last checkpoint" if spec.resumes else "runs it again"
-                log.info("stage %s interrupted: the same command %s", spec.name, again)
-                if isinstance(err, KeyboardInterrupt) and str(err):
-                    raise  # the stage's own words (a search says where it resumes)
-                raise KeyboardInterrupt(f"stage {spec.name!r} interrupted; the same command {again}") from None
-        report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
-        marker.write_text(json.dumps({**record, "status": "succeeded", "finished": time.time(),
-                                      "report": report["stages"][spec.name]}, default=str), encoding="utf-8")
-        report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+            publisher.stage = spec.name
+            record = {**state, "started": ctx.started}
+            files.write(marker, json.dumps({**record, "status": "running"}))
+            log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out)
+            with Interrupts() as signals:
+                try:
+                    stage_report = spec.run(ctx)
+                except BaseException as err:
+                    interrupted = isinstance(err, KeyboardInterrupt) or signals.seen()
+                    status = "interrupted" if interrupted else "failed"
+                    files.publish(spec.name)  # what the stage wrote so far, for a look at what went wrong
+                    files.write(marker, json.dumps({**record, "status": status}))
+                    report.update(status=status, failed_stage=spec.name, error=f"{type(err).__name__}: {err}")
+                    save_report()
+                    if not interrupted:
+                        raise
+                    again = "resumes it from its last checkpoint" if spec.resumes else "runs it again"
+                    log.info("stage %s interrupted: the same command %s", spec.name, again)
+                    if isinstance(err, KeyboardInterrupt) and str(err):
+                        raise  # the stage's own words (a search says where it resumes)
+                    raise KeyboardInterrupt(f"stage {spec.name!r} interrupted; the same command {again}") from None
+            report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
+            files.publish(spec.name)  # the stage's files before its marker: a succeeded stage's outputs are all there
+            files.write(marker, json.dumps({**record, "status": "succeeded", "finished": time.time(),
+                                            "report": report["stages"][spec.name]}, default=str))
+            save_report()
+    finally:
+        publisher.close()
     report["status"] = "succeeded"
     report["seconds"] = round(time.perf_counter() - started, 3)
-    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    save_report()
     return report

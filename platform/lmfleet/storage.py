@@ -17,12 +17,13 @@ from lmfleet.errors import InputError
 from lmfleet.uri import filesystem, is_uri, join
 
 
-def stage_storage(storage_path: str | None, run_name: str, stage_dir: Path) -> str:
-    """The storage root of one stage: `<storage_path>/<run>/<stage>`, or `<stage dir>/ray` without one."""
+def stage_storage(storage_path: str | None, run_name: str, stage_dir: Path | str) -> str:
+    """The storage root of one stage: `<storage_path>/<run>/<stage>`, or `<stage dir>/ray` without one
+    (stage_dir: a path or URI)."""
     if storage_path is None:
-        return str(stage_dir / "ray")
+        return join(str(stage_dir), "ray")
     base = storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
-    return join(base, run_name, stage_dir.name)
+    return join(base, run_name, str(stage_dir).rstrip("/").rsplit("/", 1)[-1])
 
 
 def delete(path: str) -> None:

@@ -310,7 +310,7 @@ def local_copy(path: str, key: str = "path") -> Path:
     dest = root / hashlib.blake2b(path.rstrip("/").encode(), digest_size=12).hexdigest()
     with open(f"{dest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp = dest / ".lmfleet-manifest.json"
+        stamp = Path(f"{dest}.manifest.json")  # beside the copy: a copy holds the tree's files only
         if stamp.exists() and json.loads(stamp.read_text()) == manifest and all(
                 (dest / rel).is_file() and (dest / rel).stat().st_size == size for rel, (size, _) in manifest.items()):
             return dest
@@ -322,6 +322,7 @@ def local_copy(path: str, key: str = "path") -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with filesys.open_input_stream(f.path, compression=None) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out, READ_BUFFER)
-        (tmp / ".lmfleet-manifest.json").write_text(json.dumps(manifest))
+        stamp.unlink(missing_ok=True)
         tmp.rename(dest)
+        stamp.write_text(json.dumps(manifest))
     return dest

@@ -13,6 +13,7 @@ a segment never crosses documents. Only the last sample of each shard is padded 
 
 from __future__ import annotations
 
+import io
 import json
 from bisect import bisect_right
 from functools import lru_cache
@@ -22,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from lmfleet.data.mixing import unit_hash
+from lmfleet.outputs import child, write_bytes
+from lmfleet.uri import local_copy
 
 INDEX_FORMAT = "lmfleet.packed/1"
 
@@ -30,7 +33,7 @@ INDEX_FORMAT = "lmfleet.packed/1"
 def _load_tokenizer(path: str):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(local_copy(path, "tokenizer") / "tokenizer.json"))
     tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is text, not an EOS
     return tok
 
@@ -63,7 +66,8 @@ def pack_tokens(docs: list[list[int]], eos_id: int, pad_id: int, sample_len: int
 
 def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: int, eos_id: int, pad_id: int,
                vocab_size: int, seed: int) -> pa.Table:
-    """Pack one (split, source, part) group into one shard; returns its metadata row."""
+    """Pack one (split, source, part) group into one shard in `out_dir` (a path or URI: the task writes it
+    there itself); returns its metadata row."""
     split, source, part = table["split"][0].as_py(), table["source"][0].as_py(), table["part"][0].as_py()
     # Seeded document order, independent of how Ray laid out blocks; each (document, epoch) copy gets
     # its own place, so repeats of an upsampled document are spread out, not packed side by side.
@@ -72,11 +76,12 @@ def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: in
     texts = table["text"].take(pa.array(order)).to_pylist()
     encoded = _load_tokenizer(tokenizer_dir).encode_batch(texts, add_special_tokens=False)
     tokens, positions, real = pack_tokens([e.ids for e in encoded], eos_id, pad_id, sample_len)
-    shard_dir = Path(out_dir) / split
-    shard_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{source}-{part:05d}"
-    np.save(shard_dir / f"{stem}.tokens.npy", tokens.astype(token_dtype(vocab_size)))
-    np.save(shard_dir / f"{stem}.positions.npy", positions.astype(np.uint32 if sample_len > 2**16 else np.uint16))
+    for kind, array in (("tokens", tokens.astype(token_dtype(vocab_size))),
+                        ("positions", positions.astype(np.uint32 if sample_len > 2**16 else np.uint16))):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        write_bytes(child(out_dir, split, f"{stem}.{kind}.npy"), buffer.getvalue())
     return pa.table({
         "split": [split], "source": [source], "part": [part], "stem": [f"{split}/{stem}"],
         "num_samples": [len(tokens)], "docs": [len(texts)], "real_tokens": [real],

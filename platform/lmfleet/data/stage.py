@@ -1,6 +1,6 @@
 """The data stage on Ray Data: read -> quarantine -> exact dedup -> near dedup -> tokenizer -> mix -> pack.
 
-Outputs (in the stage dir):
+Outputs (in the stage dir, a path or URI: Ray Data and the packing tasks write there from any node):
   rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record
   kept/             Parquet: id, source, text (normalized), meta (other fields as JSON) of surviving docs
   clusters.parquet  Parquet dir: id, source, cluster_id for every doc that survived exact dedup
@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -39,7 +41,8 @@ from lmfleet.data.read import (
 from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
-from lmfleet.uri import FileRef, compression
+from lmfleet.outputs import listdir
+from lmfleet.uri import FileRef, compression, filesystem, is_uri
 
 OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
 
@@ -126,17 +129,18 @@ def _read_batch(table: pa.Table, norm, filt) -> pa.Table:
     return pa.concat_tables([ROW_SCHEMA.empty_table(), *out])
 
 
-def _write_parquet(ds, path: Path, columns: list[str]) -> None:
+def _write_parquet(ds, path: Path | str, columns: list[str]) -> None:
     """Ray Data writes no file for an empty dataset; readers still expect a dir with the schema (that of
-    ROW_SCHEMA's `columns`: an empty dataset may have none of its own)."""
+    ROW_SCHEMA's `columns`: an empty dataset may have none of its own). `path`: a path or URI."""
     ds = ds.select_columns(columns)
-    ds.write_parquet(str(path))
-    if not any(path.glob("*.parquet")):
-        path.mkdir(parents=True, exist_ok=True)
+    filesys, inner = filesystem(str(path), "output_dir")
+    ds.write_parquet(inner, filesystem=filesys)
+    if not any(name.endswith(".parquet") for name in listdir(path)):
         schema = ds.schema()
         schema = schema.base_schema if schema is not None else pa.schema(
             [ROW_SCHEMA.field(c) if c in ROW_SCHEMA.names else pa.field(c, pa.string()) for c in columns])
-        pq.write_table(schema.empty_table(), path / "empty.parquet")
+        filesys.create_dir(inner)
+        pq.write_table(schema.empty_table(), f"{inner}/empty.parquet", filesystem=filesys)
 
 
 def _is_reject(table: pa.Table, want: bool) -> pa.Table:
@@ -147,7 +151,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic outputs
-    out = ctx.out_dir
+    out = ctx.out_dir  # the driver's files; Ray Data and the packing tasks write to ctx.out
     cpus = _cluster_cpus()
     report: dict = {"outputs": {}}
 
@@ -165,7 +169,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             .materialize()
         )
         rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
-        _write_parquet(rejects, out / "rejects", ["id", "source", "location", "reject_reason", "raw"])
+        _write_parquet(rejects, ctx.uri("rejects"), ["id", "source", "location", "reject_reason", "raw"])
         reasons = _sum_by(rejects, "reject_reason")
         docs_in_by_source = _sum_by(records, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
@@ -174,10 +178,10 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         n_in, n_valid = sum(docs_in_by_source.values()), valid.count()
         if n_valid == 0:
             raise InputError(f"no valid documents among {n_in} records (rejects: {dict(reasons)}; see "
-                             f"{out / 'rejects'}); check text_field and the filter settings")
+                             f"{ctx.uri('rejects')}); check text_field and the filter settings")
         report.update(files=sum(map(len, files.values())), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
                       rejects=dict(sorted(reasons.items())), valid_docs=n_valid)
-        report["outputs"]["rejects"] = str(out / "rejects")
+        report["outputs"]["rejects"] = ctx.uri("rejects")
 
     partitions = max(cpus, math.ceil((valid.size_bytes() or 1) / 128e6))
     with ctx.step("exact_dedup"):
@@ -192,9 +196,9 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         pq.write_table(edges.select(["u_id", "v_id", "similarity"]).rename_columns(["id_a", "id_b", "similarity"]),
                        out / "pairs.parquet")
         clustered = dedup.with_cluster_ids(unique, clusters)
-        _write_parquet(clustered, out / "clusters.parquet", ["id", "source", "cluster_id"])
+        _write_parquet(clustered, ctx.uri("clusters.parquet"), ["id", "source", "cluster_id"])
         kept = dedup.drop_removed(clustered, clusters).select_columns(OUTPUT_COLUMNS + ["uid"]).materialize()
-        _write_parquet(kept, out / "kept", OUTPUT_COLUMNS)
+        _write_parquet(kept, ctx.uri("kept"), OUTPUT_COLUMNS)
         report.update(
             near_duplicates_removed=len(clusters.removed_uids),
             clusters=clusters.num_clusters,
@@ -203,8 +207,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
                 "num_perm": params.num_perm, "ngram": params.ngram, "bands": params.bands, "rows": params.rows,
                 "threshold": params.threshold, "verified_edges": len(edges)},
         )
-        report["outputs"].update(kept=str(out / "kept"), clusters=str(out / "clusters.parquet"),
-                                 pairs=str(out / "pairs.parquet"))
+        report["outputs"].update(kept=ctx.uri("kept"), clusters=ctx.uri("clusters.parquet"),
+                                 pairs=ctx.uri("pairs.parquet"))
 
     kept_chars = _sum_by(kept, "source", len)
     kept_by_source = _sum_by(kept, "source")
@@ -214,8 +218,14 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
     }
 
     with ctx.step("tokenizer"):
+        tok_at = ctx.uri("tokenizer")  # where the packing tasks read it
         if cfg.tokenizer.path is not None:
-            tok_dir = Path(cfg.tokenizer.path)
+            tok_dir = Path(cfg.tokenizer.path).resolve()
+            if is_uri(ctx.out):  # the cluster's nodes do not see this machine's folder: the stage carries a copy
+                shutil.copytree(tok_dir, out / "tokenizer")
+                ctx.publish("tokenizer")
+            else:
+                tok_at = str(tok_dir)
         else:
             tok_dir = out / "tokenizer"
             limit = cfg.tokenizer.max_train_docs
@@ -224,16 +234,17 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
                                                                  "seed": ctx.seed})
             texts = (t for b in sample.iter_batches(batch_size=1000, batch_format="pyarrow") for t in b["text"].to_pylist())
             report["tokenizer_training"] = train_tokenizer(texts, cfg.tokenizer, tok_dir)
-        tok = tokenizer_info(tok_dir, cfg.tokenizer)
+            ctx.publish("tokenizer")
+        tok = {**tokenizer_info(tok_dir, cfg.tokenizer), "path": tok_at}
         report["tokenizer"] = tok
-        report["outputs"]["tokenizer"] = str(tok_dir)
+        report["outputs"]["tokenizer"] = tok_at
 
     if cfg.pack is not None:
         with ctx.step("mix_and_pack"):
             report["mixing"] = plan = mixing.mixing_rates({k: kept_chars.get(k, 0) for k in
                                                             (s.name for s in cfg.sources)}, cfg.mixing)
-            report["packing"] = _mix_and_pack(kept, cfg, ctx.seed, tok, plan, out / "packed", cpus)
-            report["outputs"]["packed"] = str(out / "packed")
+            report["packing"] = _mix_and_pack(kept, cfg, ctx.seed, tok, plan, ctx.uri("packed"), out / "packed", cpus)
+            report["outputs"]["packed"] = ctx.uri("packed")
 
     report["summary"] = _summary(report)
     (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
@@ -252,7 +263,10 @@ def _with_part(table: pa.Table, parts: dict[str, int], seed: int) -> pa.Table:
     return table.append_column("part", pa.array((h * n).astype(np.int64)))
 
 
-def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: Path, cpus: int) -> dict:
+def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: str, index_dir: Path,
+                  cpus: int) -> dict:
+    """Shards are written to `out` (a path or URI) by the packing tasks; index.json into `index_dir` (the
+    driver's copy of `out`)."""
     sample_len = cfg.pack.seq_len + 1
     rates = {k: v["rate"] for k, v in plan.items()}
     mixed = kept.map_batches(mixing.apply_rates, batch_format="pyarrow",
@@ -273,9 +287,10 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
             "pad_id": tok["pad_id"], "vocab_size": tok["vocab_size"], "seed": seed})
         .take_all()
     )
-    index = packing.write_index(out, shards, {
+    index_dir.mkdir(parents=True, exist_ok=True)
+    index = packing.write_index(index_dir, shards, {
         "sample_len": sample_len, "seq_len": cfg.pack.seq_len, "eos_id": tok["eos_id"], "pad_id": tok["pad_id"],
-        "vocab_size": tok["vocab_size"], "tokenizer": os.path.relpath(tok["path"], out),
+        "vocab_size": tok["vocab_size"], "tokenizer": _relative(tok["path"], out),
         "tokens_dtype": str(packing.token_dtype(tok["vocab_size"])),
     })
     real = sum(s["real_tokens"] for s in shards)
@@ -290,6 +305,13 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
         "real_tokens": real, "pad_tokens": total - real, "efficiency": round(real / total, 5) if total else 0.0,
         "shards": len(shards), "per_source": per_source,
     }
+
+
+def _relative(path: str, start: str) -> str:
+    """`path` relative to the folder `start` (both paths, or both URIs of one bucket)."""
+    if is_uri(start):
+        return posixpath.relpath(path.split("://", 1)[1], start.split("://", 1)[1])
+    return os.path.relpath(path, start)
 
 
 def _summary(r: dict) -> list[str]:

@@ -101,7 +101,7 @@ def evaluate(cfg: DistillStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import completion_perplexity, device
     from lmfleet.posttrain.models import load_causal_lm
 
-    out = Path(paths["out"]) / "model"
+    out = Path(paths["trained"])
     tok = load_tokenizer(out)
     val = read_jsonl(paths["val"])[:200]
     result: dict = {"val_records": len(val)}

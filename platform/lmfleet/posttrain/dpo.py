@@ -55,7 +55,7 @@ def evaluate(cfg: DPOStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import compare_policies, device
     from lmfleet.posttrain.models import load_causal_lm
 
-    out = Path(paths["out"]) / "model"
+    out = Path(paths["trained"])
     tok = load_tokenizer(out)
     n = cfg.training.max_length
     held_out = bool(read_jsonl(paths["val"]))

@@ -5,7 +5,9 @@ stage's trainer in each worker: Ray Train starts the process group, the HF Train
 applies DDP, FSDP2 or DeepSpeed from `training.strategy`. `RayTrainReportCallback` reports every HF
 checkpoint to Ray Train, which keeps the last `keep_last` under `ray/` and hands the newest back to
 restarted workers (resume). Rank 0 writes `model/` (PEFT LoRA / IA3 adapters merged; the adapter
-itself in `adapter/`), then a Ray task evaluates it (`eval.json`).
+itself in `adapter/`) into the stage dir (a path or URI: lmfleet.outputs), then a Ray task evaluates it
+(`eval.json`). Workers read the records from the stage's `data/` and log through the driver's appender
+(lmfleet.runlog): nothing assumes a disk shared with the driver.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch.distributed as dist
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
+from lmfleet.outputs import child, publish, workdir
 from lmfleet.posttrain.config import PeftConfig, TrainingConfig
 from lmfleet.posttrain.models import local_models
 from lmfleet.posttrain.records import Records, prompt_of
-from lmfleet.runner import MetricsLog, read_jsonl
+from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
+from lmfleet.uri import is_uri, local_copy
 
 STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(cfg, paths)
     "sft": "lmfleet.posttrain.sft",
@@ -91,8 +95,8 @@ def split_datasets(paths: dict) -> dict:
 class MetricsCallback(TrainerCallback):
     """Appends the trainer's logs (rank 0) to the run's metrics.jsonl, like the pretraining loop."""
 
-    def __init__(self, path: str, stage: str, tags: dict):
-        self.log, self.stage, self.tags = MetricsLog(Path(path)), stage, tags
+    def __init__(self, log: MetricsLog, stage: str, tags: dict):
+        self.log, self.stage, self.tags = log, stage, tags
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -129,8 +133,13 @@ class ApplyHyperparams(TrainerCallback):
                 group["weight_decay"] = args.weight_decay
 
 
-def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str) -> None:
-    """Every rank takes part (FSDP / ZeRO-3 gather the weights); rank 0 writes model/ (+ adapter/)."""
+def save_final(trainer, location: str, peft: PeftConfig | None, tokenizer, task: str) -> None:
+    """Every rank takes part (FSDP / ZeRO-3 gather the weights); rank 0 writes model/ (+ adapter/) into its
+    node's work dir of the stage dir `location` and publishes them there."""
+    out = workdir(location)
+    if trainer.is_world_process_zero():  # an earlier attempt's files (a URI's work dir is this node's cache)
+        for name in ("model", "adapter"):
+            shutil.rmtree(out / name, ignore_errors=True)
     if peft is None:
         trainer.save_model(str(out / "model"))
     else:
@@ -151,6 +160,8 @@ def save_final(trainer, out: Path, peft: PeftConfig | None, tokenizer, task: str
         else:  # virtual tokens live outside the weights: the adapter (on its base) is the model
             shutil.copytree(out / "adapter", out / "model", dirs_exist_ok=True)
     tokenizer.save_pretrained(str(out / "model"))
+    for name in ("adapter", "model"):  # model/ last: its arrival says the export is complete
+        publish(out / name, child(location, name), move=True)
 
 
 def _worker(config: dict) -> None:
@@ -164,7 +175,8 @@ def _worker(config: dict) -> None:
     module = importlib.import_module(STAGES[config["kind"]])
     cfg = module.CONFIG.model_validate(config["cfg"])
     paths = local_models(config["paths"])
-    args = training_args(cfg.training, paths["hf_output"], config["seed"], paths["use_gpu"],
+    scratch = workdir(child(paths["out"], "hf"))  # HF's own saves, which Ray Train copies to its storage
+    args = training_args(cfg.training, str(scratch), config["seed"], paths["use_gpu"],
                          has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
     if config.get("stop_at"):
         args["max_steps"] = config["stop_at"]
@@ -172,7 +184,7 @@ def _worker(config: dict) -> None:
     # the HF Trainer seeds anything.
     transformers.set_seed(config["seed"])
     trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
-    metrics = MetricsCallback(paths["metrics"], config["stage"], config.get("tags", {}))
+    metrics = MetricsCallback(config["metrics"], config["stage"], config.get("tags", {}))
     for callback in (ReportCheckpoints(), metrics, ApplyHyperparams()):
         trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)
@@ -183,7 +195,11 @@ def _worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             trainer.train(resume_from_checkpoint=str(Path(d) / ReportCheckpoints.CHECKPOINT_NAME))
     if config.get("export", True):
-        save_final(trainer, Path(paths["out"]), getattr(cfg, "peft", None), tokenizer, task)
+        save_final(trainer, paths["out"], getattr(cfg, "peft", None), tokenizer, task)
+    if is_uri(paths["out"]):  # the scratch is in this node's cache; with a local stage dir the driver clears it
+        if dist.is_initialized():
+            dist.barrier()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def quarantine_long_prompts(records: Records, tokenizer, limit: int) -> None:
@@ -217,6 +233,7 @@ def launch(worker, loop_config: dict, cfg, seed: int, stage: str, use_gpu: bool,
 def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
     """Run `worker` for the stage (checkpoints in the stage's storage); returns (Result, this run's metrics)."""
     with ctx.step("train"):
+        loop_config = {**loop_config, "metrics": ctx.metrics.for_workers()}
         result = launch(worker, loop_config, cfg, ctx.seed, ctx.name, use_gpu, ctx.storage)
     # metrics.jsonl is the run's log across re-runs: this run's records of this stage only (a resumed run's
     # since its first start).
@@ -224,26 +241,26 @@ def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
     return result, history
 
 
-def launch_trial(kind: str, paths: dict, cfg, out: Path, metrics: Path, seed: int, stage: str, *, storage: str,
-                 init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None,
-                 tags: dict | None = None):
+def launch_trial(kind: str, paths: dict, cfg, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *,
+                 storage: str, samples=None, init_checkpoint=None, callbacks=(), export: bool = True,
+                 steps: int | None = None, tags: dict | None = None):
     """The stage's run for a Tune search (lmfleet.tune.search.run_search): a trial writing under `out`,
-    or the export of the best trial's checkpoint (steps: stop there) into out/model."""
-    paths = {**paths, "out": str(out), "hf_output": str(out / "hf"), "metrics": str(metrics)}
-    loop_config = {"kind": kind, "paths": paths, "init_checkpoint": init_checkpoint, "export": export,
-                   "stop_at": steps, "tags": tags or {}}
+    or the export of the best trial's checkpoint (steps: stop there) into out/model. (samples: pretraining's)"""
+    paths = {**paths, "out": str(out)}
+    loop_config = {"kind": kind, "paths": paths, "metrics": metrics, "init_checkpoint": init_checkpoint,
+                   "export": export, "stop_at": steps, "tags": tags or {}}
     return launch(_worker, loop_config, cfg, seed, stage, paths["use_gpu"], storage, callbacks)
 
 
 def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
     """Train `kind` on Ray Train and evaluate the result; returns the stage report."""
-    out = ctx.out_dir.resolve()
+    out = ctx.out_dir
     records.write(out / "data")
+    ctx.publish("data")  # the workers read it, on any node
     use_gpu = cfg.scaling.resolve_gpu()
     paths = {
-        **{k: str(v) for k, v in paths.items()}, "out": str(out), "hf_output": str(out / "hf"),
-        "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
-        "metrics": str(ctx.metrics.path.resolve()), "use_gpu": use_gpu,
+        **{k: str(v) for k, v in paths.items()}, "out": str(ctx.out),
+        "train": ctx.uri("data", "train.jsonl"), "val": ctx.uri("data", "val.jsonl"), "use_gpu": use_gpu,
     }
     module = importlib.import_module(STAGES[kind])
     if getattr(cfg, "tune", None) is not None:
@@ -252,7 +269,7 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
     history = [h for h in records_logged if "loss" in h]
     shutil.rmtree(out / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
     evaluation = _evaluate(module, cfg, ctx, paths)
-    report = {"data": records.counts(), "model": str(out / "model"),
+    report = {"data": records.counts(), "model": ctx.uri("model"),
               "steps": max((h.get("step", 0) for h in records_logged), default=0),
               "checkpoint": checkpoint_uri(result.checkpoint)}
     for key in ("loss", *getattr(module, "TRACKED", ())):
@@ -261,7 +278,7 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
     report["eval"] = evaluation
     report["summary"] = [
         f"records: {report['data']['train']} train, {report['data']['val']} val, {report['data']['rejected']} "
-        f"quarantined ({out / 'data' / 'rejects.jsonl'})",
+        f"quarantined ({ctx.uri('data', 'rejects.jsonl')})",
         f"trained {report['steps']} steps on {cfg.scaling.bounds[0]} worker(s) ({cfg.training.strategy}): "
         f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}" if history else "trained: no loss logged",
         *module.summary(evaluation, report),
@@ -274,7 +291,7 @@ def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
 def _evaluate(module, cfg, ctx, paths: dict) -> dict:
     with ctx.step("evaluate"):
         evaluation = run_eval_task(module.evaluate, cfg, paths)
-    (Path(paths["out"]) / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
+    (ctx.out_dir / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
     return evaluation
 
 
@@ -285,7 +302,7 @@ def _search_and_evaluate(kind: str, module, cfg, ctx, records: Records, paths: d
     from lmfleet.tune.search import run_search
 
     report = run_search(cfg, ctx, partial(launch_trial, kind, paths))
-    for scratch in [Path(paths["out"]) / "hf", *Path(paths["out"]).glob("trials/*/attempts/*/hf")]:  # HF's saves
+    for scratch in [ctx.out_dir / "hf", *ctx.out_dir.glob("trials/*/attempts/*/hf")]:  # HF's saves (local stage dir)
         shutil.rmtree(scratch, ignore_errors=True)
     report["data"] = records.counts()
     report["eval"] = _evaluate(module, cfg, ctx, paths)
@@ -296,7 +313,8 @@ def _search_and_evaluate(kind: str, module, cfg, ctx, records: Records, paths: d
 
 
 def run_eval_task(fn, cfg, paths: dict) -> dict:
-    """Run `fn(cfg, paths)` as a Ray task with one worker's resources (a GPU when training had them)."""
+    """Run `fn(cfg, paths)` as a Ray task with one worker's resources (a GPU when training had them);
+    paths["trained"] is the trained model/ of the stage dir paths["out"] (a copy on the task's node)."""
     import ray
 
     def task(cfg, paths: dict, tty: bool) -> dict:
@@ -304,7 +322,8 @@ def run_eval_task(fn, cfg, paths: dict) -> dict:
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
-        return fn(cfg, local_models(paths))
+        paths = {**local_models(paths), "trained": str(local_copy(str(child(paths["out"], "model")), "model"))}
+        return fn(cfg, paths)
 
     remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if paths["use_gpu"] else 0)(task)
     return ray.get(remote.options(name=f"evaluate_{fn.__module__.rsplit('.', 1)[-1]}").remote(

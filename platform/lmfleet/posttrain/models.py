@@ -26,10 +26,10 @@ CHAT_TEMPLATE = (
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def model_dir(ref: str, run_dir: Path | None) -> Path | str:
+def model_dir(ref: str, run_dir: Path | str | None) -> Path | str:
     """A stage name of this run (no '/') -> its model/ dir; a path or URI -> itself, or its model/ if a stage dir."""
     if run_dir is not None and "/" not in ref:
-        return run_dir / ref / "model"
+        return str(uri.join(str(run_dir), ref, "model")) if uri.is_uri(run_dir) else Path(run_dir) / ref / "model"
     if uri.is_uri(ref):
         base = ref.rstrip("/")
         inner = uri.join(base, "model")
@@ -38,7 +38,7 @@ def model_dir(ref: str, run_dir: Path | None) -> Path | str:
     return path / "model" if (path / "model").is_dir() else path
 
 
-def input_model(ref: str, run_dir: Path | None) -> str:
+def input_model(ref: str, run_dir: Path | str | None) -> str:
     """What a stage hands its workers: the model dir as an absolute path, or a URI (see `local_models`)."""
     path = model_dir(ref, run_dir)
     return path if isinstance(path, str) else str(path.resolve())
@@ -54,7 +54,7 @@ def local_models(paths: dict) -> dict:
             for k, v in paths.items()}
 
 
-def check_model_dir(ref: str, key: str, upstream: set[str], run_dir: Path | None, full_weights: bool = False) -> None:
+def check_model_dir(ref: str, key: str, upstream: set[str], run_dir: Path | str | None, full_weights: bool = False) -> None:
     """Preflight: the model exists and is a HF dir (a stage of this run that runs earlier is fine).
     `full_weights`: the stage trains or scores the weights, so an adapter-only dir will not do."""
     if ref in upstream:

@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from lmfleet.errors import InputError
+from lmfleet.outputs import publish, workdir
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, PPOStageConfig
-from lmfleet.posttrain.hf import read_jsonl
 from lmfleet.posttrain.inputs import check_ppo
 from lmfleet.posttrain.models import input_model, local_models
 from lmfleet.posttrain.records import prompt_of
-from lmfleet.runner import MetricsLog
+from lmfleet.runlog import read_jsonl
 from lmfleet.storage import checkpoint_uri
 from lmfleet.uri import local_copy
 
@@ -306,13 +306,15 @@ def _worker(config: dict) -> None:
                    "response_length": rollout["length"], "eos_fraction": rollout["has_eos"], "kl_coef": kl_coef,
                    **stats, "seconds": time.perf_counter() - started}
         if trainer.rank == 0:
-            MetricsLog(Path(paths["metrics"])).write(config["stage"], **metrics)
+            config["metrics"].write(config["stage"], **metrics)
         if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
             trainer.save(iteration + 1, metrics)
     if trainer.rank == 0:
-        trainer.module.lm.save_pretrained(paths["export"])
+        local = workdir(paths["export"], fresh=True)
+        trainer.module.lm.save_pretrained(str(local))
         trainer.tok.padding_side = "right"  # left was for generation; the next stage trains on it
-        trainer.tok.save_pretrained(paths["export"])
+        trainer.tok.save_pretrained(str(local))
+        publish(local, paths["export"], move=True)
 
 
 def evaluate(cfg: PPOStageConfig, paths: dict) -> dict:
@@ -322,9 +324,9 @@ def evaluate(cfg: PPOStageConfig, paths: dict) -> dict:
     prompts = read_jsonl(paths["val_prompts"])[: cfg.eval.samples]
     if not prompts:
         return {"samples": 0}
-    policy = load_causal_lm(Path(paths["export"])).to(device(paths["use_gpu"])).eval()
+    policy = load_causal_lm(Path(paths["trained"])).to(device(paths["use_gpu"])).eval()
     reference = load_causal_lm(Path(paths["model"])).to(device(paths["use_gpu"])).eval()
-    tok = load_tokenizer(Path(paths["export"]))
+    tok = load_tokenizer(Path(paths["trained"]))
     return compare_policies(policy, reference, tok, prompts, Path(paths["reward_model"]), cfg.generation,
                             cfg.training.max_length)
 
@@ -335,7 +337,7 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
     from lmfleet.posttrain.models import load_tokenizer
 
     check_ppo(cfg, run_dir=ctx.run_dir)
-    out = ctx.out_dir.resolve()
+    out = ctx.out_dir
     policy_dir = input_model(cfg.model, ctx.run_dir)
     with ctx.step("read"):
         records = read_prompt_records(cfg, ctx.seed)
@@ -346,13 +348,14 @@ def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
         for name, rows in (("prompts", records.train), ("val_prompts", records.val)):
             (out / "data" / f"{name}.jsonl").write_text(
                 "".join(json.dumps(prompt_of(r), ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        ctx.publish("data")  # the workers read it, on any node
     if not records.train:
         raise InputError(f"ppo.dataset: no usable prompts ({records.counts()})")
     use_gpu = cfg.scaling.resolve_gpu()
     paths = {
         "model": policy_dir, "reward_model": input_model(cfg.reward_model, ctx.run_dir),
-        "prompts": str(out / "data" / "prompts.jsonl"), "val_prompts": str(out / "data" / "val_prompts.jsonl"),
-        "metrics": str(ctx.metrics.path.resolve()), "export": str(out / "model"), "use_gpu": use_gpu,
+        "prompts": ctx.uri("data", "prompts.jsonl"), "val_prompts": ctx.uri("data", "val_prompts.jsonl"),
+        "out": str(ctx.out), "export": ctx.uri("model"), "use_gpu": use_gpu,
     }
     result, history = fit(_worker, {"paths": paths}, cfg, ctx, use_gpu)
     history = [h for h in history if "score" in h]

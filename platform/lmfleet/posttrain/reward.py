@@ -44,7 +44,7 @@ def build_trainer(cfg: RewardStageConfig, paths: dict, args: dict):
 def evaluate(cfg: RewardStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import device, pairwise_accuracy
 
-    model, tok = load_reward_model(Path(paths["out"]) / "model")
+    model, tok = load_reward_model(Path(paths["trained"]))
     model.to(device(paths["use_gpu"])).eval()
     n = cfg.training.max_length
     return {"train": pairwise_accuracy(model, tok, read_jsonl(paths["train"])[:200], n),

@@ -45,7 +45,7 @@ def evaluate(cfg: SFTStageConfig, paths: dict) -> dict:
     from lmfleet.posttrain.evaluate import bleu_rouge, completion_perplexity, device, generate
     from lmfleet.posttrain.models import load_causal_lm
 
-    out = Path(paths["out"]) / "model"
+    out = Path(paths["trained"])
     tok = load_tokenizer(out)
     val = read_jsonl(paths["val"])
     result: dict = {"val_records": len(val)}

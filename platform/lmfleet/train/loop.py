@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lmfleet.data.mixing import LossAdaptiveSchedule, MixingSchedule, PiecewiseSchedule
 from lmfleet.data.packing import PackedDataset
 from lmfleet.model.transformer import Transformer
+from lmfleet.outputs import publish, workdir
 from lmfleet.train import checkpoint
 from lmfleet.train.config import PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
@@ -338,26 +339,23 @@ def _merge(base: dict, override: dict) -> dict:
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
-    from lmfleet.runner import MetricsLog
-
     cfg = PretrainConfig.model_validate(config["cfg"])
     paths = config["paths"]
     trainer = Trainer(cfg, paths, config["seed"])
     start = trainer.restore(config.get("init_checkpoint"))
     stop_at = config.get("stop_at", cfg.steps)
-    metrics_log = MetricsLog(Path(paths["metrics"])) if trainer.rank == 0 else None
-    samples = open(paths["samples"], "a", encoding="utf-8") if trainer.rank == 0 and cfg.log_samples else None  # noqa: SIM115
+    metrics_log = config["metrics"] if trainer.rank == 0 else None  # lmfleet.runlog: to the driver's node
+    samples = config.get("samples") if trainer.rank == 0 else None
     tb = None
     if trainer.rank == 0 and cfg.tensorboard:
         from tensorboardX import SummaryWriter
 
-        tb = SummaryWriter(paths["tensorboard"])
+        tb = SummaryWriter(str(workdir(paths["tensorboard"])))
     for step in range(start, stop_at):
         metrics, batch = trainer.step(step)
         done = step + 1
         if samples:
-            samples.write(json.dumps({"step": done, "samples": batch.tolist(), "world_size": trainer.world}) + "\n")
-            samples.flush()
+            samples.append(json.dumps({"step": done, "samples": batch.tolist(), "world_size": trainer.world}) + "\n")
         if done % cfg.eval.every == 0 or done == cfg.steps:
             metrics.update(trainer.evaluate())
         if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
@@ -374,8 +372,11 @@ def train_loop_per_worker(config: dict) -> None:
     if sd is not None:
         from lmfleet.model.export import export_model
 
-        fmt = export_model(sd, cfg.model, Path(paths["export"]), local_copy(paths["tokenizer"], "pretrain.data"),
+        local = workdir(paths["export"], fresh=True)
+        fmt = export_model(sd, cfg.model, local, local_copy(paths["tokenizer"], "pretrain.data"),
                            eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
-        (Path(paths["export"]) / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
-    if samples:
-        samples.close()
+        (local / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
+        publish(local, paths["export"], move=True)
+    if tb:
+        tb.close()
+        publish(workdir(paths["tensorboard"]), paths["tensorboard"], move=True)

@@ -1,6 +1,6 @@
 """The pretraining stage: resolves its input, starts a Ray Train TorchTrainer, collects the results.
 
-Outputs (in the stage dir):
+Outputs (in the stage dir, a path or URI):
   model/          the exported model (HF LlamaForCausalLM dir when Llama-compatible, else lmfleet format)
   ray/            Ray Train's run dir (checkpoints step_XXXXXXXX/, keep_last), unless the run has a storage_path
   samples.jsonl   with log_samples: the sample ids of every step
@@ -13,20 +13,22 @@ import json
 import statistics
 from pathlib import Path
 
-from lmfleet import uri
+from lmfleet import outputs, uri
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
+from lmfleet.runlog import LineLog, MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.config import PretrainConfig
 
 
-def packed_dir(cfg: PretrainConfig, run_dir: Path | None) -> str:
+def packed_dir(cfg: PretrainConfig, run_dir: Path | str | None) -> str:
     """Where the packed data is (an absolute path or a URI): `data` names a stage of this run (its dir under
     the run dir), or is a data stage dir or its packed/ dir, on a disk or an object store."""
-    if uri.is_uri(cfg.data):
-        base = cfg.data.rstrip("/")
+    ref = cfg.data if run_dir is None or "/" in cfg.data else str(outputs.child(run_dir, cfg.data))
+    if uri.is_uri(ref):
+        base = ref.rstrip("/")
         return base if uri.info(uri.join(base, "index.json"), "pretrain.data").is_file else uri.join(base, "packed")
-    base = run_dir / cfg.data if run_dir is not None and "/" not in cfg.data else Path(cfg.data)
+    base = Path(ref)
     packed = base / "packed" if (base / "packed").is_dir() or not (base / "index.json").exists() else base
     return str(packed.resolve())
 
@@ -60,10 +62,12 @@ def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
     return cfg.model_copy(update={"model": model})
 
 
-def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str, *, storage: str,
-           init_checkpoint=None, callbacks=(), export: bool = True, steps: int | None = None, tags: dict | None = None):
-    """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (model/, samples) and its
-    checkpoints to `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without
+def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
+           samples: LineLog | None = None, init_checkpoint=None, callbacks=(), export: bool = True,
+           steps: int | None = None, tags: dict | None = None):
+    """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (model/, tensorboard/: a
+    path or URI), `metrics` and `samples` (logs of the driver's node, lmfleet.runlog), and its checkpoints
+    to `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without
     checkpoints of its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the
     schedule still spans cfg.steps). tags: added to every metrics record."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -75,15 +79,16 @@ def launch(cfg: PretrainConfig, out: Path, metrics: Path, seed: int, stage: str,
     paths = {
         # Workers read a URI through a node-local copy (lmfleet.uri.local_copy).
         "packed": packed, "tokenizer": uri.relative(packed, read_index(packed)["tokenizer"]),
-        "metrics": str(metrics), "samples": str(out / "samples.jsonl"),
-        "export": str(out / "model") if export else None, "tensorboard": str(out / "tensorboard"),
+        "export": str(outputs.child(out, "model")) if export else None,
+        "tensorboard": str(outputs.child(out, "tensorboard")),
     }
     lo, hi = cfg.scaling.bounds
     use_gpu = cfg.scaling.resolve_gpu()
     paths["use_gpu"] = use_gpu
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "seed": seed, "stage": stage,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "metrics": metrics,
+                           "samples": samples if cfg.log_samples else None, "seed": seed, "stage": stage,
                            "init_checkpoint": init_checkpoint, "stop_at": steps or cfg.steps, "tags": tags or {}},
         scaling_config=ScalingConfig(
             num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
@@ -103,16 +108,17 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
     packed = packed_dir(cfg, ctx.run_dir)
     cfg = _resolved(cfg, read_index(packed)).model_copy(update={"data": packed})
-    out = ctx.out_dir.resolve()
     if cfg.tune is not None:
         from lmfleet.tune.search import run_search
 
         return run_search(cfg, ctx, launch)
     with ctx.step("train"):
-        result = launch(cfg, out, ctx.metrics.path, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export)
+        log = ctx.metrics.for_workers()
+        result = launch(cfg, ctx.out, log, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export,
+                        samples=log.child(ctx.out_dir / "samples.jsonl"))
     # metrics.jsonl is the run's log across re-runs: keep this run's records (a resumed run's since its first start).
-    history = [json.loads(line) for line in ctx.metrics.path.read_text(encoding="utf-8").splitlines()]
-    history = [h for h in history if h.get("stage") == ctx.name and "loss" in h and h["time"] >= ctx.started]
+    history = [h for h in read_jsonl(ctx.metrics.path)
+               if h.get("stage") == ctx.name and "loss" in h and h["time"] >= ctx.started]
     final = history[-1] if history else {}
     report = {
         "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
@@ -122,9 +128,9 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
         "checkpoint": checkpoint_uri(result.checkpoint),
     }
-    export = out / "model" / "export.json"
-    if export.exists():
-        report["export"] = {"path": str(out / "model"), **json.loads(export.read_text())}
+    export = outputs.read_json(outputs.child(ctx.out, "model", "export.json"))  # written by rank 0, on any node
+    if export:
+        report["export"] = {"path": ctx.uri("model"), **export}
     report["summary"] = [
         f"trained {cfg.steps} steps ({cfg.parallel.strategy}, tp {cfg.parallel.tp_size}, pp {cfg.parallel.pp_size}, "
         f"workers {report['world_sizes']}): loss {report['final_loss']:.4f}",
@@ -132,5 +138,5 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         if report["val_loss"] is not None else "validation: no val split",
         f"throughput: {report['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * report['mfu']:.1f}%" if report["mfu"] else ""),
     ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
-    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    (ctx.out_dir / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
     return report

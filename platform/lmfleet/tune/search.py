@@ -8,8 +8,8 @@ so PBT can hand it to another trial: that trial restarts and its TorchTrainer re
 checkpoint (weights, optimizer, data position) with the explored config. Ray 2.60's own
 TuneReportCallback passes only the checkpoint's path as a metric, which PBT cannot exploit.
 
-The stage dir of a search:
-  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and its latest attempt's local files
+The stage dir of a search (a path or URI; trial metrics go through the driver's appender, lmfleet.runlog):
+  trials/<trial id>/     the trial's metrics.jsonl (every logged step) and its latest attempt's files
   trials.csv, trials.md  the trial table (final metric, hyperparameters, lineage of exploits)
   plots/                 the metric and the learning rate of every trial over steps
   model/                 the best trial's last checkpoint, exported by a normal run of the stage
@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import threading
 import uuid
 from collections.abc import Callable
@@ -34,9 +33,9 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from lmfleet import storage
+from lmfleet import outputs, storage
 from lmfleet.errors import StageFailed
-from lmfleet.runner import MetricsLog, read_jsonl
+from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
 from lmfleet.tune.config import ASHAConfig, PBTConfig, TuneConfig, trial_config
 
@@ -55,42 +54,43 @@ class ForwardReports(UserCallback):
 
 
 def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: Callable, stage: str, seed: int,
-               trials_dir: str, trials_storage: str) -> None:
-    """One Tune trial: the stage's config with the sampled values, run by the stage's own `launch`."""
+               trials_dir: str, trials_log: MetricsLog, trials_storage: str) -> None:
+    """One Tune trial: the stage's config with the sampled values, run by the stage's own `launch`.
+    trials_dir: the stage's trials/ (a path or URI); trials_log: its copy on the driver's node, where the
+    trial's logs go (a trial runs on any node)."""
     import ray.tune
     from ray.util.queue import Queue
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = model_cls.model_validate(trial_config(base, config, TuneConfig.model_validate(tune_cfg).distributions()))
-    out = Path(trials_dir) / trial_id
-    metrics_path = out / "metrics.jsonl"
+    out = outputs.child(trials_dir, trial_id)
+    trial_log = trials_log.child(trials_log.path / trial_id / "metrics.jsonl")
     # Each start of the trial (first, after an exploit, on resume) is an attempt with its own Train run dir:
     # a reused dir would resume Train's own latest checkpoint instead of `start` (Train restores a run of the
     # same name), and the previous attempt's workers may still be shutting down, writing into theirs.
     attempt = uuid.uuid4().hex[:8]
-    for old in out.glob("attempts/*"):
-        shutil.rmtree(old, ignore_errors=True)
+    outputs.remove(outputs.child(out, "attempts"))
     storage.delete(storage.join(trials_storage, trial_id))
-    run_dir = out / "attempts" / attempt
-    run_dir.mkdir(parents=True)
+    run_dir = outputs.child(out, "attempts", attempt)
+    samples = trials_log.child(trials_log.path / trial_id / "attempts" / attempt / "samples.jsonl")
     start = ray.tune.get_checkpoint()
     if start is None:
-        MetricsLog(metrics_path).write(stage, event="start", attempt=attempt, config=config)
+        trial_log.write(stage, event="start", attempt=attempt, config=config)
     else:  # PBT's exploit (another trial's checkpoint) or a resumed search (our own)
         meta = start.get_metadata()
         if "trial_id" not in meta:
             raise RuntimeError(f"trial {trial_id}: checkpoint {start.path} is gone or was not written by a trial")
         event = "exploit" if meta["trial_id"] != trial_id else "resume"
-        MetricsLog(metrics_path).write(stage, event=event, attempt=attempt, donor=meta["trial_id"],
-                                       from_step=meta["step"], config=config)
+        trial_log.write(stage, event=event, attempt=attempt, donor=meta["trial_id"], from_step=meta["step"],
+                        config=config)
     queue = Queue(actor_options={"num_cpus": 0})
     filesystem, _ = storage.filesystem(trials_storage)  # of the checkpoint paths Train reports
     outcome: dict = {}
 
     def fit():
         try:
-            launch(cfg, run_dir, metrics_path, seed, stage, storage=storage.join(trials_storage, trial_id, attempt),
-                   init_checkpoint=start, callbacks=[ForwardReports(queue)], export=False, tags={"attempt": attempt})
+            launch(cfg, run_dir, trial_log, seed, stage, storage=storage.join(trials_storage, trial_id, attempt),
+                   samples=samples, init_checkpoint=start, callbacks=[ForwardReports(queue)], export=False, tags={"attempt": attempt})
         except BaseException as err:  # re-raised in the trial's thread below
             outcome["error"] = err
         finally:
@@ -109,7 +109,7 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    MetricsLog(metrics_path).write(stage, event="completed", attempt=attempt)  # not stopped by the scheduler
+    trial_log.write(stage, event="completed", attempt=attempt)  # not stopped by the scheduler
 
 
 def _scheduler(t: TuneConfig):
@@ -158,14 +158,15 @@ def _max_concurrent(t: TuneConfig, scaling) -> int:
 def run_search(cfg, ctx, launch: Callable) -> dict:
     """Run `cfg.tune` over the stage config `cfg` (its `tune` block removed in each trial).
 
-    launch(cfg, out_dir, metrics_path, seed, stage, storage=, init_checkpoint=, callbacks=, export=, steps=)
-    runs the stage's TorchTrainer once, its Train run dir in storage/train (export: write out_dir/model;
-    steps: stop there)."""
+    launch(cfg, out, metrics, seed, stage, storage=, samples=, init_checkpoint=, callbacks=, export=, steps=)
+    runs the stage's TorchTrainer once, its Train run dir in storage/train (out: a path or URI; export: write
+    out/model; steps: stop there)."""
     from ray import tune
 
     t: TuneConfig = cfg.tune
     dists = t.distributions()
-    out = ctx.out_dir.resolve()
+    out = ctx.out_dir  # the driver's files (trial logs come here through the appender)
+    worker_log = ctx.metrics.for_workers()
     experiment = storage.join(ctx.storage, "search")
     base = cfg.model_dump(mode="json", exclude={"tune"})
     base["tune"] = None
@@ -173,7 +174,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     trainable = tune.with_resources(
         tune.with_parameters(
             _run_trial, base=base, tune_cfg=t.model_dump(mode="json"), model_cls=type(cfg), launch=launch,
-            stage=ctx.name, seed=ctx.seed, trials_dir=str(out / "trials"),
+            stage=ctx.name, seed=ctx.seed, trials_dir=ctx.uri("trials"), trials_log=worker_log.child(out / "trials"),
             trials_storage=storage.join(ctx.storage, "trials")),
         {"CPU": TRIAL_CPU},
     )
@@ -227,13 +228,13 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
         with ctx.step("export best"):
             best_cfg = type(cfg).model_validate(trial_config(base, best["config"], dists))
             storage.delete(storage.join(ctx.storage, "train"))  # as in a trial: start from the checkpoint given
-            launch(best_cfg, out, ctx.metrics.path, ctx.seed, ctx.name, storage=ctx.storage,
-                   init_checkpoint=result.checkpoint, export=True, steps=best["step"])
+            launch(best_cfg, ctx.out, worker_log, ctx.seed, ctx.name, storage=ctx.storage, samples=worker_log.child(
+                out / "samples.jsonl"), init_checkpoint=result.checkpoint, export=True, steps=best["step"])
     report = {
         "metric": t.metric, "mode": t.mode, "scheduler": t.scheduler.kind, "search": t.search,
         "best": {**best, "checkpoint": checkpoint_uri(result.checkpoint)}, "trials": trials,
-        "exploits": sum(len(r["exploits"]) for r in trials), "model": str(out / "model") if export else None,
-        "summary": _summary(trials, best, t, out),
+        "exploits": sum(len(r["exploits"]) for r in trials), "model": ctx.uri("model") if export else None,
+        "summary": _summary(trials, best, t, out, ctx),
     }
     (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
     return report
@@ -357,12 +358,12 @@ def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) 
         plt.close(fig)
 
 
-def _summary(trials: list[dict], best: dict, t: TuneConfig, out: Path) -> list[str]:
+def _summary(trials: list[dict], best: dict, t: TuneConfig, out: Path, ctx) -> list[str]:
     stopped = sum(r["stopped_early"] for r in trials)
     exploits = sum(len(r["exploits"]) for r in trials)
     lines = [f"search: {len(trials)} trials ({t.scheduler.kind}, {t.search}): {stopped} stopped early, "
              f"{exploits} exploits, {sum(bool(r['error']) for r in trials)} errors",
              f"best: {best['id']} {t.metric} {best['final']:.4f} at step {best['step']} with "
              + ", ".join(f"{k}={_fmt(v)}" for k, v in best["config"].items()),
-             f"trial table: {out / 'trials.md'}; plots: {out / 'plots'}"]
+             f"trial table: {ctx.uri('trials.md')}; plots: {ctx.uri('plots')}"]
     return lines + (out / "trials.md").read_text(encoding="utf-8").splitlines()
