@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lmfleet import storage
+from lmfleet import outputs, storage
 from lmfleet.errors import ConfigError, InputError
 from lmfleet.runner import load_run, run
 
@@ -31,10 +31,10 @@ def test_delete_removes_one_tree_of_a_bucket(s3, monkeypatch):
         _put(bucket, key)
     root = storage.stage_storage("s3://lmfleet/a/", "run", Path("/x/run/sft"))
     assert root == "s3://lmfleet/a/run/sft"
-    storage.delete(root)
+    outputs.remove(root)
     assert not _exists(bucket, "lmfleet/a/run/sft/train/step_1/w")
     assert _exists(bucket, "lmfleet/a/run/sft-2/w") and _exists(bucket, "lmfleet/a/run/other")  # a prefix, not a tree
-    storage.delete(root)  # nothing there: no error
+    outputs.remove(root)  # nothing there: no error
 
 
 def test_a_fresh_stage_run_clears_only_its_own_old_checkpoints_in_the_bucket(tmp_path, s3, monkeypatch, ray_local):

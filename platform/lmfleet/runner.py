@@ -99,12 +99,8 @@ class StageContext:
     metrics: MetricsLog
     storage: str  # where Ray Train / Tune keep this stage's checkpoints (lmfleet.storage)
     started: float  # when this run of the stage first started (a resumed run keeps its first start)
-    out: Path | str = None  # type: ignore[assignment]  - None: out_dir
+    out: Path | str
     seconds: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.out is None:
-            self.out = self.out_dir
 
     def uri(self, *parts: str) -> str:
         """Where a file of the stage ends up, as reports name it."""

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from lmfleet.errors import InputError
+from lmfleet.outputs import remove
 from lmfleet.uri import filesystem, is_uri, join
 
 
@@ -24,15 +25,6 @@ def stage_storage(storage_path: str | None, run_name: str, stage_dir: Path | str
         return join(str(stage_dir), "ray")
     base = storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
     return join(base, run_name, str(stage_dir).rstrip("/").rsplit("/", 1)[-1])
-
-
-def delete(path: str) -> None:
-    """Remove the tree at `path` if there is one."""
-    from pyarrow import fs
-
-    filesys, inner = filesystem(path)
-    if filesys.get_file_info(inner).type != fs.FileType.NotFound:
-        filesys.delete_dir(inner)
 
 
 MARKER = "lmfleet-stage.json"  # in a stage's storage root: lmfleet wrote this tree, for this run's stage
@@ -70,7 +62,7 @@ def check_owned(path: str, owner: dict) -> None:
 def reset(path: str, owner: dict) -> None:
     """Start the stage's storage afresh: delete the tree at `path` (after `check_owned`) and mark it as `owner`'s."""
     check_owned(path, owner)
-    delete(path)
+    remove(path)
     filesys, inner = filesystem(path)
     filesys.create_dir(inner)
     with filesys.open_output_stream(f"{inner}/{MARKER}") as f:

@@ -70,7 +70,7 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     # same name), and the previous attempt's workers may still be shutting down, writing into theirs.
     attempt = uuid.uuid4().hex[:8]
     outputs.remove(outputs.child(out, "attempts"))
-    storage.delete(storage.join(trials_storage, trial_id))
+    outputs.remove(storage.join(trials_storage, trial_id))
     run_dir = outputs.child(out, "attempts", attempt)
     samples = trials_log.child(trials_log.path / trial_id / "attempts" / attempt / "samples.jsonl")
     start = ray.tune.get_checkpoint()
@@ -227,7 +227,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
     if export:
         with ctx.step("export best"):
             best_cfg = type(cfg).model_validate(trial_config(base, best["config"], dists))
-            storage.delete(storage.join(ctx.storage, "train"))  # as in a trial: start from the checkpoint given
+            outputs.remove(storage.join(ctx.storage, "train"))  # as in a trial: start from the checkpoint given
             launch(best_cfg, ctx.out, worker_log, ctx.seed, ctx.name, storage=ctx.storage, samples=worker_log.child(
                 out / "samples.jsonl"), init_checkpoint=result.checkpoint, export=True, steps=best["step"])
     report = {
