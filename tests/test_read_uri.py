@@ -3,9 +3,11 @@ and byte-range splits of big JSONL files: the same records, ids and rejects as f
 
 import bz2
 import gzip
+import itertools
 import json
 import lzma
 import random
+import re
 from pathlib import Path
 
 import datasets
@@ -20,7 +22,10 @@ from lmfleet.data.read import (
     expand_paths,
     first_lines,
     newline_spans,
+    normalize_text,
+    plan_reads,
     read_file,
+    scan_text_range,
 )
 from lmfleet.errors import InputError
 from lmfleet.uri import cache_root
@@ -75,18 +80,14 @@ def every_format(folder: Path) -> dict[str, tuple[str, dict]]:
             "hf": ("hf_dataset", {})}
 
 
+def serial(fn, args: list[tuple]) -> list:
+    return [fn(*a) for a in args]
+
+
 def read_all(src: SourceConfig, split_bytes: int | None = None) -> list[dict]:
     """Every row of a source, its files split into byte ranges as the data stage plans them."""
-    rows = []
-    for ref in expand_paths(src):
-        task = {"source": src.model_dump_json(), "source_index": 0, "path": ref.path, "relpath": ref.rel}
-        ranges = byte_ranges(ref.size, split_bytes) if src.format == "jsonl" and not ref.path.endswith(
-            (".gz", ".zst", ".bz2", ".xz")) else [(0, None)]
-        starts = first_lines(ranges, [count_newlines(ref.path, a, b) for a, b in newline_spans(ranges)])
-        for (a, b), first in zip(ranges, starts, strict=True):
-            part = {**task, "start": a, "end": b, "first_line": first} if len(ranges) > 1 else task
-            rows += [r for t in read_file(part, NORM, FILT) for r in t.to_pylist()]
-    return rows
+    tasks, _ = plan_reads([src], {src.name: expand_paths(src)}, split_bytes, serial)
+    return [r for task in tasks for t in read_file(task, NORM, FILT) for r in t.to_pylist()]
 
 
 def comparable(rows: list[dict], root: str) -> list[tuple]:
@@ -199,6 +200,54 @@ def test_byte_range_splits_give_the_rows_of_one_task(tmp_path, bucket):
         rows = [r for (a, b), first in zip(ranges, starts, strict=True)
                 for t in read_file({**task, "start": a, "end": b, "first_line": first}, NORM, FILT) for r in t.to_pylist()]
         assert rows == one, offset
+
+
+def test_text_blocks_split_into_byte_ranges_are_the_blocks_of_one_task(tmp_path, bucket):
+    """`text_unit: block` files read by ranges: the blocks (ids = indices of re.split(r"\n\\s*\n") over the
+    whole file, empty ones counted) of a one-task read, for random texts of blank lines, CR, Unicode
+    whitespace and a BOM split at every offset, and a play split at four sizes from disk and from S3."""
+    rng = random.Random(0)
+    src = SourceConfig(name="s", format="text", text_unit="block", paths=[str(tmp_path / "t.txt")])
+    task = {"source": src.model_dump_json(), "source_index": 0, "path": str((tmp_path / "t.txt").resolve()),
+            "relpath": "t.txt"}
+    pieces = ["a", "b c", " ", "\t", "\n", "\n", "\n", "\r", "\u2028", "\xa0", "é"]
+    for trial in range(300):
+        body = ("\ufeff" if trial % 7 == 0 else "") + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 24)))
+        data = body.encode()
+        (tmp_path / "t.txt").write_bytes(data)
+        whole = [r for t in read_file(task, NORM, FILT) for r in t.to_pylist()]
+        want = [(i, b) for i, b in enumerate(re.split(r"\n\s*\n", body.removeprefix("\ufeff"))) if b.strip()]
+        assert [(r["id"], r["text"]) for r in whole] == [(f"s/t.txt:{i}", normalize_text(b, NORM)) for i, b in want]
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, 2))) if trial % 2 else []
+        for offsets in ([[c] for c in range(1, len(data))] if trial % 2 == 0 else [cuts]):
+            bounds = [0, *offsets, len(data)]
+            group = [{**task, "start": a, "end": b} for a, b in itertools.pairwise(bounds)]
+            found = [scan_text_range(task["path"], a, b) for a, b in itertools.pairwise(bounds)]
+            blocks, prev = 0, None
+            for part, scan in zip(group, found, strict=True):
+                part["first_block"], part["prev_line"] = blocks, prev
+                blocks, prev = blocks + scan["separators"], scan["last"] or prev
+            rows = [r for part in group for t in read_file(part, NORM, FILT) for r in t.to_pylist()]
+            assert rows == whole, (body, offsets)
+    play = shared("tinyshakespeare.txt").read_bytes()[:40_000] + b"\n\n\n  \nEND\n"
+    (tmp_path / "play").mkdir()
+    (tmp_path / "play" / "play.txt").write_bytes(play)
+    remote = upload(bucket, tmp_path / "play", "split-text")
+    whole = read_all(SourceConfig(name="s", format="text", text_unit="block", paths=[str(tmp_path / "play")]))
+    assert len(whole) > 200 and "END" in whole[-1]["text"]
+    for split in (1024, 3000, 7777, 20_000):
+        tasks, report = plan_reads([src.model_copy(update={"paths": [f"{remote}/play.txt"]})],
+                                   {"s": expand_paths(SourceConfig(name="s", format="text", text_unit="block",
+                                                                   paths=[f"{remote}/play.txt"]))}, split, serial)
+        assert len(tasks) == len(byte_ranges(len(play), split)) > 1 and report["split_files"] == 1
+        from_s3 = [r for task in tasks for t in read_file(task, NORM, FILT) for r in t.to_pylist()]
+        assert comparable(from_s3, remote) == comparable(whole, str((tmp_path / "play").resolve())), split
+    # Not UTF-8: read by one task, so that the whole file is rejected as one record, as unsplit.
+    (tmp_path / "bad.txt").write_bytes(play[:5000] + b"\xff" + play[5000:9000])
+    bad = SourceConfig(name="s", format="text", text_unit="block", paths=[str(tmp_path / "bad.txt")])
+    tasks, report = plan_reads([bad], {"s": expand_paths(bad)}, 1024, serial)
+    assert len(tasks) == 1 and report["unsplittable"][0]["why"].startswith("not UTF-8")
+    assert [r["reject_reason"] for t in read_file(tasks[0], NORM, FILT) for r in t.to_pylist()] == ["invalid_utf8"]
 
 
 def test_pretraining_reads_packed_data_from_a_bucket_as_from_disk(tmp_path, bucket, packed, ray_local):

@@ -42,8 +42,9 @@ class SourceConfig(StrictModel):
 class ReadConfig(StrictModel):
     split_bytes: int | None = Field(
         128 << 20, ge=1 << 10,
-        description="Uncompressed JSONL files larger than this are read by several tasks, one per byte range, "
-        "each from the first full line after its offset (same ids and rows as one task); null: one task per file.",
+        description="Uncompressed JSONL and block-text files larger than this are read by several tasks, one "
+        "per byte range, each from the first full line or block after its offset (same ids and rows as one "
+        "task); null: one task per file.",
     )
 
 

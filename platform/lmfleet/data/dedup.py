@@ -1,8 +1,9 @@
 """Exact and MinHash-LSH near-duplicate removal on Ray Data.
 
-Both steps hash-partition rows into `partitions` buckets with `groupby(bucket).map_groups`, so every
-row sharing a key (content hash, LSH band hash) meets in one task; nothing of the corpus goes to the
-driver. The driver sees only candidate edges (pairs of 64-bit doc ids) for the connected components.
+Both steps hash-partition keys into `partitions` buckets (`lmfleet.data.shuffle`: Ray tasks), so every
+row sharing a key (content hash, LSH band hash) meets in one task; only keys and ids are shuffled and no
+text goes to the driver. The driver sees the removed uids of exact dedup and the candidate edges (pairs
+of 64-bit doc ids) for the connected components of near dedup.
 
 Representative rule (exact and near): within a group of duplicates keep the document of the source
 listed first in the config, then the smallest `id` (string order). It is deterministic and lets the
@@ -11,6 +12,7 @@ user rank sources by trust.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ import pyarrow as pa
 
 from lmfleet.data import minhash
 from lmfleet.data.config import DedupConfig
+from lmfleet.data.shuffle import gather, hash_shuffle, map_blocks
 
 _KEY_MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -40,24 +43,32 @@ def _first_of_runs(keys: np.ndarray) -> np.ndarray:
 # ---- exact dedup -------------------------------------------------------------------------------
 
 
-def _with_hash_bucket(table: pa.Table, partitions: int) -> pa.Table:
+_UIDS = pa.schema([("uid", pa.uint64())])
+
+
+def _hash_keys(table: pa.Table) -> pa.Table:
+    """What exact dedup shuffles: the ranking columns and a 64-bit prefix of the content hash, not the text."""
     prefix = np.array([int(h[:16], 16) for h in table["content_hash"].to_pylist()], dtype=np.uint64)
-    return table.append_column("bucket", pa.array(_bucket_of(prefix, partitions)))
+    return table.select(["content_hash", "source_index", "id", "uid"]).append_column("key", pa.array(prefix))
 
 
-def _keep_first_per_hash(table: pa.Table) -> pa.Table:
+def _key_partition(table: pa.Table, partitions: int) -> np.ndarray:
+    return _bucket_of(table["key"].to_numpy(), partitions)
+
+
+def _duplicate_uids(table: pa.Table) -> pa.Table:
+    """The uids of every row but the first of each content hash (in representative order)."""
     table = _rank_sorted(table, "content_hash")
-    keep = _first_of_runs(np.asarray(table["content_hash"].to_pylist(), dtype=object))
-    return table.filter(pa.array(keep)).drop_columns(["bucket"])
+    first = _first_of_runs(np.asarray(table["content_hash"].to_pylist(), dtype=object))
+    return table.filter(pa.array(~first)).select(["uid"])
 
 
 def exact_dedup(ds, partitions: int):
-    """One row per distinct normalized text (content_hash), chosen by the representative rule."""
-    return (
-        ds.map_batches(_with_hash_bucket, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
-        .groupby("bucket", num_partitions=partitions)
-        .map_groups(_keep_first_per_hash, batch_format="pyarrow")
-    )
+    """One row per distinct normalized text (content_hash), chosen by the representative rule; rows keep
+    their order. Only hash keys and ids are shuffled; the removed uids come to the driver (8 bytes each)."""
+    removed = gather(hash_shuffle(ds.to_arrow_refs(), _key_partition, _duplicate_uids, partitions,
+                                  prepare=_hash_keys), _UIDS)
+    return drop_uids(ds, np.sort(removed["uid"].to_numpy()))
 
 
 # ---- near dedup --------------------------------------------------------------------------------
@@ -87,19 +98,26 @@ class LshParams:
 
 def _band_rows(table: pa.Table, p: LshParams, partitions: int) -> pa.Table:
     """One row per (document, band): the band's hash and who the document is (no signature: verification
-    fetches the signatures of candidate documents afterwards, see `candidate_edges`)."""
-    sigs = _signatures(table, p)
-    bands = minhash.band_hashes(sigs, p.bands, p.rows, seed=p.seed)  # (n, b) uint64
-    n = len(table)
-    doc = pa.array(np.repeat(np.arange(n), p.bands))
-    keys = bands.reshape(-1)
-    return pa.table({
-        "band_key": pa.array(keys),
-        "bucket": pa.array(_bucket_of(keys, partitions)),
-        "uid": table["uid"].take(doc),
-        "source_index": table["source_index"].take(doc),
-        "id": table["id"].take(doc),
-    })
+    fetches the signatures of candidate documents afterwards, see `candidate_edges`). Signatures are
+    computed 2,000 documents at a time (512 bytes each at 128 perms)."""
+    out = []
+    for start in range(0, len(table), 2000):
+        part = table.slice(start, 2000)
+        bands = minhash.band_hashes(_signatures(part, p), p.bands, p.rows, seed=p.seed)  # (n, b) uint64
+        doc = pa.array(np.repeat(np.arange(len(part)), p.bands))
+        keys = bands.reshape(-1)
+        out.append(pa.table({
+            "band_key": pa.array(keys),
+            "bucket": pa.array(_bucket_of(keys, partitions)),
+            "uid": part["uid"].take(doc),
+            "source_index": part["source_index"].take(doc),
+            "id": part["id"].take(doc),
+        }))
+    return pa.concat_tables(out)
+
+
+def _bucket_partition(table: pa.Table, partitions: int) -> np.ndarray:
+    return table["bucket"].to_numpy()
 
 
 def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
@@ -108,12 +126,16 @@ def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
     )
 
 
+def _signature_schema(p: LshParams) -> pa.Schema:
+    return pa.schema([("uid", pa.uint64()), ("sig", pa.list_(pa.uint32(), p.num_perm))])
+
+
 def _candidate_signatures(table: pa.Table, p: LshParams, uids: np.ndarray) -> pa.Table:
     """(uid, signature) of the documents of `table` among `uids` (sorted)."""
     table = table.filter(pa.array(np.isin(table["uid"].to_numpy(), uids)))
     sigs = _signatures(table, p) if len(table) else np.zeros((0, p.num_perm), np.uint32)
     return pa.table({"uid": table["uid"], "sig": pa.FixedSizeListArray.from_arrays(
-        pa.array(sigs.reshape(-1), pa.uint32()), p.num_perm)})
+        pa.array(sigs.reshape(-1), pa.uint32()), p.num_perm)}, schema=_signature_schema(p))
 
 
 def _bucket_edges(table: pa.Table, p: LshParams) -> pa.Table:
@@ -160,16 +182,9 @@ def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
     Verification then computes the signatures of the candidate documents alone (a few % of the corpus)
     in one pass and compares each pair's on the driver.
     """
-    import ray
-
-    edges = (
-        ds.select_columns(["uid", "source_index", "id", "text"])
-        .map_batches(_band_rows, batch_format="pyarrow", batch_size=2000,
-                     fn_kwargs={"p": params, "partitions": partitions})
-        .groupby("bucket", num_partitions=partitions)
-        .map_groups(_bucket_edges, batch_format="pyarrow", fn_kwargs={"p": params})
-    )
-    edges = pa.concat_tables([EDGE_SCHEMA.empty_table(), *ray.get(edges.to_arrow_refs())])
+    blocks = ds.to_arrow_refs()
+    edges = gather(hash_shuffle(blocks, _bucket_partition, functools.partial(_bucket_edges, p=params), partitions,
+                                prepare=functools.partial(_band_rows, p=params, partitions=partitions)), EDGE_SCHEMA)
     # The same pair may collide in several bands.
     pairs = np.stack([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()], axis=1)
     pairs.sort(axis=1)
@@ -179,9 +194,8 @@ def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
         return edges
     u, v = edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()
     wanted = np.unique(np.concatenate([u, v]))
-    found = pa.concat_tables(ray.get(ds.select_columns(["uid", "text"]).map_batches(
-        _candidate_signatures, batch_format="pyarrow", batch_size=2000,
-        fn_kwargs={"p": params, "uids": wanted}).to_arrow_refs()))
+    found = gather(map_blocks(blocks, functools.partial(_candidate_signatures, p=params, uids=wanted)),
+                   _signature_schema(params))
     order = np.argsort(found["uid"].to_numpy())
     sig_uids = found["uid"].to_numpy()[order]
     sigs = found["sig"].combine_chunks().flatten().to_numpy().reshape(len(found), params.num_perm)[order]
@@ -245,6 +259,11 @@ def _drop_uids(table: pa.Table, removed_uids: np.ndarray) -> pa.Table:
     return table.filter(pa.array(~np.isin(table["uid"].to_numpy(), removed_uids)))
 
 
+def drop_uids(ds, removed_uids: np.ndarray):
+    """`ds` without the rows whose uid is in `removed_uids` (sorted)."""
+    return ds.map_batches(_drop_uids, batch_format="pyarrow", fn_kwargs={"removed_uids": removed_uids})
+
+
 def drop_removed(ds, clusters: Clusters):
     """The documents that survive near-dedup: every cluster's representative and all singletons."""
-    return ds.map_batches(_drop_uids, batch_format="pyarrow", fn_kwargs={"removed_uids": clusters.removed_uids})
+    return drop_uids(ds, clusters.removed_uids)

@@ -64,6 +64,11 @@ def pack_tokens(docs: list[list[int]], eos_id: int, pad_id: int, sample_len: int
     return tokens.reshape(n, sample_len), positions.reshape(n, sample_len), real
 
 
+SHARD_SCHEMA = pa.schema([("split", pa.string()), ("source", pa.string()), ("part", pa.int64()), ("stem", pa.string()),
+                          ("num_samples", pa.int64()), ("docs", pa.int64()), ("real_tokens", pa.int64()),
+                          ("pad_tokens", pa.int64())])
+
+
 def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: int, eos_id: int, pad_id: int,
                vocab_size: int, seed: int) -> pa.Table:
     """Pack one (split, source, part) group into one shard in `out_dir` (a path or URI: the task writes it
@@ -86,7 +91,7 @@ def pack_group(table: pa.Table, tokenizer_dir: str, out_dir: str, sample_len: in
         "split": [split], "source": [source], "part": [part], "stem": [f"{split}/{stem}"],
         "num_samples": [len(tokens)], "docs": [len(texts)], "real_tokens": [real],
         "pad_tokens": [tokens.size - real],
-    })
+    }, schema=SHARD_SCHEMA)
 
 
 def write_index(out_dir: Path, shards: list[dict], meta: dict) -> dict:

@@ -369,19 +369,83 @@ def newline_spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(starts))
 
 
-def _range_lines(f, start: int, end: int | None, first_line: int) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) of the lines starting in [start, end) of an open file; end None: to EOF."""
+def _lines_from(f, start: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, raw line) of the lines of an open file from the first one starting at or after `start`
+    (the line holding byte start - 1 belongs to whoever reads the range before)."""
     pos = 0
     if start > 0:
         f.seek(start - 1)
-        pos = start - 1 + len(f.readline())  # the line holding byte start - 1 is the previous range's
-    lineno = first_line
+        pos = start - 1 + len(f.readline())
     for raw in f:
+        yield pos, raw
+        pos += len(raw)
+
+
+def _range_lines(f, start: int, end: int | None, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the lines starting in [start, end) of an open file; end None: to EOF."""
+    for lineno, (pos, raw) in enumerate(_lines_from(f, start), first_line):
         if end is not None and pos >= end:
             break
         yield lineno, raw
-        pos += len(raw)
-        lineno += 1
+
+
+# Text read by blocks: a file's blocks are `re.split(r"\n\s*\n", text)`, numbered from 0 with the empty ones
+# counted (the ids). In lines, a separator is a run of whitespace-only lines holding two newlines or more:
+# it starts at the newline ending the line P before the run (P has text, or P is line 1 and whitespace
+# itself) and ends at the run's last newline, so a block is whole lines less the last one's newline. A range
+# of a split file reads the blocks starting in it; a first pass over every range (`scan_text_range`) counts
+# the separators starting in it (what the next ranges' block numbers need) and says whether its last line
+# was blank and line 1 (what the next range's first line needs to know whether a block starts there).
+# `str.strip` and the regex's `\s` agree on every code point (checked: Python 3.12).
+
+
+def _text_lines(f, start: int, end: int | None) -> Iterator[tuple[str, bool, bool]]:
+    """(decoded line, owned: starts in [start, end), is line 1) from the first line starting at or
+    after start to EOF; UnicodeDecodeError on bytes that are not UTF-8 (a BOM on line 1 is not content)."""
+    for pos, raw in _lines_from(f, start):
+        yield raw.decode("utf-8-sig" if pos == 0 else "utf-8"), end is None or pos < end, pos == 0
+
+
+def _blocks(lines: Iterator[tuple[str, bool, bool]], prev: tuple[bool, bool] | None, base: int,
+            keep: bool, tally: dict) -> Iterator[tuple[int, str]]:
+    """(number, text) of the blocks starting in the owned lines (keep=False: none, scan only). `prev`:
+    (blank, is line 1) of the line before the first one (None at the file's start); `base`: separators
+    before it. `tally` gets `separators` (starting in owned lines) and `last` (blank, is line 1) of the
+    last owned line."""
+    seps, cur, cur_no = 0, None, 0
+    p_blank, p_line1, p_owned = (prev[0], prev[1], False) if prev else (None, False, False)
+    for text, owned, line1 in lines:
+        blank = not text.strip()
+        if p_blank is not None and blank and text.endswith("\n") and (not p_blank or p_line1):
+            seps += p_owned  # a separator starts at the previous line's newline
+            if cur is not None:
+                yield cur_no, "".join(cur)[:-1]
+                cur = None
+        if not owned and cur is None:
+            break
+        if keep and (line1 or (p_blank and not blank and not p_line1)):
+            cur, cur_no = [], base + seps
+        if cur is not None:
+            cur.append(text)
+        p_blank, p_line1, p_owned = blank, line1, owned
+        if owned:
+            tally["last"] = (blank, line1)
+    if cur is not None:
+        yield cur_no, "".join(cur)
+    tally["separators"] = seps
+
+
+def scan_text_range(path: str, start: int, end: int) -> dict:
+    """The first pass over one byte range of a text file read by blocks: {separators, last, valid}
+    (valid: every line starting in it, and the next, decodes as UTF-8)."""
+    tally: dict = {"last": None}
+    try:
+        with uri.open_raw(path, start) as f:
+            for _ in _blocks(_text_lines(f, start, end), None, 0, False, tally):
+                pass
+    except UnicodeDecodeError:
+        return {"separators": 0, "last": None, "valid": False}
+    return {**tally, "valid": True}
 
 
 def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator[pa.Table]:
@@ -391,12 +455,29 @@ def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator
     src = SourceConfig.model_validate_json(task["source"])
     rb = RecordBuilder(src, task["source_index"], norm, filt)
     path = task["path"]
-    span = (task.get("start", 0), task.get("end"), task.get("first_line", 1))
     try:
-        yield from _read_records(src, path, f"{src.name}/{task['relpath']}", rb, span)
+        if "first_block" in task:
+            yield from _text_range(task, f"{src.name}/{task['relpath']}", rb)
+        else:
+            span = (task.get("start", 0), task.get("end"), task.get("first_line", 1))
+            yield from _read_records(src, path, f"{src.name}/{task['relpath']}", rb, span)
     except DAMAGED as err:
         rb.reject(path, "damaged_file", f"{type(err).__name__}: {err} (records before this point were read)")
     yield from rb.flush(force=True)
+
+
+def _text_range(task: dict, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]:
+    """The blocks starting in one byte range of a text file (numbered as in a whole-file read)."""
+    path, tally = task["path"], {}
+    prev = tuple(task["prev_line"]) if task["prev_line"] is not None else None
+    try:
+        with uri.open_raw(path, task["start"]) as f:
+            for i, block in _blocks(_text_lines(f, task["start"], task["end"]), prev, task["first_block"], True, tally):
+                if block.strip():
+                    rb.text(f"{path}#block{i}", f"{prefix}:{i}", block)
+                    yield from rb.flush()
+    except UnicodeDecodeError as err:  # the first pass found none: the file changed since
+        rb.reject(path, "invalid_utf8", f"{err} (at or after byte {task['start']}; the file changed while read)")
 
 
 def _read_records(src: SourceConfig, path: str, prefix: str, rb: RecordBuilder,
@@ -512,3 +593,61 @@ def _docstrings(path: str, prefix: str, rb: RecordBuilder) -> Iterator[pa.Table]
             if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 stack.append((child, f"{qualname}.{child.name}" if qualname else child.name))
     yield from rb.flush()
+
+
+def _one_task_why(src: SourceConfig, ref: uri.FileRef, split: int | None) -> str | None:
+    """Why a file over read.split_bytes is read by one task; "" when it is split; None when under it."""
+    if not split or ref.size <= split:
+        return None
+    if src.format == "jsonl" or (src.format == "text" and src.text_unit == "block"):
+        codec = uri.compression(ref.path)
+        return f"{codec} streams cannot be read from an offset" if codec else ""
+    return {"text": "text_unit: file makes the whole file one document",
+            "json": "a JSON file is parsed whole",
+            "parquet": "Parquet files are read by one task (row groups are not split)",
+            }.get(src.format, f"{src.format} inputs are read whole")
+
+
+def plan_reads(sources: list[SourceConfig], files: dict[str, list[uri.FileRef]], split: int | None,
+               run_all) -> tuple[list[dict], dict]:
+    """Read tasks: one per file, or one per byte range of an uncompressed JSONL or block-text file over
+    `split` bytes, each range's first line or block number from a first pass over every range
+    (`run_all(fn, [args, ...])` -> results: Ray tasks in the stage). Also what the report says of it."""
+    per_file, unsplit, jsonl, text = [], [], [], []
+    for i, src in enumerate(sources):
+        for ref in files[src.name]:
+            if ref.size == 0:
+                continue  # no record in it: counted by the stage, not read
+            task = {"source": src.model_dump_json(), "source_index": i, "path": ref.path, "relpath": ref.rel}
+            why = _one_task_why(src, ref, split)
+            if why != "":
+                per_file.append([task])
+                if why:
+                    unsplit.append({"file": ref.path, "bytes": ref.size, "why": why})
+                continue
+            group = [{**task, "start": a, "end": b} for a, b in byte_ranges(ref.size, split)]
+            (jsonl if src.format == "jsonl" else text).append(len(per_file))
+            per_file.append(group)
+    spans = [(per_file[k], newline_spans([(t["start"], t["end"]) for t in per_file[k]])) for k in jsonl]
+    counts = iter(run_all(count_newlines, [(g[0]["path"], a, b) for g, sp in spans for a, b in sp]))
+    for group, sp in spans:
+        ranges = [(t["start"], t["end"]) for t in group]
+        for task, first in zip(group, first_lines(ranges, [next(counts) for _ in sp]), strict=True):
+            task["first_line"] = first
+    scans = iter(run_all(scan_text_range, [(t["path"], t["start"], t["end"]) for k in text for t in per_file[k]]))
+    for k in text:
+        group = per_file[k]
+        found = [next(scans) for _ in group]
+        if not all(s["valid"] for s in found):  # read whole, so that the file is rejected as one record
+            per_file[k] = [{key: v for key, v in group[0].items() if key not in ("start", "end")}]
+            unsplit.append({"file": group[0]["path"], "bytes": group[-1]["end"],
+                            "why": "not UTF-8: rejected whole, as when read by one task"})
+            continue
+        blocks, prev = 0, None
+        for task, scan in zip(group, found, strict=True):
+            task["first_block"], task["prev_line"] = blocks, prev
+            blocks += scan["separators"]
+            prev = scan["last"] if scan["last"] is not None else prev
+    tasks = [t for g in per_file for t in g]
+    return tasks, {"tasks": len(tasks), "split_files": sum(len(g) > 1 for g in per_file), "split_bytes": split,
+                   "unsplittable": unsplit}

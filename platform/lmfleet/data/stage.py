@@ -12,6 +12,8 @@ Outputs (in the stage dir, a path or URI: Ray Data and the packing tasks write t
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import os
@@ -29,20 +31,18 @@ from lmfleet.data import dedup, mixing, packing
 from lmfleet.data.config import DataConfig
 from lmfleet.data.read import (
     ROW_SCHEMA,
-    byte_ranges,
     check_hf_split,
-    count_newlines,
     expand_paths,
-    first_lines,
     named_paths,
-    newline_spans,
+    plan_reads,
     read_file,
 )
+from lmfleet.data.shuffle import gather, hash_shuffle, map_blocks
 from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
 from lmfleet.outputs import listdir
-from lmfleet.uri import FileRef, compression, filesystem, is_uri
+from lmfleet.uri import FileRef, filesystem, is_uri
 
 OUTPUT_COLUMNS = ["id", "source", "text", "meta"]
 
@@ -73,55 +73,38 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _sum_by(ds, key: str, value=None) -> dict:
-    """Per value of column `key`: row counts, or sums of `value(row_text)`. Summed per block and then on
-    the driver, with no shuffle."""
+def _tally(table: pa.Table, key: str, chars: bool, rejects: bool | None) -> Counter:
+    if not table.num_rows:  # an empty block may lack columns
+        return Counter()
+    if rejects is not None:
+        table = _is_reject(table, rejects)
+    keys = table[key].to_pylist()
+    if not chars:
+        return Counter(keys)
+    out: Counter = Counter()
+    for k, n in zip(keys, pc.utf8_length(table["text"]).to_pylist(), strict=True):
+        out[k] += n
+    return out
 
-    def partial(table: pa.Table) -> pa.Table:
-        sums: Counter = Counter()
-        keys = table[key].to_pylist()
-        texts = table["text"].to_pylist() if value else [None] * len(keys)
-        for k, t in zip(keys, texts, strict=True):
-            sums[k] += value(t) if value else 1
-        return pa.table({"key": list(sums), "n": list(sums.values())})
+
+def _sum_by(blocks: list, key: str, chars: bool = False, rejects: bool | None = None) -> dict:
+    """Per value of column `key` of the blocks' rows (only rejects or only the others, if said): row
+    counts, or the characters of their text. Summed per block by a task each, then on the driver."""
+    import ray
 
     out: Counter = Counter()
-    for row in ds.map_batches(partial, batch_format="pyarrow", batch_size=None).iter_rows():
-        out[row["key"]] += row["n"]
+    for part in ray.get(map_blocks(blocks, functools.partial(_tally, key=key, chars=chars, rejects=rejects))):
+        out.update(part)
     return dict(out)
 
 
-def _read_tasks(cfg: DataConfig, files: dict[str, list[FileRef]]) -> tuple[list[dict], dict]:
-    """One read task per file, or per byte range of an uncompressed JSONL file over read.split_bytes (its
-    ranges' first line numbers from a newline count of each range, run as Ray tasks: about 1 GB/s a core,
-    against ~50 MB/s for parsing). Also what the report says of splitting."""
+def _ray_all(fn, args: list[tuple]) -> list:
+    """fn(*a) for each a in args as Ray tasks (the first passes over split files: ~1 GB/s a core for
+    newline counts, against ~50 MB/s for parsing)."""
     import ray
 
-    split = cfg.read.split_bytes
-    counter = ray.remote(num_cpus=1)(count_newlines)
-    tasks, counts, unsplit = [], [], []
-    for i, src in enumerate(cfg.sources):
-        for ref in files[src.name]:
-            if ref.size == 0:
-                continue
-            task = {"source": src.model_dump_json(), "source_index": i, "path": ref.path, "relpath": ref.rel}
-            codec = compression(ref.path)
-            if src.format != "jsonl" or not split or ref.size <= split:
-                tasks.append(task)
-            elif codec:
-                unsplit.append({"file": ref.path, "bytes": ref.size,
-                                "why": f"{codec} streams cannot be read from an offset"})
-                tasks.append(task)
-            else:
-                ranges = byte_ranges(ref.size, split)
-                group = [{**task, "start": a, "end": b} for a, b in ranges]
-                counts.append((group, [counter.remote(ref.path, a, b) for a, b in newline_spans(ranges)]))
-                tasks.extend(group)
-    for group, refs in counts:
-        for task, first in zip(group, first_lines([(t["start"], t["end"]) for t in group], ray.get(refs)), strict=True):
-            task["first_line"] = first
-    return tasks, {"tasks": len(tasks), "split_files": len(counts), "split_bytes": split,
-                   "unsplittable": unsplit}
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(*a) for a in args])
 
 
 def _read_batch(table: pa.Table, norm, filt) -> pa.Table:
@@ -161,7 +144,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         empty = [ref.path for src in cfg.sources for ref in files[src.name] if ref.size == 0]
         if len(empty) == sum(map(len, files.values())):
             raise InputError(f"every input file is empty: {', '.join(sorted(empty))}")
-        tasks, report["read"] = _read_tasks(cfg, files)
+        tasks, report["read"] = plan_reads(cfg.sources, files, cfg.read.split_bytes, _ray_all)
         records = (
             ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
             .map_batches(_read_batch, batch_size=1, batch_format="pyarrow",
@@ -170,8 +153,9 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         )
         rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
         _write_parquet(rejects, ctx.uri("rejects"), ["id", "source", "location", "reject_reason", "raw"])
-        reasons = _sum_by(rejects, "reject_reason")
-        docs_in_by_source = _sum_by(records, "source")
+        blocks = records.to_arrow_refs()
+        reasons = _sum_by(blocks, "reject_reason", rejects=True)
+        docs_in_by_source = _sum_by(blocks, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
             ["reject_reason", "raw"]
         ).materialize()
@@ -210,8 +194,9 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         report["outputs"].update(kept=ctx.uri("kept"), clusters=ctx.uri("clusters.parquet"),
                                  pairs=ctx.uri("pairs.parquet"))
 
-    kept_chars = _sum_by(kept, "source", len)
-    kept_by_source = _sum_by(kept, "source")
+    blocks = kept.to_arrow_refs()
+    kept_chars = _sum_by(blocks, "source", chars=True)
+    kept_by_source = _sum_by(blocks, "source")
     report["per_source"] = {
         s.name: {"docs_in": docs_in_by_source.get(s.name, 0), "docs_kept": kept_by_source.get(s.name, 0),
                  "chars_kept": kept_chars.get(s.name, 0)} for s in cfg.sources
@@ -257,10 +242,26 @@ def _sample_rows(table: pa.Table, fraction: float, seed: int) -> pa.Table:
     return table.filter(pa.array(mixing.unit_hash(table["uid"].to_numpy(), seed, epoch=-3) < fraction))
 
 
-def _with_part(table: pa.Table, parts: dict[str, int], seed: int) -> pa.Table:
+def _mixed_with_part(table: pa.Table, rates: dict, seed: int, val_fraction: float, parts: dict[str, int]) -> pa.Table:
+    """The mix (rows repeated or sampled by their source's rate, `epoch`, `split`) and each row's shard
+    `part` within its (source, split), from a seeded hash of its uid."""
+    table = mixing.apply_rates(table, rates, seed, val_fraction)
     h = mixing.unit_hash(table["uid"].to_numpy(), seed, epoch=-4)
     n = np.array([parts[f"{s}/{sp}"] for s, sp in zip(table["source"].to_pylist(), table["split"].to_pylist(), strict=True)])
     return table.append_column("part", pa.array((h * n).astype(np.int64)))
+
+
+def _group_of(table: pa.Table, partitions: int, groups: dict[str, int]) -> np.ndarray:
+    keys = zip(table["split"].to_pylist(), table["source"].to_pylist(), table["part"].to_pylist(), strict=True)
+    return np.array([groups[f"{sp}/{s}/{k}"] for sp, s, k in keys], dtype=np.int64) % partitions
+
+
+def _pack_groups(table: pa.Table, **pack) -> pa.Table:
+    """packing.pack_group for each (split, source, part) group among the rows."""
+    table = table.sort_by([("split", "ascending"), ("source", "ascending"), ("part", "ascending")])
+    keys = list(zip(table["split"].to_pylist(), table["source"].to_pylist(), table["part"].to_pylist(), strict=True))
+    bounds = [i for i in range(len(keys) + 1) if i in (0, len(keys)) or keys[i] != keys[i - 1]]
+    return pa.concat_tables([packing.pack_group(table.slice(a, b - a), **pack) for a, b in itertools.pairwise(bounds)])
 
 
 def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: str, index_dir: Path,
@@ -269,8 +270,6 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
     driver's copy of `out`)."""
     sample_len = cfg.pack.seq_len + 1
     rates = {k: v["rate"] for k, v in plan.items()}
-    mixed = kept.map_batches(mixing.apply_rates, batch_format="pyarrow",
-                             fn_kwargs={"rates": rates, "seed": seed, "val_fraction": cfg.pack.val_fraction})
     # Shards per (source, split) from an estimate of its tokens (~4 chars per token): about
     # samples_per_shard samples each, but never so many that padded shard tails cost > 0.5%.
     parts = {}
@@ -279,14 +278,16 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
             est_samples = p["chars"] * share / 4 / sample_len
             parts[f"{name}/{split}"] = int(max(1, min(math.ceil(est_samples / cfg.pack.samples_per_shard),
                                                       est_samples // 200)))
-    shards = (
-        mixed.map_batches(_with_part, batch_format="pyarrow", fn_kwargs={"parts": parts, "seed": seed})
-        .groupby(["split", "source", "part"], num_partitions=max(1, min(len(parts) * 2, 4 * cpus)))
-        .map_groups(packing.pack_group, batch_format="pyarrow", fn_kwargs={
-            "tokenizer_dir": tok["path"], "out_dir": str(out), "sample_len": sample_len, "eos_id": tok["eos_id"],
-            "pad_id": tok["pad_id"], "vocab_size": tok["vocab_size"], "seed": seed})
-        .take_all()
-    )
+    # One shard per (split, source, part) group; the groups are dealt round-robin to the packing tasks.
+    groups = [f"{split}/{name}/{k}" for key, n in parts.items() for name, split in [key.rsplit("/", 1)] for k in range(n)]
+    refs = hash_shuffle(
+        kept.to_arrow_refs(), functools.partial(_group_of, groups={g: i for i, g in enumerate(groups)}),
+        functools.partial(_pack_groups, tokenizer_dir=tok["path"], out_dir=str(out), sample_len=sample_len,
+                          eos_id=tok["eos_id"], pad_id=tok["pad_id"], vocab_size=tok["vocab_size"], seed=seed),
+        max(1, min(len(groups), 4 * cpus)),
+        prepare=functools.partial(_mixed_with_part, rates=rates, seed=seed,
+                                  val_fraction=cfg.pack.val_fraction, parts=parts))
+    shards = gather(refs, packing.SHARD_SCHEMA).to_pylist()
     index_dir.mkdir(parents=True, exist_ok=True)
     index = packing.write_index(index_dir, shards, {
         "sample_len": sample_len, "seq_len": cfg.pack.seq_len, "eos_id": tok["eos_id"], "pad_id": tok["pad_id"],
@@ -321,8 +322,8 @@ def _summary(r: dict) -> list[str]:
         + (f" ({r['empty_files']} empty)" if r["empty_files"] else "") + f"; rejected {r['rejected']} ({rejects})",
         *([f"read: {r['read']['split_files']} files over read.split_bytes split into byte ranges; "
             f"{r['read']['tasks']} read tasks"] if r["read"]["split_files"] else []),
-        *([f"read: {len(r['read']['unsplittable'])} compressed files over read.split_bytes read by one task each "
-           "(a compressed stream cannot be read from an offset)"] if r["read"]["unsplittable"] else []),
+        *([f"read: {n} file(s) over read.split_bytes read by one task: {why}" for why, n in
+           Counter(u["why"] for u in r["read"]["unsplittable"]).items()]),
         f"exact duplicates removed: {r['exact_duplicates_removed']}",
         f"near duplicates removed: {r['near_duplicates_removed']} in {r['clusters']} clusters"
         + (f" (MinHash {r['lsh']['num_perm']} perms, {r['lsh']['bands']}x{r['lsh']['rows']} bands, "
