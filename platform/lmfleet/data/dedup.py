@@ -47,13 +47,14 @@ _UIDS = pa.schema([("uid", pa.uint64())])
 
 
 def _hash_keys(table: pa.Table) -> pa.Table:
-    """What exact dedup shuffles: the ranking columns and a 64-bit prefix of the content hash, not the text."""
+    """What exact dedup shuffles: the content hash and the ranking columns, not the text."""
+    return table.select(["content_hash", "source_index", "id", "uid"])
+
+
+def _hash_partition(table: pa.Table, partitions: int) -> np.ndarray:
+    """Partition of each row from a 64-bit prefix of its content hash."""
     prefix = np.array([int(h[:16], 16) for h in table["content_hash"].to_pylist()], dtype=np.uint64)
-    return table.select(["content_hash", "source_index", "id", "uid"]).append_column("key", pa.array(prefix))
-
-
-def _key_partition(table: pa.Table, partitions: int) -> np.ndarray:
-    return _bucket_of(table["key"].to_numpy(), partitions)
+    return _bucket_of(prefix, partitions)
 
 
 def _duplicate_uids(table: pa.Table) -> pa.Table:
@@ -66,7 +67,7 @@ def _duplicate_uids(table: pa.Table) -> pa.Table:
 def exact_dedup(ds, partitions: int):
     """One row per distinct normalized text (content_hash), chosen by the representative rule; rows keep
     their order. Only hash keys and ids are shuffled; the removed uids come to the driver (8 bytes each)."""
-    removed = gather(hash_shuffle(ds.to_arrow_refs(), _key_partition, _duplicate_uids, partitions,
+    removed = gather(hash_shuffle(ds.to_arrow_refs(), _hash_partition, _duplicate_uids, partitions,
                                   prepare=_hash_keys), _UIDS)
     return drop_uids(ds, np.sort(removed["uid"].to_numpy()))
 
@@ -96,7 +97,7 @@ class LshParams:
                    cfg.max_bucket_pairs, seed)
 
 
-def _band_rows(table: pa.Table, p: LshParams, partitions: int) -> pa.Table:
+def _band_rows(table: pa.Table, p: LshParams) -> pa.Table:
     """One row per (document, band): the band's hash and who the document is (no signature: verification
     fetches the signatures of candidate documents afterwards, see `candidate_edges`). Signatures are
     computed 2,000 documents at a time (512 bytes each at 128 perms)."""
@@ -108,7 +109,6 @@ def _band_rows(table: pa.Table, p: LshParams, partitions: int) -> pa.Table:
         keys = bands.reshape(-1)
         out.append(pa.table({
             "band_key": pa.array(keys),
-            "bucket": pa.array(_bucket_of(keys, partitions)),
             "uid": part["uid"].take(doc),
             "source_index": part["source_index"].take(doc),
             "id": part["id"].take(doc),
@@ -116,8 +116,8 @@ def _band_rows(table: pa.Table, p: LshParams, partitions: int) -> pa.Table:
     return pa.concat_tables(out)
 
 
-def _bucket_partition(table: pa.Table, partitions: int) -> np.ndarray:
-    return table["bucket"].to_numpy()
+def _band_partition(table: pa.Table, partitions: int) -> np.ndarray:
+    return _bucket_of(table["band_key"].to_numpy(), partitions)
 
 
 def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
@@ -183,8 +183,8 @@ def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
     in one pass and compares each pair's on the driver.
     """
     blocks = ds.to_arrow_refs()
-    edges = gather(hash_shuffle(blocks, _bucket_partition, functools.partial(_bucket_edges, p=params), partitions,
-                                prepare=functools.partial(_band_rows, p=params, partitions=partitions)), EDGE_SCHEMA)
+    edges = gather(hash_shuffle(blocks, _band_partition, functools.partial(_bucket_edges, p=params), partitions,
+                                prepare=functools.partial(_band_rows, p=params)), EDGE_SCHEMA)
     # The same pair may collide in several bands.
     pairs = np.stack([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()], axis=1)
     pairs.sort(axis=1)
