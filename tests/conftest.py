@@ -206,7 +206,11 @@ def registered_steps(run: Path, filesystem=None, storage: str | None = None) -> 
     if filesystem.get_file_info(snapshot).type == fs.FileType.NotFound:
         return []
     with filesystem.open_input_stream(snapshot) as f:
-        results = json.loads(f.read())["checkpoint_results"]
+        text = f.read()
+    try:
+        results = json.loads(text)["checkpoint_results"]
+    except json.JSONDecodeError:  # read while Ray Train rewrites it (seen once in a full run): none known yet
+        return []
     return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 
 

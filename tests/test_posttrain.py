@@ -1,5 +1,5 @@
 """Post-training stages end to end on a tiny model and the shared data, each on real Ray Train workers:
-SFT (DDP / FSDP / DeepSpeed, PEFT), reward model, PPO, DPO and distillation."""
+SFT (DDP / FSDP / DeepSpeed, PEFT), reward model, PPO, GRPO, RLOO, DPO and distillation."""
 
 import json
 import threading
@@ -118,7 +118,7 @@ def test_reward_model_ranks_train_pairs(reward):
 
 
 def test_reward_model_with_lora_exports_a_merged_classifier(tmp_path, sft):
-    from lmfleet.posttrain.reward import load_reward_model
+    from lmfleet.posttrain.models import load_reward_model
 
     hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 64, "val_fraction": 0.1}
     report, out = posttrain(tmp_path, "reward", model=str(sft[1] / "model"), dataset=hh,
@@ -136,7 +136,7 @@ def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
         dataset={**ALPACA, "max_records": 256, "val_fraction": 0.25}, training={"learning_rate": 2e-4, "max_length": 128},
         iterations=40, generation={"max_new_tokens": 16}, checkpoint_every=20, scaling={"num_workers": 2},
         # Adaptive KL (a 64-sample horizon moves kl_coef up to 10% per rollout) holds the policy near 3 nats.
-        ppo={"rollout_batch": 32, "mini_batch": 16, "ppo_epochs": 2, "kl_coef": 0.1, "kl_target": 3.0, "kl_horizon": 64},
+        ppo={"rollout_batch": 32, "mini_batch": 16, "epochs": 2, "kl_coef": 0.1, "kl_target": 3.0, "kl_horizon": 64},
         eval={"samples": 64},
     )
     ev = report["eval"]  # ~54 held-out prompts, one sampled answer per policy each
@@ -149,37 +149,117 @@ def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     assert (out / "model" / "config.json").exists()
 
 
-def _kill_a_worker_once_checkpointed(snapshot, metrics, killed: list) -> None:
+def _kill_a_worker_once_checkpointed(snapshot, metrics, killed: list, every: int) -> None:
     """SIGKILL a Ray Train worker once the controller lists a checkpoint (Ray Train v2 registers a reported
-    checkpoint when it next polls the workers; a kill before that loses it) and an iteration after it is
-    logged: the resumed run re-runs at least that one."""
+    checkpoint when it next polls the workers; a kill before that loses it) and an iteration after it,
+    but before the next checkpoint's, is logged: the resumed run re-runs at least that one. (Iterations
+    take ~0.3 s: a kill once the next checkpoint is logged could let it register and hide the restart.)"""
     deadline = time.time() + 300
     while time.time() < deadline:
-        if snapshot.exists() and (results := json.loads(snapshot.read_text())["checkpoint_results"]):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
+        except json.JSONDecodeError:  # read while Ray Train rewrites it
+            results = []
+        if results:
             saved = max(int(r["checkpoint_dir_name"].removeprefix("iteration_")) for r in results)
             logged = [json.loads(x).get("iteration", 0) for x in metrics.read_text().splitlines()]
-            if max(logged, default=0) > saved:
+            if saved < max(logged, default=0) < saved + every:
                 killed.append(kill_a_train_worker())
                 return
         time.sleep(0.05)
 
 
-def test_ppo_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward):
-    """SIGKILL a PPO worker once a checkpoint is registered: Ray Train restarts the group from the latest
+# A verifiable reward the SFT model earns on ~1 in 3 held-out prompts: its answer contains "the".
+THE = [{"function": "lmfleet.posttrain.rewards:contains", "args": {"text": "the"}}]
+GROUP_RL = {"rollout_batch": 8, "mini_batch": 16, "num_generations": 4}
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_group_rl_raises_a_verifiable_reward(tmp_path, sft, kind):
+    """GRPO and RLOO with a reward function only (no reward model), 2 workers: the held-out prompts'
+    answers earn it far more often than the SFT model's."""
+    report, out = posttrain(
+        tmp_path, kind, model=str(sft[1] / "model"), reward_functions=THE,
+        dataset={**ALPACA, "max_records": 256, "val_fraction": 0.25}, training={"learning_rate": 1e-3, "max_length": 128},
+        iterations=15, generation={"max_new_tokens": 16}, checkpoint_every=15, scaling={"num_workers": 2},
+        eval={"samples": 64}, **{kind: GROUP_RL})
+    ev = report["eval"]  # ~54 held-out prompts, one sampled answer per policy each
+    assert ev["samples"] > 40
+    # Seen: GRPO 0.37 -> 1.00, RLOO 0.37 -> 0.91 (the reward is the part's mean: no reward model here).
+    assert ev["policy_contains"] > ev["reference_contains"] + 0.3, ev
+    assert ev["policy_score"] == ev["policy_contains"] and "policy_reward_model" not in ev
+    assert ev["win_rate"] > 0.6 and ev["kl"] > 0, ev
+    assert report["final_score"] > report["first_score"], report
+    logged = [json.loads(x) for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in logged if "iteration" in x] == list(range(1, 16))
+    assert all(x["response_length"] <= 16 and "generation_seconds" in x for x in logged if "iteration" in x)
+    assert (out / "model" / "config.json").exists()
+
+
+def test_a_reward_function_that_fails_in_a_worker_is_a_clear_error(tmp_path, sft):
+    """It passes the driver's dry run on reference answers, then raises on a sampled completion inside a
+    Ray Train worker: the run stops with the function's error and the record, not a Ray traceback."""
+    from lmfleet.errors import UserError
+
+    rewards = tmp_path / "picky.py"
+    rewards.write_text("def picky(prompt, completion, record):\n"
+                       "    if completion != record['answer']:\n"
+                       "        raise ValueError('not the answer')\n"
+                       "    return 1.0\n")
+    with pytest.raises(UserError, match=rf"reward function {rewards}:picky raised ValueError: not the answer "
+                                        r"\(record data/train.jsonl:\d+ \(iteration 1, worker \d\)\)"):
+        posttrain(tmp_path, "grpo", model=str(sft[1] / "model"), reward_functions=[{"function": f"{rewards}:picky"}],
+                  dataset={**ALPACA, "max_records": 32}, training={"max_length": 128, "max_failures": 0},
+                  iterations=2, generation={"max_new_tokens": 8}, scaling={"num_workers": 2}, eval={"samples": 0},
+                  grpo={"rollout_batch": 2, "mini_batch": 4, "num_generations": 2})
+
+
+def test_split_placement_matches_colocated(tmp_path, sft, reward, ray_local):
+    """placement split (reference, reward model and reward function in a Ray actor of their own) gives the
+    same rollout rewards, KL and losses as every model in the training worker, iteration by iteration."""
+    from ray.util.state import list_actors
+
+    common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"), reward_functions=THE,
+                  dataset={**ALPACA, "max_records": 64}, training={"learning_rate": 1e-3, "max_length": 128},
+                  iterations=4, generation={"max_new_tokens": 8}, scaling={"num_workers": 1}, eval={"samples": 0},
+                  grpo={"rollout_batch": 4, "mini_batch": 8, "num_generations": 2, "kl_coef": 0.05})
+    posttrain(tmp_path, "grpo", name="colocated", **common)
+    posttrain(tmp_path, "grpo", name="split", placement="split", split={"actors": 1, "cpus_per_actor": 1}, **common)
+    actors = list_actors(filters=[("class_name", "=", "FrozenModels")], detail=True)
+    assert any(a.name.startswith("grpo_frozen_0") and a.state == "DEAD" for a in actors)  # ran, then was stopped
+
+    def logged(name):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [x for x in lines if "iteration" in x]
+
+    colocated, split = logged("colocated"), logged("split")
+    assert [x["iteration"] for x in split] == [1, 2, 3, 4]
+    for a, b in zip(colocated, split, strict=True):
+        for key in ("score", "kl", "loss", "reward/reward_model", "reward/contains", "clipfrac"):
+            assert a[key] == b[key], (a["iteration"], key, a[key], b[key])
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, kind):
+    """SIGKILL a worker once a checkpoint is registered: Ray Train restarts the group from the latest
     checkpoint and the run reproduces the uninterrupted one (same rollout scores and KL at every iteration)."""
-    iterations = 30
+    iterations = 30 if kind == "ppo" else 20  # GRPO's iterations are shorter (~0.3 s)
     common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),
                   dataset={**ALPACA, "max_records": 64}, training={"learning_rate": 1e-3, "max_length": 128},
-                  iterations=iterations, ppo={"rollout_batch": 8, "mini_batch": 4},
-                  generation={"max_new_tokens": 8}, checkpoint_every=4, scaling={"num_workers": 2},
-                  eval={"samples": 0})
-    posttrain(tmp_path, "ppo", name="uninterrupted", **common)
+                  iterations=iterations, generation={"max_new_tokens": 8}, checkpoint_every=4,
+                  scaling={"num_workers": 2}, eval={"samples": 0})
+    if kind == "ppo":
+        common["ppo"] = {"rollout_batch": 8, "mini_batch": 4}
+    else:  # reward model + a reward function, KL in the loss
+        common.update(grpo={"rollout_batch": 4, "mini_batch": 8, "num_generations": 2, "kl_coef": 0.05},
+                      reward_functions=THE)
+    posttrain(tmp_path, kind, name="uninterrupted", **common)
     killed: list = []
-    snapshot = tmp_path / "faulty" / "ppo" / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    snapshot = tmp_path / "faulty" / kind / "ray" / "train" / "checkpoint_manager_snapshot.json"
     watcher = threading.Thread(target=_kill_a_worker_once_checkpointed,
-                               args=(snapshot, tmp_path / "faulty" / "metrics.jsonl", killed))
+                               args=(snapshot, tmp_path / "faulty" / "metrics.jsonl", killed, 4))
     watcher.start()
-    posttrain(tmp_path, "ppo", name="faulty", **common)
+    posttrain(tmp_path, kind, name="faulty", **common)
     watcher.join()
     assert killed, "no checkpoint was registered before the run finished"
 
@@ -213,3 +293,53 @@ def test_distillation_student_approaches_teacher(tmp_path, sft):
                             temperature=2.0, alpha=0.5)
     assert report["final_kl"] < 0.7 * report["first_kl"]
     assert report["eval"]["student_params"] < report["eval"]["teacher_params"] / 2
+
+
+HH = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 64, "val_fraction": 0.0}
+PREF_TRAIN = {**TRAIN, "max_steps": 12, "per_device_batch": 4, "learning_rate": 1e-3, "logging_steps": 4}
+
+
+@pytest.mark.parametrize("kind", ["orpo", "simpo"])
+def test_offline_preference_methods_learn_the_pairs(tmp_path, sft, kind):
+    """ORPO and SimPO (TRL's experimental trainers) on HH pairs, 2 workers: the loss falls and the chosen
+    answers gain log-probability over the rejected ones (on the training pairs). KTO: the test below."""
+    report, out = posttrain(tmp_path, kind, model=str(sft[1] / "model"), dataset=HH, training=PREF_TRAIN,
+                            scaling={"num_workers": 2})
+    data = report["data"]  # 64 valid pairs sampled; those whose prompt fills max_length are quarantined
+    assert data["kept"] + data["rejected_by_reason"].get("too_many_tokens", 0) == 64
+    assert report["steps"] == 12
+    assert report["final_loss"] < report["first_loss"], report
+    assert report["eval"]["margin_after"] > report["eval"]["margin_before"], report["eval"]
+    assert (out / "model" / "config.json").exists()
+
+
+def test_kto_on_unpaired_records_with_exact_quarantine(tmp_path, sft):
+    """KTO on unpaired {prompt, completion, label} records made from HH pairs, some broken: each broken one is
+    counted by reason; the loss falls and desirable answers gain log-probability over undesirable ones."""
+    import gzip
+
+    with gzip.open(shared("hh_rlhf_harmless_base_test.jsonl.gz"), "rt") as f:
+        pairs = [json.loads(next(f)) for _ in range(40)]
+    lines = []
+    for p in pairs:
+        for key, label in (("chosen", True), ("rejected", False)):
+            prompt, _, answer = p[key].rpartition("\n\nAssistant:")
+            lines.append(json.dumps({"prompt": prompt.replace("\n\nHuman:", "").strip(), "completion": answer.strip(),
+                                     "label": label}))
+    bad = ['{"prompt": "hi", "completion": "yo", "label": "yes"}',  # bad_type
+           '{"prompt": "hi", "label": true}',  # missing_field
+           'not json',  # invalid_json
+           '{"prompt": "hi", "completion": "  ", "label": false}']  # empty
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("\n".join(lines[:30] + bad + lines[30:]) + "\n")
+    report, _ = posttrain(tmp_path, "kto", model=str(sft[1] / "model"),
+                          dataset={"paths": [str(path)], "format": "unpaired", "val_fraction": 0.0},
+                          training=PREF_TRAIN, scaling={"num_workers": 2})
+    data = report["data"]
+    assert data["read"] == 84
+    too_long = data["rejected_by_reason"].pop("too_many_tokens", 0)
+    assert data["rejected_by_reason"] == {"bad_type": 1, "empty": 1, "invalid_json": 1, "missing_field": 1}
+    assert data["kept"] + too_long == 80
+    assert report["steps"] == 12
+    assert report["final_loss"] < report["first_loss"], report
+    assert report["eval"]["margin_after"] > report["eval"]["margin_before"], report["eval"]

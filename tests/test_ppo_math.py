@@ -10,17 +10,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmfleet.posttrain.ppo import (
+from lmfleet.posttrain.loss import (
     AdaptiveKL,
     gae,
     masked_mean,
     masked_whiten,
     policy_loss,
-    response_stats,
     shaped_rewards,
-    token_logprobs,
     value_loss,
 )
+from lmfleet.posttrain.rl import response_stats, token_logprobs
 
 
 def T(rows) -> torch.Tensor:

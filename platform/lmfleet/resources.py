@@ -89,22 +89,25 @@ def _pending(status: dict | None) -> str:
     return ", ".join(f"{n} x {kind}" for kind, n in launches.items()) or "none yet"
 
 
-def demand(scaling) -> tuple[list[dict], bool]:
-    """(bundles of the stage's minimum worker group, whether it uses GPUs) for a `scaling` block."""
+def demand(scaling, extra: list[dict] = ()) -> tuple[list[dict], bool]:
+    """(bundles of the stage's minimum worker group and its `extra` actors, whether it uses GPUs) for a
+    `scaling` block."""
     use_gpu = scaling.resolve_gpu()
     bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    return [dict(bundle) for _ in range(scaling.bounds[0])], use_gpu
+    return [dict(bundle) for _ in range(scaling.bounds[0])] + [dict(b) for b in extra], use_gpu
 
 
-def ensure(key: str, scaling, wait_s: float, embedded: bool) -> None:
-    """Return once the stage's workers fit the cluster; UserError if they never can (or the wait ran out).
-    `key`: the stage's config key (stages.NAME); `embedded`: lmfleet started this Ray (ray.num_cpus sizes it)."""
-    bundles, use_gpu = demand(scaling)
+def ensure(key: str, scaling, wait_s: float, embedded: bool, extra: list[dict] = ()) -> None:
+    """Return once the stage's workers (and `extra` bundles: its own actors) fit the cluster; UserError if they
+    never can (or the wait ran out). `key`: the stage's config key (stages.NAME); `embedded`: lmfleet started
+    this Ray (ray.num_cpus sizes it)."""
+    bundles, use_gpu = demand(scaling, extra)
     nodes = cluster_nodes()
     if _fits(bundles, nodes):
         return
     types = node_types()
-    want = f"{len(bundles)} worker(s) x {_show(bundles[0])}"
+    workers = scaling.bounds[0]
+    want = f"{workers} worker(s) x {_show(bundles[0])}" + "".join(f" + an actor of {_show(b)}" for b in extra)
     have = ", ".join(_show(n) for n in nodes) or "no nodes"
     if types is None and can_add_nodes(autoscaler_status()):
         return _wait_for_autoscaler(key, bundles, want, wait_s)

@@ -439,7 +439,9 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
             init_ray(address, cfg.ray.num_cpus)
             scaling = getattr(spec.config, "scaling", None)
             if scaling is not None:
-                resources.ensure(f"stages.{spec.name}", scaling, cfg.ray.resource_wait_s, embedded=not address)
+                extra = spec.config.extra_bundles() if hasattr(spec.config, "extra_bundles") else []
+                resources.ensure(f"stages.{spec.name}", scaling, cfg.ray.resource_wait_s, embedded=not address,
+                                 extra=extra)
             ctx = StageContext(spec.name, files.local / spec.name, run_dir, cfg.seed, metrics,
                                storage.stage_storage(cfg.storage_path, cfg.name, stage_out), time.time(), stage_out)
             owner = {"run": cfg.name, "stage": spec.name}

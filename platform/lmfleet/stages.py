@@ -60,10 +60,40 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.posttrain.inputs:check_distill",
         resumes=True,
     ),
+    "kto": _Entry(
+        "lmfleet.posttrain.config:KTOStageConfig",
+        "lmfleet.posttrain.kto:run_kto_stage",
+        "lmfleet.posttrain.inputs:check_kto",
+        resumes=True,
+    ),
+    "orpo": _Entry(
+        "lmfleet.posttrain.config:ORPOStageConfig",
+        "lmfleet.posttrain.orpo:run_orpo_stage",
+        "lmfleet.posttrain.inputs:check_orpo",
+        resumes=True,
+    ),
+    "simpo": _Entry(
+        "lmfleet.posttrain.config:SimPOStageConfig",
+        "lmfleet.posttrain.simpo:run_simpo_stage",
+        "lmfleet.posttrain.inputs:check_simpo",
+        resumes=True,
+    ),
     "ppo": _Entry(
         "lmfleet.posttrain.config:PPOStageConfig",
         "lmfleet.posttrain.ppo:run_ppo_stage",
-        "lmfleet.posttrain.inputs:check_ppo",
+        "lmfleet.posttrain.inputs:check_rl",
+        resumes=True,
+    ),
+    "grpo": _Entry(
+        "lmfleet.posttrain.config:GRPOStageConfig",
+        "lmfleet.posttrain.grpo:run_grpo_stage",
+        "lmfleet.posttrain.inputs:check_rl",
+        resumes=True,
+    ),
+    "rloo": _Entry(
+        "lmfleet.posttrain.config:RLOOStageConfig",
+        "lmfleet.posttrain.rloo:run_rloo_stage",
+        "lmfleet.posttrain.inputs:check_rl",
         resumes=True,
     ),
 }

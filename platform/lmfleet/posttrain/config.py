@@ -1,4 +1,4 @@
-"""Configs of the post-training stages: `sft`, `reward`, `ppo`, `dpo`, `distill`.
+"""Configs of the post-training stages: `sft`, `reward`, `dpo`, `distill` and the RL stages `ppo`, `grpo`, `rloo`.
 
 Each stage reads a model (a stage name of this run, whose `model/` dir it takes, or a path to a HF
 model dir) and a dataset of records in a format users have, and writes `model/` for the next stage.
@@ -6,7 +6,7 @@ model dir) and a dataset of records in a format users have, and writes `model/` 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,8 @@ from lmfleet.tune.config import PBTConfig, TuneConfig
 
 SFT_FORMATS = ("alpaca", "messages", "python_functions")
 PREFERENCE_FORMATS = ("hh", "conversations", "pairs", "python_functions")
+PROMPT_FORMATS = ("prompts",)
+UNPAIRED_FORMATS = ("unpaired",)
 
 
 class DatasetConfig(StrictModel):
@@ -24,17 +26,24 @@ class DatasetConfig(StrictModel):
     SFT formats: `alpaca` ({instruction, input, output}), `messages` ({messages: [{role, content}]} or
     ShareGPT {conversations: [{from, value}]}). Preference formats: `hh` (Anthropic HH {chosen, rejected}
     transcripts), `conversations` ({conversations, chosen: {from, value}, rejected: {...}}), `pairs`
-    ({prompt, chosen, rejected} strings). `python_functions` builds either kind offline from Python
-    source (default: the standard library): signature -> docstring, a mismatched docstring rejected.
-    `auto` picks the format from each record's keys.
+    ({prompt, chosen, rejected} strings). Prompt format (the RL stages): `prompts` ({prompt: a string or
+    messages, ...any other fields, which reward functions receive}). Unpaired feedback (kto): `unpaired`
+    ({prompt, completion, label: true | false}). `python_functions` builds SFT or
+    preference records offline from Python source (default: the standard library): signature ->
+    docstring; rejected: another function's docstring (`negatives: mismatched`) or the true one with its
+    words shuffled (`shuffled`). `auto` picks the format from each record's keys.
     """
 
     paths: list[str] = Field(default_factory=list, description="Files (.json/.jsonl/.jsonl.gz), dirs or globs.")
-    format: Literal["auto", "alpaca", "messages", "hh", "conversations", "pairs", "python_functions"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "hh", "conversations", "pairs", "prompts", "unpaired",
+                    "python_functions"] = "auto"
     max_records: int | None = Field(None, ge=1, description="Keep a seeded sample of N valid records.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out by a seeded hash of each prompt.")
     max_chars: int = Field(16000, ge=1, description="Longer records are quarantined (reason too_long).")
     system_prompt: str | None = Field(None, description="Prepended as a system message to every prompt.")
+    negatives: Literal["mismatched", "shuffled"] = Field(
+        "mismatched", description="python_functions preference pairs: the rejected answer is another function's "
+                                  "docstring, or the true docstring with its words shuffled (seeded).")
 
     @model_validator(mode="after")
     def _paths(self):
@@ -168,6 +177,42 @@ class DPOStageConfig(_PreferenceStage):
     reward_model: str | None = Field(None, description="Optional: score DPO vs its input model with this RM.")
 
 
+class KTOStageConfig(_Stage):
+    """KTO (Ethayarajh et al. 2024) with TRL's KTOTrainer: preference pairs (unpaired by TRL: chosen is
+    desirable, rejected undesirable) or unpaired `{prompt, completion, label}` records."""
+
+    peft: PeftConfig | None = None
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint.")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable completions.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable completions.")
+
+    @model_validator(mode="after")
+    def _format(self):
+        if self.dataset.format not in (*PREFERENCE_FORMATS, *UNPAIRED_FORMATS, "auto"):
+            raise ValueError(f"dataset.format {self.dataset.format!r}: kto reads preference pairs "
+                             f"({', '.join(PREFERENCE_FORMATS)}) or unpaired records (unpaired)")
+        return self
+
+
+class ORPOStageConfig(_PreferenceStage):
+    """ORPO (Hong et al. 2024) with TRL's ORPOTrainer (trl.experimental): SFT loss on the chosen answer plus
+    beta x an odds-ratio preference term; no reference model."""
+
+    peft: PeftConfig | None = None
+    beta: float = Field(0.1, gt=0, description="lambda: weight of the odds-ratio term.")
+
+
+class SimPOStageConfig(_PreferenceStage):
+    """SimPO (Meng et al. 2024) with TRL's CPOTrainer (loss_type simpo, trl.experimental): the length-
+    normalized log-probability is the implicit reward, with a target margin; no reference model."""
+
+    peft: PeftConfig | None = None
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalized reward (the paper: 2-2.5).")
+    gamma: float = Field(0.5, ge=0, description="Target reward margin (TRL's simpo_gamma).")
+    sft_weight: float = Field(0.0, ge=0, description="CPO's alpha: weight of an SFT loss on the chosen answer "
+                                                     "(0: pure SimPO).")
+
+
 class StudentConfig(StrictModel):
     """A student of the teacher's architecture: the teacher's config with these sizes overridden."""
 
@@ -203,51 +248,164 @@ class DistillStageConfig(_Stage):
         return self
 
 
-class PPOHyperConfig(StrictModel):
-    rollout_batch: int = Field(16, ge=1, description="Prompts per rollout, over all workers.")
-    mini_batch: int = Field(8, ge=1, description="Samples per PPO gradient step, over all workers.")
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
-    clip_range: float = Field(0.2, gt=0)
+class RLTrainingConfig(StrictModel):
+    """Optimization settings of the RL stages (ppo, grpo, rloo). Their schedule is `iterations` x the
+    algorithm's batches, so the HF Trainer's epochs / steps / scheduler keys do not apply; their models
+    are replicated in every worker (DDP)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8, description="Prompt + completion tokens; longer prompts are quarantined.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints Ray Train keeps.")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (last checkpoint).")
+
+
+class RewardFunctionConfig(StrictModel):
+    """A Python reward function (lmfleet.posttrain.rewards): `module:function` (importable on every node)
+    or `path/to/file.py:function` (read by the driver and sent to the workers)."""
+
+    function: str = Field(..., description="e.g. lmfleet.posttrain.rewards:regex or rewards.py:my_reward")
+    weight: float = Field(1.0, description="Its weight in the sum of rewards.")
+    args: dict = Field(default_factory=dict, description="Keyword arguments it is called with.")
+
+
+class RLHyperConfig(StrictModel):
+    """What every RL stage's algorithm section (`ppo:`, `grpo:`, `rloo:`) has."""
+
+    rollout_batch: int = Field(16, ge=1, description="Prompts per iteration, over all workers.")
+    mini_batch: int = Field(8, ge=1, description="Completions per gradient step, over all workers.")
+    epochs: int = Field(1, ge=1, description="Passes over each iteration's completions.")
+    clip_range: float = Field(0.2, gt=0, description="The policy ratio is clipped to [1 - clip_range, 1 + ...].")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL to the reference (input) policy; 0: no "
+                                                   "reference model is loaded.")
+    missing_eos_penalty: float | None = Field(None, description="Added to the reward of completions with no EOS.")
+
+
+class PPOHyperConfig(RLHyperConfig):
+    epochs: int = Field(2, ge=1, description="Passes over each iteration's completions.")
     value_clip_range: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty to the reference (SFT) policy.")
     kl_target: float | None = Field(
         None, gt=0, description="Adapt kl_coef so the rollouts' KL tracks this (Ziegler et al. 2019); None: fixed.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL: samples over which kl_coef adapts.")
     whiten_advantages: bool = True
-    missing_eos_penalty: float | None = Field(None, description="Added to the score of responses with no EOS.")
 
 
-class PPOStageConfig(_Stage):
-    """`model` is the policy to improve (the SFT model); prompts come from `dataset` (SFT or preference
-    records). Of `training`, PPO uses learning_rate, weight_decay, max_grad_norm, max_length, keep_last,
-    max_failures (its schedule is `iterations` x `ppo`)."""
+class _GroupHyperConfig(RLHyperConfig):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    clip_range_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher: 0.28); None: "
+                                                                  "clip_range.")
 
-    reward_model: str = Field(..., description="The reward stage (its model/ dir) or a HF sequence-classification dir.")
+
+class GRPOHyperConfig(_GroupHyperConfig):
+    kl_coef: float = Field(0.0, ge=0, description="beta: weight of the per-token k3 KL to the reference in the "
+                                                  "loss (TRL's default 0: no reference model).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide each advantage by its group's reward std, the batch's, or nothing (Dr. GRPO).")
+    loss_aggregation: Literal["sequence", "token", "constant"] = Field(
+        "token", description="sequence: mean of per-sequence token means (GRPO paper); token: mean over all tokens "
+                             "(DAPO, TRL's default); constant: sum / (completions x max_new_tokens) (Dr. GRPO).")
+
+
+class RLOOHyperConfig(_GroupHyperConfig):
+    num_generations: int = Field(2, ge=2, description="Completions sampled per prompt (the group).")
+    kl_coef: float = Field(0.05, ge=0, description="beta: the sequence's summed log-ratio to the reference, times "
+                                                   "beta, is subtracted from its reward (as TRL's RLOOTrainer).")
+
+
+class SplitPlacementConfig(StrictModel):
+    """`placement: split`: the frozen models (reference, reward model and reward functions) run in Ray actors
+    of their own, which the training workers send their batches to (worker rank r uses actor r % actors)."""
+
+    actors: int = Field(1, ge=1, description="Actors holding the frozen models.")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="> 0: the actors' models on a GPU (other nodes allowed).")
+
+
+class RLGenerationConfig(GenerationConfig):
+    """Sampling of the RL stages' completions."""
+
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the policy's distribution: > 0).")
+    engine: Literal["hf"] = Field("hf", description="hf: the policy's transformers generate() in each training "
+                                                   "worker (the only engine so far; RLTrainer.generate is the seam).")
+
+
+class _RLStage(_Stage):
+    """`model` is the policy to improve (and its frozen reference); prompts come from `dataset` (prompt,
+    SFT or preference records); the reward is the reward model's score times `reward_model_weight` plus
+    the weighted reward functions."""
+
+    ALGORITHM: ClassVar[str] = ""  # the key of the algorithm's section, its stage kind
+
+    training: RLTrainingConfig = RLTrainingConfig()
+    reward_model: str | None = Field(None, description="A reward stage (its model/ dir) or a HF sequence-"
+                                                       "classification dir.")
+    reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the reward.")
+    reward_functions: list[RewardFunctionConfig] = Field(default_factory=list)
     iterations: int = Field(20, ge=1, description="Rollout + optimization rounds.")
-    ppo: PPOHyperConfig = PPOHyperConfig()
-    generation: GenerationConfig = GenerationConfig()
+    generation: RLGenerationConfig = RLGenerationConfig()
     checkpoint_every: int = Field(10, ge=1, description="Iterations between checkpoints.")
+    placement: Literal["colocated", "split"] = Field(
+        "colocated", description="colocated: every model in every training worker; split: the frozen ones in "
+                                 "Ray actors of their own (`split`).")
+    split: SplitPlacementConfig = SplitPlacementConfig()
+
+    @property
+    def algorithm(self) -> RLHyperConfig:
+        return getattr(self, self.ALGORITHM)
+
+    @property
+    def group(self) -> int:
+        """Completions sampled per prompt."""
+        return getattr(self.algorithm, "num_generations", 1)
+
+    def extra_bundles(self) -> list[dict]:
+        """Resources the stage needs beyond its training workers (lmfleet.resources checks they fit)."""
+        if self.placement != "split":
+            return []
+        s = self.split
+        return [{"CPU": s.cpus_per_actor, **({"GPU": s.gpus_per_actor} if s.gpus_per_actor else {})}] * s.actors
 
     @model_validator(mode="after")
-    def _batches(self):
-        # Any record format works: PPO only takes the prompts.
-        if self.training.strategy != "ddp":
-            raise ValueError("training.strategy: PPO replicates its four models per worker (ddp only)")
+    def _rl(self):
+        # Any record format works: the RL stages take the prompts (and pass the records to reward functions).
+        if self.reward_model is None and not self.reward_functions:
+            raise ValueError("no reward: set reward_model, reward_functions, or both")
         g = self.generation
         if g.max_new_tokens >= self.training.max_length:
             raise ValueError(f"generation.max_new_tokens {g.max_new_tokens} must be below training.max_length "
                              f"{self.training.max_length} (room for the prompt)")
-        if g.temperature == 0 or g.top_k or g.top_p < 1:
-            # PPO's ratios and KL use the sampling distribution (logits / temperature): it must be the policy's.
-            raise ValueError("generation: PPO samples from the policy: temperature > 0, top_k 0, top_p 1")
-        p = self.ppo
-        lo, _ = self.scaling.bounds
-        if p.rollout_batch % lo or p.mini_batch % lo or p.rollout_batch % p.mini_batch:
+        if g.top_k or g.top_p < 1:
+            # Ratios and KL use the sampling distribution (logits / temperature): it must be the policy's.
+            raise ValueError(f"generation: {self.ALGORITHM} samples from the policy: temperature > 0, top_k 0, top_p 1")
+        a, workers = self.algorithm, self.scaling.bounds[0]
+        if a.rollout_batch % workers or a.mini_batch % workers or (a.rollout_batch * self.group) % a.mini_batch:
             raise ValueError(
-                f"ppo: rollout_batch {p.rollout_batch} and mini_batch {p.mini_batch} must divide by num_workers "
-                f"{lo}, and mini_batch must divide rollout_batch"
-            )
+                f"{self.ALGORITHM}: rollout_batch {a.rollout_batch} and mini_batch {a.mini_batch} must divide by "
+                f"num_workers {workers}, and mini_batch must divide the completions per iteration "
+                f"({a.rollout_batch} x {self.group})")
         return self
+
+
+class PPOStageConfig(_RLStage):
+    """PPO with a value head (GAE advantages), one completion per prompt."""
+
+    ALGORITHM: ClassVar[str] = "ppo"
+    ppo: PPOHyperConfig = PPOHyperConfig()
+
+
+class GRPOStageConfig(_RLStage):
+    """GRPO: `num_generations` completions per prompt, advantages normalized within each group, no critic."""
+
+    ALGORITHM: ClassVar[str] = "grpo"
+    grpo: GRPOHyperConfig = GRPOHyperConfig()
+
+
+class RLOOStageConfig(_RLStage):
+    """RLOO: `num_generations` completions per prompt, each one's baseline the mean of the others'."""
+
+    ALGORITHM: ClassVar[str] = "rloo"
+    rloo: RLOOHyperConfig = RLOOHyperConfig()

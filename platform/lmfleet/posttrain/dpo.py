@@ -13,7 +13,6 @@ from lmfleet.posttrain.config import DPOStageConfig
 from lmfleet.posttrain.hf import (
     peft_config,
     quarantine_long_prompts,
-    read_jsonl,
     run_hf_stage,
     split_datasets,
 )
@@ -41,43 +40,21 @@ def build_trainer(cfg: DPOStageConfig, paths: dict, args: dict):
     return trainer, tok, "CAUSAL_LM"
 
 
-def preference_margin(model, tok, records: list[dict], max_length: int) -> float:
-    """Mean of log pi(chosen | prompt) - log pi(rejected | prompt) over the pairs."""
-    from lmfleet.posttrain.evaluate import response_logprobs
-
-    margins = [float(response_logprobs(model, tok, r["prompt"], r["chosen"][0]["content"], max_length).sum()
-                     - response_logprobs(model, tok, r["prompt"], r["rejected"][0]["content"], max_length).sum())
-               for r in records]
-    return sum(margins) / max(1, len(margins))
-
-
 def evaluate(cfg: DPOStageConfig, paths: dict) -> dict:
-    from lmfleet.posttrain.evaluate import compare_policies, device
-    from lmfleet.posttrain.models import load_causal_lm
+    from lmfleet.posttrain.evaluate import compare_policies, preference_evaluation
 
-    out = Path(paths["trained"])
-    tok = load_tokenizer(out)
-    n = cfg.training.max_length
-    held_out = bool(read_jsonl(paths["val"]))
-    val = read_jsonl(paths["val"]) or read_jsonl(paths["train"])[:64]
-    before = load_causal_lm(Path(paths["model"])).to(device(paths["use_gpu"])).eval()
-    after = load_causal_lm(out).to(device(paths["use_gpu"])).eval()
-    result = {"pairs": len(val), "held_out": held_out, "margin_before": preference_margin(before, tok, val, n),
-              "margin_after": preference_margin(after, tok, val, n)}
+    result, before, after, tok, val = preference_evaluation(cfg, paths)
     if cfg.reward_model is not None and cfg.eval.samples:
         prompts = [r["prompt"] for r in val[: cfg.eval.samples]]
-        result.update(compare_policies(after, before, tok, prompts, Path(paths["reward_model"]), cfg.eval.generation, n))
+        result.update(compare_policies(after, before, tok, prompts, Path(paths["reward_model"]), cfg.eval.generation,
+                                       cfg.training.max_length))
     return result
 
 
 def summary(e: dict, report: dict) -> list[str]:
-    lines = [f"log-prob margin chosen - rejected on {e['pairs']} {'held-out' if e['held_out'] else 'train'} pairs: "
-             f"{e['margin_before']:.3f} -> {e['margin_after']:.3f}"]
-    if "win_rate" in e:
-        from lmfleet.posttrain.evaluate import policy_line
+    from lmfleet.posttrain.evaluate import policy_line, preference_line
 
-        lines.append(policy_line(e))
-    return lines
+    return [preference_line(e), *([policy_line(e)] if "win_rate" in e else [])]
 
 
 def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:

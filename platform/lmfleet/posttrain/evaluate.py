@@ -120,7 +120,7 @@ def compare_policies(policy, reference, tok, prompts: list[list[dict]], reward_m
 
     Answers are sampled (temperature 1, no top-k/p: the policies' own distributions), so the mean of
     log pi - log ref over them estimates KL(pi || ref)."""
-    from lmfleet.posttrain.reward import load_reward_model
+    from lmfleet.posttrain.models import load_reward_model
 
     rm, rm_tok = load_reward_model(reward_model_dir)
     rm.to(policy.device).eval()
@@ -138,6 +138,48 @@ def compare_policies(policy, reference, tok, prompts: list[list[dict]], reward_m
                                                                  max_length),
         "samples": len(wins),
     }
+
+
+def preference_margin(model, tok, records: list[dict], max_length: int) -> float:
+    """Mean of log pi(chosen | prompt) - log pi(rejected | prompt) over preference pairs; over unpaired
+    records (kto), mean log pi of the desirable completions minus that of the undesirable ones."""
+    def logp(prompt, answer) -> float:
+        return float(response_logprobs(model, tok, prompt, answer, max_length).sum())
+
+    if records and "label" in records[0]:
+        good = [logp(r["prompt"], r["completion"][0]["content"]) for r in records if r["label"]]
+        bad = [logp(r["prompt"], r["completion"][0]["content"]) for r in records if not r["label"]]
+        return sum(good) / max(1, len(good)) - sum(bad) / max(1, len(bad))
+    margins = [logp(r["prompt"], r["chosen"][0]["content"]) - logp(r["prompt"], r["rejected"][0]["content"])
+               for r in records]
+    return sum(margins) / max(1, len(margins))
+
+
+def preference_evaluation(cfg, paths: dict):
+    """The preference stages' evaluation (dpo, kto, orpo, simpo): the log-probability margin of chosen
+    over rejected (desirable over undesirable) on held-out records, or on up to 64 training records
+    when none are held out, under the input model and the trained one. Returns (result, input model,
+    trained model, tokenizer, records)."""
+    from pathlib import Path
+
+    from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
+    from lmfleet.runlog import read_jsonl
+
+    out = Path(paths["trained"])
+    tok = load_tokenizer(out)
+    n = cfg.training.max_length
+    held_out = bool(read_jsonl(paths["val"]))
+    val = read_jsonl(paths["val"]) or read_jsonl(paths["train"])[:64]
+    before = load_causal_lm(Path(paths["model"])).to(device(paths["use_gpu"])).eval()
+    after = load_causal_lm(out).to(device(paths["use_gpu"])).eval()
+    result = {"pairs": len(val), "held_out": held_out, "margin_before": preference_margin(before, tok, val, n),
+              "margin_after": preference_margin(after, tok, val, n)}
+    return result, before, after, tok, val
+
+
+def preference_line(e: dict) -> str:
+    return (f"log-prob margin chosen - rejected on {e['pairs']} {'held-out' if e['held_out'] else 'train'} "
+            f"records: {e['margin_before']:.3f} -> {e['margin_after']:.3f}")
 
 
 def policy_line(e: dict) -> str:

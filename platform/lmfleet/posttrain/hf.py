@@ -1,4 +1,4 @@
-"""One launcher for the stages built on HF / TRL trainers (sft, reward, dpo, distill).
+"""One launcher for the stages built on HF / TRL trainers (sft, reward, dpo, kto, orpo, simpo, distill).
 
 The driver reads and quarantines the records (`data/`), then a Ray Train `TorchTrainer` runs the
 stage's trainer in each worker: Ray Train starts the process group, the HF Trainer picks it up and
@@ -35,6 +35,9 @@ STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(c
     "reward": "lmfleet.posttrain.reward",
     "dpo": "lmfleet.posttrain.dpo",
     "distill": "lmfleet.posttrain.distill",
+    "kto": "lmfleet.posttrain.kto",
+    "orpo": "lmfleet.posttrain.orpo",
+    "simpo": "lmfleet.posttrain.simpo",
 }
 
 

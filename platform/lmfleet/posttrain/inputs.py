@@ -32,4 +32,19 @@ check_sft = partial(check_inputs, kind="sft")
 check_reward = partial(check_inputs, kind="reward")
 check_dpo = partial(check_inputs, kind="dpo")
 check_distill = partial(check_inputs, kind="distill")
-check_ppo = partial(check_inputs, kind="ppo")
+check_kto = partial(check_inputs, kind="kto")
+check_orpo = partial(check_inputs, kind="orpo")
+check_simpo = partial(check_inputs, kind="simpo")
+
+
+def check_rl(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
+    """The RL stages (ppo, grpo, rloo): their models and dataset, and every reward function loads (a file's
+    text is part of the stage's inputs: editing it re-runs the stage)."""
+    from lmfleet.posttrain.rewards import RewardFunctions, source_files
+
+    inputs = check_inputs(cfg, upstream, run_dir, kind=cfg.ALGORITHM)
+    sources = source_files(cfg.reward_functions)
+    RewardFunctions(cfg.reward_functions, sources)
+    if sources:
+        inputs.append(Input("reward_functions", tuple(Path(p).resolve() for p in sources)))
+    return inputs

@@ -98,3 +98,14 @@ def load_causal_lm(path: Path, **kwargs):
 
         return AutoPeftModelForCausalLM.from_pretrained(str(path), **kwargs)
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def load_reward_model(path: Path):
+    """A one-score sequence classifier (a reward stage's model/) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(path)
+    # The classifier reads the last non-pad token: the model must know the pad id.
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+                                                               pad_token_id=tok.pad_token_id)
+    return model, tok

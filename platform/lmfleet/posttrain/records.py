@@ -28,7 +28,13 @@ from lmfleet.data.read import (
     with_compressions,
 )
 from lmfleet.errors import ConfigError
-from lmfleet.posttrain.config import PREFERENCE_FORMATS, SFT_FORMATS, DatasetConfig
+from lmfleet.posttrain.config import (
+    PREFERENCE_FORMATS,
+    PROMPT_FORMATS,
+    SFT_FORMATS,
+    UNPAIRED_FORMATS,
+    DatasetConfig,
+)
 from lmfleet.uri import FileRef, open_input, read_bytes
 
 REJECT_REASONS = (
@@ -54,6 +60,8 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
 DOCSTRING_PROMPT = "Write the docstring of this Python function:\n"
 MIN_DOCSTRING_CHARS = 20  # shorter summaries ("Return x.") teach little
 _TEST_DIRS = {"test", "tests", "idle_test"}
+_FORMATS = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS,
+            "unpaired": UNPAIRED_FORMATS}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -116,8 +124,18 @@ def read_preferences(cfg: DatasetConfig, seed: int) -> Records:
     return _read(cfg, seed, "preference")
 
 
+def read_unpaired(cfg: DatasetConfig, seed: int) -> Records:
+    """Unpaired feedback (kto): `{"prompt": messages, "completion": [assistant], "label": bool}`."""
+    return _read(cfg, seed, "unpaired")
+
+
+def read_prompts(cfg: DatasetConfig, seed: int) -> Records:
+    """Prompt records of the RL stages: `{"prompt": messages, ...the record's other fields}`."""
+    return _read(cfg, seed, "prompt")
+
+
 def _read(cfg: DatasetConfig, seed: int, kind: str) -> Records:
-    formats = SFT_FORMATS if kind == "sft" else PREFERENCE_FORMATS
+    formats = _FORMATS[kind]
     if cfg.format not in (*formats, "auto"):
         raise ConfigError(f"dataset format {cfg.format!r} has no {kind} records; use {formats} or auto")
     items = _functions(cfg, kind, seed) if cfg.format == "python_functions" else _file_values(cfg)
@@ -128,7 +146,7 @@ def _read(cfg: DatasetConfig, seed: int, kind: str) -> Records:
             if isinstance(value, Reject):
                 raise value
             record = value if cfg.format == "python_functions" else _convert(value, cfg.format, kind)
-            valid.append(_finish(record, cfg))
+            valid.append(_finish(record, cfg, kind))
         except Reject as r:
             out.rejects.append({"reason": r.reason, "location": printable(location), "raw": printable(raw[:RAW_PREFIX])})
     if cfg.max_records is not None and len(valid) > cfg.max_records:
@@ -211,8 +229,20 @@ def _convert(value: object, fmt: str, kind: str) -> dict:
     if not isinstance(value, dict):
         raise Reject("not_an_object")
     fmt = _detect(value) if fmt == "auto" else fmt
-    if fmt not in (SFT_FORMATS if kind == "sft" else PREFERENCE_FORMATS):
+    if fmt not in _FORMATS[kind]:
         raise Reject("unknown_format")
+    if fmt == "unpaired":
+        label = _field(value, "label", bool)
+        prompt = _field(value, "prompt", (str, list))
+        turns = [_turn(m, "role", "content") for m in prompt] if isinstance(prompt, list) else [_msg("user", prompt)]
+        return {"prompt": turns, "completion": [_msg("assistant", _field(value, "completion"))], "label": label}
+    if fmt == "prompts":  # the other fields stay: reward functions read them (an answer, tests, ...)
+        prompt = value.get("prompt")
+        if isinstance(prompt, list):
+            turns = [_turn(m, "role", "content") for m in prompt]
+        else:
+            turns = [_msg("user", _field(value, "prompt"))]
+        return {**value, "prompt": turns}
     if fmt == "alpaca":
         extra = value.get("input") or ""
         if not isinstance(extra, str):
@@ -244,6 +274,10 @@ def _convert(value: object, fmt: str, kind: str) -> dict:
 def _detect(value: dict) -> str | None:
     if "chosen" in value and "rejected" in value:
         return "pairs" if "prompt" in value else "conversations" if "conversations" in value else "hh"
+    if "completion" in value and "label" in value:
+        return "unpaired"
+    if "prompt" in value:
+        return "prompts"
     if "messages" in value or "conversations" in value:
         return "messages"
     if "instruction" in value and "output" in value:
@@ -281,9 +315,9 @@ def _hh_turns(transcript: str) -> list[dict]:
     return [_msg(role, text.strip()) for role, text in zip(roles, parts[2::2], strict=True)]
 
 
-def _finish(record: dict, cfg: DatasetConfig) -> dict:
+def _finish(record: dict, cfg: DatasetConfig, kind: str) -> dict:
     """Add the system prompt and check what every record needs, whatever its input format."""
-    key = "messages" if "messages" in record else "prompt"
+    key = "messages" if kind == "sft" else "prompt"
     if not record[key]:
         raise Reject("empty")
     if cfg.system_prompt and record[key][0]["role"] != "system":  # a record's own system turn wins
@@ -292,6 +326,14 @@ def _finish(record: dict, cfg: DatasetConfig) -> dict:
     if key == "messages":
         turns = record["messages"]
         if roles[-1] != "assistant" or "user" not in roles:
+            raise Reject("bad_role")
+    elif kind == "prompt":
+        turns = record["prompt"]
+        if roles[-1] != "user":
+            raise Reject("bad_role")
+    elif kind == "unpaired":
+        turns = record["prompt"] + record["completion"]
+        if roles[-1] != "user":
             raise Reject("bad_role")
     else:
         turns = record["prompt"] + record["chosen"] + record["rejected"]
@@ -302,7 +344,7 @@ def _finish(record: dict, cfg: DatasetConfig) -> dict:
         raise Reject("empty")
     if not all(valid_unicode(m["content"]) for m in turns):  # lone surrogates ("\ud800" in JSON)
         raise Reject("invalid_unicode")
-    if key == "prompt" and record["chosen"][0]["content"].strip() == record["rejected"][0]["content"].strip():
+    if kind == "preference" and record["chosen"][0]["content"].strip() == record["rejected"][0]["content"].strip():
         raise Reject("same_answer")
     if sum(len(m["content"]) for m in turns) > cfg.max_chars:
         raise Reject("too_long")
@@ -340,10 +382,19 @@ def _functions(cfg: DatasetConfig, kind: str, seed: int) -> Iterator[tuple[str, 
         if kind == "sft":
             record = {"messages": [*prompt, _msg("assistant", summary)]}
         else:
-            # Any other distinct summary (with a single one this picks itself: a same_answer reject).
-            other = (index[summary] + 1 + rng.randrange(max(len(summaries) - 1, 1))) % len(summaries)
-            record = {"prompt": prompt, "chosen": [_msg("assistant", summary)],
-                      "rejected": [_msg("assistant", summaries[other])]}
+            chosen = summary
+            if cfg.negatives == "shuffled":
+                # Word order only: the first and last words stay (the capital and the full stop tell nothing)
+                # and both answers are on one line, so only fluency tells them apart, which a small model
+                # learns. Fewer than 4 words, or a shuffle that changed nothing: a same_answer reject.
+                words = chosen.split()
+                chosen, middle = " ".join(words), words[1:-1]
+                rng.shuffle(middle)
+                rejected = " ".join(words[:1] + middle + words[-1:])
+            else:  # any other distinct summary (with a single one this picks itself: a same_answer reject)
+                rejected = summaries[(index[summary] + 1 + rng.randrange(max(len(summaries) - 1, 1))) % len(summaries)]
+            record = {"prompt": prompt, "chosen": [_msg("assistant", chosen)],
+                      "rejected": [_msg("assistant", rejected)]}
         yield location, json.dumps(record, ensure_ascii=False), record
 
 

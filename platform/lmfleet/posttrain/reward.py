@@ -10,21 +10,11 @@ from lmfleet.posttrain.config import RewardStageConfig
 from lmfleet.posttrain.evaluate import encode_chat
 from lmfleet.posttrain.hf import peft_config, read_jsonl, run_hf_stage, split_datasets
 from lmfleet.posttrain.inputs import check_reward
-from lmfleet.posttrain.models import input_model, load_tokenizer
+from lmfleet.posttrain.models import input_model, load_reward_model, load_tokenizer
 from lmfleet.posttrain.records import read_preferences
 from lmfleet.uri import local_copy
 
 CONFIG = RewardStageConfig
-
-
-def load_reward_model(path: Path):
-    from transformers import AutoModelForSequenceClassification
-
-    tok = load_tokenizer(path)
-    # The classifier reads the last non-pad token: the model must know the pad id.
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
-                                                               pad_token_id=tok.pad_token_id)
-    return model, tok
 
 
 def build_trainer(cfg: RewardStageConfig, paths: dict, args: dict):
