@@ -524,8 +524,10 @@ def run_rl_stage(trainer_cls: type[RLTrainer], cfg: _RLStage, ctx) -> dict:
             ray.kill(actor)
     history = [h for h in history if "score" in h]
 
+    seed = ctx.seed  # the task takes what it needs, not the stage context
+
     def evaluate_task(cfg, paths):
-        return evaluate(cfg, inputs, paths["trained"], ctx.seed)
+        return evaluate(cfg, inputs, paths["trained"], seed)
 
     with ctx.step("evaluate"):
         evaluation = run_eval_task(evaluate_task, cfg, {"out": str(ctx.out), "use_gpu": use_gpu})
