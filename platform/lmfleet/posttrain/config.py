@@ -1,4 +1,4 @@
-"""Configs of the post-training stages: `sft`, `reward`, `dpo`, `distill` and the RL stages `ppo`, `grpo`, `rloo`.
+"""Configs of the post-training stages: `sft`, `reward`, `dpo`, `kto`, `orpo`, `simpo`, `distill` and the RL stages `ppo`, `grpo`, `rloo`.
 
 Each stage reads a model (a stage name of this run, whose `model/` dir it takes, or a path to a HF
 model dir) and a dataset of records in a format users have, and writes `model/` for the next stage.
