@@ -195,13 +195,13 @@ def _children(p: psutil.Process) -> list:
         return []
 
 
-def registered_steps(run: Path, filesystem=None, storage: str | None = None) -> list[int]:
-    """Steps of the pretraining checkpoints Ray Train has registered (what a restart loads): in the run dir,
-    or in `storage` (the stage's storage root) of a pyarrow `filesystem`."""
+def registered_steps(run: Path, filesystem=None, storage: str | None = None, prefix: str = "step_") -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (what a restart loads; dirs named `prefix`STEP): of the
+    run dir's pretraining, or in `storage` (a stage's storage root) of a pyarrow `filesystem` (default local)."""
     from pyarrow import fs
 
-    if filesystem is None:
-        filesystem, storage = fs.LocalFileSystem(), str(run / "pretrain" / "ray")
+    filesystem = filesystem or fs.LocalFileSystem()
+    storage = storage or str(run / "pretrain" / "ray")
     snapshot = f"{storage}/train/checkpoint_manager_snapshot.json"
     if filesystem.get_file_info(snapshot).type == fs.FileType.NotFound:
         return []
@@ -211,7 +211,7 @@ def registered_steps(run: Path, filesystem=None, storage: str | None = None) -> 
         results = json.loads(text)["checkpoint_results"]
     except json.JSONDecodeError:  # read while Ray Train rewrites it (seen once in a full run): none known yet
         return []
-    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
+    return [int(r["checkpoint_dir_name"].removeprefix(prefix)) for r in results]
 
 
 @pytest.fixture(scope="session")

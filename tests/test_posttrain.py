@@ -10,7 +10,7 @@ import torch
 
 from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
 
-from conftest import kill_a_train_worker, posttrain, shared
+from conftest import kill_a_train_worker, posttrain, registered_steps, shared
 
 ALPACA = {"paths": [str(shared("alpaca_5000.json"))], "max_records": 320, "val_fraction": 0.1}
 TRAIN = {"per_device_batch": 8, "learning_rate": 3e-3, "max_length": 128, "logging_steps": 1, "save_steps": 100}
@@ -149,19 +149,15 @@ def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     assert (out / "model" / "config.json").exists()
 
 
-def _kill_a_worker_once_checkpointed(snapshot, metrics, killed: list, every: int) -> None:
+def _kill_a_worker_once_checkpointed(storage, metrics, killed: list, every: int) -> None:
     """SIGKILL a Ray Train worker once the controller lists a checkpoint (Ray Train v2 registers a reported
     checkpoint when it next polls the workers; a kill before that loses it) and an iteration after it,
     but before the next checkpoint's, is logged: the resumed run re-runs at least that one. (Iterations
     take ~0.3 s: a kill once the next checkpoint is logged could let it register and hide the restart.)"""
     deadline = time.time() + 300
     while time.time() < deadline:
-        try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
-        except json.JSONDecodeError:  # read while Ray Train rewrites it
-            results = []
-        if results:
-            saved = max(int(r["checkpoint_dir_name"].removeprefix("iteration_")) for r in results)
+        if registered := registered_steps(None, storage=str(storage), prefix="iteration_"):
+            saved = max(registered)
             logged = [json.loads(x).get("iteration", 0) for x in metrics.read_text().splitlines()]
             if saved < max(logged, default=0) < saved + every:
                 killed.append(kill_a_train_worker())
@@ -255,9 +251,8 @@ def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, kind):
                       reward_functions=THE)
     posttrain(tmp_path, kind, name="uninterrupted", **common)
     killed: list = []
-    snapshot = tmp_path / "faulty" / kind / "ray" / "train" / "checkpoint_manager_snapshot.json"
     watcher = threading.Thread(target=_kill_a_worker_once_checkpointed,
-                               args=(snapshot, tmp_path / "faulty" / "metrics.jsonl", killed, 4))
+                               args=(tmp_path / "faulty" / kind / "ray", tmp_path / "faulty" / "metrics.jsonl", killed, 4))
     watcher.start()
     posttrain(tmp_path, kind, name="faulty", **common)
     watcher.join()

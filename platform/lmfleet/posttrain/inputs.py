@@ -40,11 +40,10 @@ check_simpo = partial(check_inputs, kind="simpo")
 def check_rl(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
     """The RL stages (ppo, grpo, rloo): their models and dataset, and every reward function loads (a file's
     text is part of the stage's inputs: editing it re-runs the stage)."""
-    from lmfleet.posttrain.rewards import RewardFunctions, source_files
+    from lmfleet.posttrain.rewards import RewardFunctions
 
     inputs = check_inputs(cfg, upstream, run_dir, kind=cfg.ALGORITHM)
-    sources = source_files(cfg.reward_functions)
-    RewardFunctions(cfg.reward_functions, sources)
+    sources = RewardFunctions.load(cfg.reward_functions).sources
     if sources:
         inputs.append(Input("reward_functions", tuple(Path(p).resolve() for p in sources)))
     return inputs

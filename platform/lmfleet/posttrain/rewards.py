@@ -81,9 +81,14 @@ class RewardFunctions:
 
     def __init__(self, cfgs: list[RewardFunctionConfig], sources: dict[str, str] | None = None,
                  key: str = "reward_functions"):
-        self.cfgs = cfgs
+        self.cfgs, self.sources = cfgs, sources or {}
         self.fns = [resolve(c.function, f"{key}[{i}].function", sources) for i, c in enumerate(cfgs)]
         self.names = [c.function.rpartition(":")[2] for c in cfgs]
+
+    @classmethod
+    def load(cls, cfgs: list[RewardFunctionConfig], key: str = "reward_functions") -> RewardFunctions:
+        """On the driver: read the `file.py` functions' text (kept in `sources`, for the workers) and load all."""
+        return cls(cfgs, source_files(cfgs, key), key)
 
     def score(self, prompt: list[dict], completion: str, record: dict, where: str) -> tuple[float, list[float]]:
         """(weighted sum, each function's value) for one completion; `where` names the record in errors."""

@@ -27,7 +27,7 @@ from torch import nn
 from lmfleet.errors import InputError, UserError
 from lmfleet.outputs import publish, workdir
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, _RLStage
-from lmfleet.posttrain.inputs import check_rl
+from lmfleet.posttrain.inputs import check_inputs
 from lmfleet.posttrain.models import input_model
 from lmfleet.posttrain.records import Records, prompt_of
 from lmfleet.runlog import read_jsonl
@@ -207,11 +207,11 @@ class RLTrainer:
         self.module = PolicyWithValue(lm) if self.value_head else lm
         self.lm = lm
         self.policy = ray.train.torch.prepare_model(self.module, move_to_device=self.device)
+        self.with_reference = self.uses_reference(cfg.algorithm)
         if inputs.frozen:  # placement split
             self.frozen = _Remote(inputs.frozen[self.rank % len(inputs.frozen)], self.device)
         else:
-            self.frozen = FrozenModels(cfg, inputs, self.uses_reference(cfg.algorithm), self.device, seed)
-        self.with_reference = self.uses_reference(cfg.algorithm)
+            self.frozen = FrozenModels(cfg, inputs, self.with_reference, self.device, seed)
         t = cfg.training
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.prompts = read_jsonl(inputs.prompts)
@@ -433,11 +433,10 @@ def reward_record(record: dict) -> dict:
     return record
 
 
-def prompt_rows(rows: list[dict], split: str) -> str:
-    """prompts.jsonl lines: the prompt, the record reward functions see, where the record is (for errors)."""
-    return "".join(json.dumps({"prompt": prompt_of(r), "record": reward_record(r),
-                               "where": f"data/{split}.jsonl:{i + 1}"}, ensure_ascii=False) + "\n"
-                   for i, r in enumerate(rows))
+def prompt_rows(rows: list[dict], split: str) -> list[dict]:
+    """prompts.jsonl rows: the prompt, the record reward functions see, where the record is (for errors)."""
+    return [{"prompt": prompt_of(r), "record": reward_record(r), "where": f"data/{split}.jsonl:{i + 1}"}
+            for i, r in enumerate(rows)]
 
 
 def evaluate(cfg: _RLStage, inputs: RLInputs, trained: str, seed: int) -> dict:
@@ -483,33 +482,34 @@ def run_rl_stage(trainer_cls: type[RLTrainer], cfg: _RLStage, ctx) -> dict:
 
     from lmfleet.posttrain.hf import fit, quarantine_long_prompts, run_eval_task
     from lmfleet.posttrain.models import load_tokenizer
-    from lmfleet.posttrain.rewards import RewardFunctions, source_files
+    from lmfleet.posttrain.rewards import RewardFunctions
 
     kind = cfg.ALGORITHM
-    check_rl(cfg, run_dir=ctx.run_dir)
+    check_inputs(cfg, run_dir=ctx.run_dir, kind=kind)
+    functions = RewardFunctions.load(cfg.reward_functions)  # ConfigError for one that does not load
     out = ctx.out_dir
     policy_dir = input_model(cfg.model, ctx.run_dir)
-    sources = source_files(cfg.reward_functions)
     with ctx.step("read"):
         records = read_prompt_records(cfg, ctx.seed)
         # A prompt must leave room for max_new_tokens: longer ones are quarantined, not cut.
         quarantine_long_prompts(records, load_tokenizer(local_copy(policy_dir)),
                                 cfg.training.max_length - cfg.generation.max_new_tokens)
         records.write(out / "data")
-        for name, split, rows in (("prompts", "train", records.train), ("val_prompts", "val", records.val)):
-            (out / "data" / f"{name}.jsonl").write_text(prompt_rows(rows, split), encoding="utf-8")
+        prompts = prompt_rows(records.train, "train")
+        for name, rows in (("prompts", prompts), ("val_prompts", prompt_rows(records.val, "val"))):
+            (out / "data" / f"{name}.jsonl").write_text(
+                "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         ctx.publish("data")  # the workers read it, on any node
     if not records.train:
         raise InputError(f"{kind}.dataset: no usable prompts ({records.counts()})")
     # A reward function that fails on a record fails here, before any training, on its reference answer.
-    functions = RewardFunctions(cfg.reward_functions, sources)
-    for row in read_jsonl(out / "data" / "prompts.jsonl")[:DRY_RUN_RECORDS]:
+    for row in prompts[:DRY_RUN_RECORDS]:
         functions.score(row["prompt"], row["record"].get("answer", ""), row["record"], row["where"])
     use_gpu = cfg.scaling.resolve_gpu()
     inputs = RLInputs(
         model=policy_dir, reward_model=None if cfg.reward_model is None else input_model(cfg.reward_model, ctx.run_dir),
         prompts=ctx.uri("data", "prompts.jsonl"), val_prompts=ctx.uri("data", "val_prompts.jsonl"),
-        export=ctx.uri("model"), use_gpu=use_gpu, reward_sources=sources,
+        export=ctx.uri("model"), use_gpu=use_gpu, reward_sources=functions.sources,
     )
     actors = start_frozen_actors(trainer_cls, cfg, inputs, ctx.seed) if cfg.placement == "split" else ()
     try:
