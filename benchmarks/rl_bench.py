@@ -37,9 +37,9 @@ REGEX = {"function": "lmfleet.posttrain.rewards:regex", "weight": 1.0, "args": {
 def stage(kind: str, run_dir: Path, workers: int, placement: str, iterations: int) -> dict:
     cfg = {
         "kind": kind, "model": str(run_dir / "sft" / "model"), "reward_model": str(run_dir / "reward" / "model"),
-        "reward_functions": [REGEX], "iterations": iterations, "checkpoint_every": iterations,
+        "reward_functions": [REGEX], "iterations": iterations, "checkpoint": {"every": iterations},
         "dataset": {"format": "python_functions", "max_records": 1000, "val_fraction": 0.05},
-        "training": {"learning_rate": 5e-5, "max_length": 192}, "generation": {"max_new_tokens": 48},
+        "training": {"max_length": 192}, "optimizer": {"lr": 5e-5}, "generation": {"max_new_tokens": 48},
         "scaling": {"num_workers": workers}, "eval": {"samples": 0}, "placement": placement,
         "split": {"actors": 1, "cpus_per_actor": 1},
     }

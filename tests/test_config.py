@@ -118,3 +118,58 @@ def test_cli_run_missing_input_fails_before_work(tmp_path):
     assert "input path" in proc.stderr and "nope.jsonl" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr  # failed before any work
+
+
+def _stage(tmp_path, stage: dict):
+    cfg = {"name": "v", "output_dir": str(tmp_path / "out"), "stages": {"s": stage}}
+    (spec,) = load_run(write_config(tmp_path / "c.yaml", cfg)).stages
+    return spec.config
+
+
+SFT = {"kind": "sft", "model": "m", "dataset": {"format": "python_functions"}}
+GRPO = {"kind": "grpo", "model": "m", "reward_model": "rm", "dataset": {"format": "python_functions"}}
+
+
+def test_post_training_speaks_pretrainings_vocabulary(tmp_path):
+    """optimizer / lr_schedule / batch / parallel / checkpoint / log_every mean in the HF-Trainer stages
+    what they mean in pretraining, and reach the HF Trainer's arguments."""
+    from lmfleet.posttrain.hf import training_args
+
+    cfg = _stage(tmp_path, {**SFT, "optimizer": {"lr": 2e-4, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                 "grad_clip": None},
+                            "lr_schedule": {"decay": "cosine", "warmup_steps": 5}, "log_every": 3,
+                            "batch": {"micro_batch": 4, "global_batch": 32}, "scaling": {"num_workers": 2},
+                            "parallel": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}},
+                            "checkpoint": {"every": 20, "keep_last": 3, "max_failures": 1}})
+    args = training_args(cfg, "/tmp/x", seed=7, use_gpu=False, has_eval=True, tty=False)
+    assert (args["learning_rate"], args["adam_beta2"], args["weight_decay"], args["max_grad_norm"]) == (2e-4, 0.95,
+                                                                                                       0.1, 0.0)
+    assert (args["lr_scheduler_type"], args["warmup_steps"], args["logging_steps"]) == ("cosine", 5, 3)
+    # 32 records per optimizer step = 4 per forward pass x 2 workers x 4 accumulated
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 4)
+    assert (args["save_steps"], args["eval_steps"], args["save_total_limit"]) == (20, 20, 3)
+    assert args["deepspeed"]["zero_optimization"]["stage"] == 3
+    constant = _stage(tmp_path, {**SFT, "lr_schedule": {"decay": "constant"}})
+    assert training_args(constant, "/tmp/x", 7, False, False, False)["lr_scheduler_type"] == "constant_with_warmup"
+    rl = _stage(tmp_path, {**GRPO, "optimizer": {"lr": 3e-5}, "checkpoint": {"every": 4}})
+    assert (rl.optimizer.lr, rl.checkpoint.every, rl.checkpoint.keep_last) == (3e-5, 4, 2)
+    assert _stage(tmp_path, GRPO).optimizer.lr == 1e-5 and _stage(tmp_path, SFT).optimizer.lr == 1e-4
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({**SFT, "training": {"save_steps": 10, "learning_rate": 1e-3}},
+     r"renamed keys \(one vocabulary with pretraining\): training.learning_rate -> optimizer.lr, "
+     r"training.save_steps -> checkpoint.every"),
+    ({**SFT, "training": {"per_device_batch": 8, "strategy": "fsdp"}},
+     "training.strategy -> parallel.strategy, training.per_device_batch -> batch.micro_batch"),
+    ({**GRPO, "checkpoint_every": 5}, "checkpoint_every -> checkpoint.every"),
+    ({**GRPO, "batch": {"micro_batch": 4}}, r"stages\.s\.batch: unknown key"),  # the RL stages have no such key
+    ({**GRPO, "parallel": {"strategy": "fsdp"}}, r"stages\.s\.parallel: unknown key"),
+    ({**GRPO, "eval": {"generation": {"top_k": 5}}}, r"stages\.s\.eval\.generation: unknown key"),  # generation:
+    ({**SFT, "kind": "reward", "eval": {"samples": 4}}, r"stages\.s\.eval: unknown key"),  # no generating eval
+    ({**SFT, "batch": {"micro_batch": 4, "global_batch": 12}, "scaling": {"num_workers": 2}},
+     "batch.global_batch 12 is not divisible by micro_batch 4 x 2 worker"),
+])
+def test_post_training_config_errors_name_the_key(tmp_path, stage, message):
+    with pytest.raises(ConfigError, match=message):
+        _stage(tmp_path, stage)

@@ -5,7 +5,7 @@ import subprocess
 
 from conftest import lmfleet_cmd, shared, write_config
 
-TRAIN = {"max_steps": 3, "per_device_batch": 4, "max_length": 128, "logging_steps": 1, "save_steps": 100}
+HF = {"batch": {"micro_batch": 4}, "log_every": 1, "checkpoint": {"every": 100}}
 
 
 def _lmfleet(*args, cwd) -> subprocess.CompletedProcess:
@@ -17,13 +17,12 @@ def test_failing_stage_stops_the_chain(tmp_path, job_api, base_lm):
     hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 16}
     config = write_config(tmp_path / "failing.yaml", {"name": "broken", "output_dir": str(tmp_path / "out"), "stages": {
         # every pair is longer than 16 tokens: the reward stage has nothing to train on
-        "reward": {"model": str(base_lm), "dataset": hh, "training": {**TRAIN, "max_length": 16},
-                   "eval": {"generation": {"max_new_tokens": 4}}},
+        "reward": {"model": str(base_lm), "dataset": hh, "training": {"max_steps": 3, "max_length": 16}, **HF},
         "ppo": {"model": str(base_lm), "reward_model": "reward", "dataset": hh, "iterations": 1},
     }})
     result = _lmfleet("run", str(config), "--address", url, cwd=tmp_path)  # driven from here, not uploaded
     assert result.returncode == 1
     assert "stage 'reward' failed" in result.stderr
-    assert "no pairs left to train on" in result.stderr  # the stage's own error, from its job's log
+    assert "no records left to train on" in result.stderr  # the stage's own error, from its job's log
     assert "later stages not started: ['ppo']" in result.stderr
     assert not (tmp_path / "out" / "ppo").exists()

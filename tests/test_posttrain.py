@@ -13,14 +13,20 @@ from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
 from conftest import kill_a_train_worker, posttrain, registered_steps, shared
 
 ALPACA = {"paths": [str(shared("alpaca_5000.json"))], "max_records": 320, "val_fraction": 0.1}
-TRAIN = {"per_device_batch": 8, "learning_rate": 3e-3, "max_length": 128, "logging_steps": 1, "save_steps": 100}
+
+
+def hf(lr: float = 3e-3, micro_batch: int = 8, log_every: int = 1, **training) -> dict:
+    """The settings of these tests' HF-Trainer stages: `training` keys (max_length 128), the learning rate,
+    the micro-batch; a metrics record every step, no checkpoint before the end."""
+    return {"training": {"max_length": 128, **training}, "optimizer": {"lr": lr},
+            "batch": {"micro_batch": micro_batch}, "log_every": log_every, "checkpoint": {"every": 100}}
 
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory, ray_local, base_lm):
     """SFT of the tiny model on Alpaca, 2 workers, DDP."""
     return posttrain(tmp_path_factory.mktemp("sft"), "sft", model=str(base_lm), dataset=ALPACA,
-                     training={**TRAIN, "max_steps": 30}, scaling={"num_workers": 2, "cpus_per_worker": 1},
+                     **hf(max_steps=30), scaling={"num_workers": 2, "cpus_per_worker": 1},
                      eval={"samples": 8, "generation": {"max_new_tokens": 16}})
 
 
@@ -28,7 +34,7 @@ def sft(tmp_path_factory, ray_local, base_lm):
 def reward(tmp_path_factory, sft):
     hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 192, "val_fraction": 0.1}
     return posttrain(tmp_path_factory.mktemp("reward"), "reward", model=str(sft[1] / "model"), dataset=hh,
-                     training={**TRAIN, "epochs": 4, "learning_rate": 1e-3, "max_length": 160},
+                     **hf(lr=1e-3, epochs=4, max_length=160),
                      scaling={"num_workers": 2})
 
 
@@ -66,18 +72,25 @@ def test_sft_loss_only_on_completions(base_lm):
     assert tok.decode(row["input_ids"]).startswith("<|user|>\nName a colour.\n<|assistant|>\n")
 
 
+def _sft_losses(tmp_path, base_lm, strategy: str) -> list[float]:
+    _, out = posttrain(tmp_path, "sft", name=strategy, model=str(base_lm), dataset={**ALPACA, "max_records": 64},
+                       **hf(max_steps=3), parallel={"strategy": strategy}, scaling={"num_workers": 2},
+                       eval={"samples": 0})
+    lines = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x and "step" in x]
+
+
+@pytest.fixture(scope="module")
+def ddp_losses(tmp_path_factory, ray_local, base_lm):
+    """The DDP run the other strategies are compared with (one for both)."""
+    return _sft_losses(tmp_path_factory.mktemp("ddp"), base_lm, "ddp")
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_sft_strategies_match_ddp(tmp_path, ray_local, base_lm, strategy):
+def test_sft_strategies_match_ddp(tmp_path, ddp_losses, base_lm, strategy):
     """FSDP2 and DeepSpeed ZeRO-2 on 2 workers give DDP's losses (same data, same init)."""
-    losses = {}
-    for s in ("ddp", strategy):
-        report, out = posttrain(tmp_path, "sft", name=s, model=str(base_lm), dataset={**ALPACA, "max_records": 64},
-                                training={**TRAIN, "max_steps": 3, "strategy": s},
-                                scaling={"num_workers": 2}, eval={"samples": 0})
-        lines = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
-        losses[s] = [x["loss"] for x in lines if "loss" in x and "step" in x]
-    assert len(losses["ddp"]) == 3
-    assert losses[strategy] == pytest.approx(losses["ddp"], rel=2e-3)
+    assert len(ddp_losses) == 3
+    assert _sft_losses(tmp_path, base_lm, strategy) == pytest.approx(ddp_losses, rel=2e-3)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "p_tuning"])
@@ -88,7 +101,7 @@ def test_peft_variants_train_and_reload(tmp_path, sft, method):
     # Step sizes these methods are used with: virtual tokens want large ones.
     lr = {"lora": 1e-2, "ia3": 1e-2, "prompt_tuning": 0.3, "p_tuning": 0.3}[method]
     report, out = posttrain(tmp_path, "sft", model=str(base), dataset={**ALPACA, "max_records": 32, "val_fraction": 0},
-                            training={**TRAIN, "max_steps": 28, "learning_rate": lr, "lr_scheduler": "constant"},
+                            **hf(lr=lr, max_steps=28), lr_schedule={"decay": "constant"},
                             peft={"method": method, "r": 8, "num_virtual_tokens": 4},
                             scaling={"num_workers": 1}, eval={"samples": 0})
     lines = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +135,7 @@ def test_reward_model_with_lora_exports_a_merged_classifier(tmp_path, sft):
 
     hh = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 64, "val_fraction": 0.1}
     report, out = posttrain(tmp_path, "reward", model=str(sft[1] / "model"), dataset=hh,
-                            training={**TRAIN, "max_steps": 4, "max_length": 160}, peft={"method": "lora", "r": 4},
+                            **hf(max_steps=4, max_length=160), peft={"method": "lora", "r": 4},
                             scaling={"num_workers": 1})
     assert (out / "adapter" / "adapter_config.json").exists() and not (out / "model" / "adapter_config.json").exists()
     model, tok = load_reward_model(out / "model")  # full weights with the trained one-score head
@@ -133,8 +146,8 @@ def test_reward_model_with_lora_exports_a_merged_classifier(tmp_path, sft):
 def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     report, out = posttrain(
         tmp_path, "ppo", model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),
-        dataset={**ALPACA, "max_records": 256, "val_fraction": 0.25}, training={"learning_rate": 2e-4, "max_length": 128},
-        iterations=40, generation={"max_new_tokens": 16}, checkpoint_every=20, scaling={"num_workers": 2},
+        dataset={**ALPACA, "max_records": 256, "val_fraction": 0.25}, training={"max_length": 128},
+        optimizer={"lr": 2e-4}, iterations=40, generation={"max_new_tokens": 16}, checkpoint={"every": 20}, scaling={"num_workers": 2},
         # Adaptive KL (a 64-sample horizon moves kl_coef up to 10% per rollout) holds the policy near 3 nats.
         ppo={"rollout_batch": 32, "mini_batch": 16, "epochs": 2, "kl_coef": 0.1, "kl_target": 3.0, "kl_horizon": 64},
         eval={"samples": 64},
@@ -176,8 +189,8 @@ def test_group_rl_raises_a_verifiable_reward(tmp_path, sft, kind):
     answers earn it far more often than the SFT model's."""
     report, out = posttrain(
         tmp_path, kind, model=str(sft[1] / "model"), reward_functions=THE,
-        dataset={**ALPACA, "max_records": 256, "val_fraction": 0.25}, training={"learning_rate": 1e-3, "max_length": 128},
-        iterations=15, generation={"max_new_tokens": 16}, checkpoint_every=15, scaling={"num_workers": 2},
+        dataset={**ALPACA, "max_records": 256, "val_fraction": 0.25}, training={"max_length": 128},
+        optimizer={"lr": 1e-3}, iterations=15, generation={"max_new_tokens": 16}, checkpoint={"every": 15}, scaling={"num_workers": 2},
         eval={"samples": 64}, **{kind: GROUP_RL})
     ev = report["eval"]  # ~54 held-out prompts, one sampled answer per policy each
     assert ev["samples"] > 40
@@ -205,65 +218,79 @@ def test_a_reward_function_that_fails_in_a_worker_is_a_clear_error(tmp_path, sft
     with pytest.raises(UserError, match=rf"reward function {rewards}:picky raised ValueError: not the answer "
                                         r"\(record data/train.jsonl:\d+ \(iteration 1, worker \d\)\)"):
         posttrain(tmp_path, "grpo", model=str(sft[1] / "model"), reward_functions=[{"function": f"{rewards}:picky"}],
-                  dataset={**ALPACA, "max_records": 32}, training={"max_length": 128, "max_failures": 0},
+                  dataset={**ALPACA, "max_records": 32}, training={"max_length": 128}, checkpoint={"max_failures": 0},
                   iterations=2, generation={"max_new_tokens": 8}, scaling={"num_workers": 2}, eval={"samples": 0},
                   grpo={"rollout_batch": 2, "mini_batch": 4, "num_generations": 2})
 
 
-def test_split_placement_matches_colocated(tmp_path, sft, reward, ray_local):
-    """placement split (reference, reward model and reward function in a Ray actor of their own) gives the
-    same rollout rewards, KL and losses as every model in the training worker, iteration by iteration."""
+def _rl_config(kind: str, sft, reward) -> dict:
+    """A short RL run on 2 workers, checkpointed every 4 iterations. PPO adapts its KL coefficient (state
+    that must survive a restart); GRPO adds a reward function to the reward model and the KL to its loss."""
+    common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),
+                  dataset={**ALPACA, "max_records": 64}, training={"max_length": 128}, optimizer={"lr": 1e-3},
+                  generation={"max_new_tokens": 8}, checkpoint={"every": 4}, scaling={"num_workers": 2},
+                  eval={"samples": 0})
+    if kind == "ppo":
+        return {**common, "iterations": 30, "ppo": {"rollout_batch": 8, "mini_batch": 4, "kl_target": 0.5,
+                                                 "kl_horizon": 100}}
+    return {**common, "iterations": 20,  # GRPO's iterations are shorter (~0.3 s)
+            "grpo": {"rollout_batch": 4, "mini_batch": 8, "num_generations": 2, "kl_coef": 0.05},
+            "reward_functions": THE}
+
+
+def _by_iteration(run_dir) -> tuple[list[int], dict[int, dict]]:
+    """The iterations a run logged, in order (a restarted run logs some twice), and the last record of each."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [x for x in lines if "iteration" in x]
+    return [x["iteration"] for x in records], {x["iteration"]: x for x in records}
+
+
+@pytest.fixture(scope="module")
+def grpo_colocated(tmp_path_factory, sft, reward):
+    """The GRPO run every model in the training workers, uninterrupted: what the split placement and a run
+    whose worker dies must reproduce."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    posttrain(tmp, "grpo", name="colocated", **_rl_config("grpo", sft, reward))
+    return _by_iteration(tmp / "colocated")[1]
+
+
+def test_split_placement_matches_colocated(tmp_path, sft, reward, grpo_colocated, ray_local):
+    """placement split (reference, reward model and reward function in a Ray actor of their own, which both
+    workers send their batches to) gives the same rollout rewards, KL and losses as every model in the
+    training workers, iteration by iteration."""
     from ray.util.state import list_actors
 
-    common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"), reward_functions=THE,
-                  dataset={**ALPACA, "max_records": 64}, training={"learning_rate": 1e-3, "max_length": 128},
-                  iterations=4, generation={"max_new_tokens": 8}, scaling={"num_workers": 1}, eval={"samples": 0},
-                  grpo={"rollout_batch": 4, "mini_batch": 8, "num_generations": 2, "kl_coef": 0.05})
-    posttrain(tmp_path, "grpo", name="colocated", **common)
-    posttrain(tmp_path, "grpo", name="split", placement="split", split={"actors": 1, "cpus_per_actor": 1}, **common)
+    posttrain(tmp_path, "grpo", name="split", placement="split", split={"actors": 1, "cpus_per_actor": 1},
+              **_rl_config("grpo", sft, reward))
     actors = list_actors(filters=[("class_name", "=", "FrozenModels")], detail=True)
     assert any(a.name.startswith("grpo_frozen_0") and a.state == "DEAD" for a in actors)  # ran, then was stopped
-
-    def logged(name):
-        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [x for x in lines if "iteration" in x]
-
-    colocated, split = logged("colocated"), logged("split")
-    assert [x["iteration"] for x in split] == [1, 2, 3, 4]
-    for a, b in zip(colocated, split, strict=True):
+    order, split = _by_iteration(tmp_path / "split")
+    assert order == list(range(1, 21))
+    for i, a in grpo_colocated.items():
         for key in ("score", "kl", "loss", "reward/reward_model", "reward/contains", "clipfrac"):
-            assert a[key] == b[key], (a["iteration"], key, a[key], b[key])
+            assert a[key] == split[i][key], (i, key, a[key], split[i][key])
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
-def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, kind):
+def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, grpo_colocated, kind):
     """SIGKILL a worker once a checkpoint is registered: Ray Train restarts the group from the latest
-    checkpoint and the run reproduces the uninterrupted one (same rollout scores and KL at every iteration)."""
-    iterations = 30 if kind == "ppo" else 20  # GRPO's iterations are shorter (~0.3 s)
-    common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),
-                  dataset={**ALPACA, "max_records": 64}, training={"learning_rate": 1e-3, "max_length": 128},
-                  iterations=iterations, generation={"max_new_tokens": 8}, checkpoint_every=4,
-                  scaling={"num_workers": 2}, eval={"samples": 0})
+    checkpoint and the run reproduces the uninterrupted one (same rollout scores, KL and KL coefficient at
+    every iteration)."""
+    config = _rl_config(kind, sft, reward)
     if kind == "ppo":
-        common["ppo"] = {"rollout_batch": 8, "mini_batch": 4}
-    else:  # reward model + a reward function, KL in the loss
-        common.update(grpo={"rollout_batch": 4, "mini_batch": 8, "num_generations": 2, "kl_coef": 0.05},
-                      reward_functions=THE)
-    posttrain(tmp_path, kind, name="uninterrupted", **common)
+        posttrain(tmp_path, kind, name="uninterrupted", **config)
+        want = _by_iteration(tmp_path / "uninterrupted")[1]
+    else:
+        want = grpo_colocated
     killed: list = []
     watcher = threading.Thread(target=_kill_a_worker_once_checkpointed,
                                args=(tmp_path / "faulty" / kind / "ray", tmp_path / "faulty" / "metrics.jsonl", killed, 4))
     watcher.start()
-    posttrain(tmp_path, kind, name="faulty", **common)
+    posttrain(tmp_path, kind, name="faulty", **config)
     watcher.join()
     assert killed, "no checkpoint was registered before the run finished"
-
-    def by_iteration(name):
-        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [x["iteration"] for x in lines if "iteration" in x], {x["iteration"]: x for x in lines if "iteration" in x}
-
-    order, got = by_iteration("faulty")
-    _, want = by_iteration("uninterrupted")
+    order, got = _by_iteration(tmp_path / "faulty")
+    iterations = config["iterations"]
     restart = next(i for i in range(1, len(order)) if order[i] <= order[i - 1])
     resumed_at = order[restart]
     assert resumed_at > 1 and (resumed_at - 1) % 4 == 0, order  # right after a checkpoint, not from scratch
@@ -271,12 +298,16 @@ def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, kind):
     for i in range(1, iterations + 1):
         assert got[i]["score"] == pytest.approx(want[i]["score"], abs=1e-5), i
         assert got[i]["kl"] == pytest.approx(want[i]["kl"], abs=1e-5), i
+        if kind == "ppo":  # the adaptive KL controller's state came back with the checkpoint
+            assert got[i]["kl_coef"] == pytest.approx(want[i]["kl_coef"], rel=1e-6), i
+    if kind == "ppo":
+        assert len({round(want[i]["kl_coef"], 8) for i in want}) > 2  # it did adapt
 
 
 def test_dpo_widens_the_preference_margin(tmp_path, sft):
     pairs = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 64, "val_fraction": 0.0}
     report, _ = posttrain(tmp_path, "dpo", model=str(sft[1] / "model"), dataset=pairs,
-                          training={**TRAIN, "max_steps": 8, "per_device_batch": 4, "learning_rate": 1e-3},
+                          **hf(lr=1e-3, micro_batch=4, max_steps=8),
                           scaling={"num_workers": 2})
     assert report["eval"]["margin_after"] > report["eval"]["margin_before"] + 1.0
 
@@ -284,21 +315,21 @@ def test_dpo_widens_the_preference_margin(tmp_path, sft):
 def test_distillation_student_approaches_teacher(tmp_path, sft):
     report, out = posttrain(tmp_path, "distill", model=str(sft[1] / "model"), dataset=ALPACA,
                             student={"n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
-                            training={**TRAIN, "max_steps": 20}, scaling={"num_workers": 2},
+                            **hf(max_steps=20), scaling={"num_workers": 2},
                             temperature=2.0, alpha=0.5)
     assert report["final_kl"] < 0.7 * report["first_kl"]
     assert report["eval"]["student_params"] < report["eval"]["teacher_params"] / 2
 
 
 HH = {"paths": [str(shared("hh_rlhf_harmless_base_test.jsonl.gz"))], "max_records": 64, "val_fraction": 0.0}
-PREF_TRAIN = {**TRAIN, "max_steps": 12, "per_device_batch": 4, "learning_rate": 1e-3, "logging_steps": 4}
+PREF_TRAIN = hf(lr=1e-3, micro_batch=4, log_every=4, max_steps=12)
 
 
 @pytest.mark.parametrize("kind", ["orpo", "simpo"])
 def test_offline_preference_methods_learn_the_pairs(tmp_path, sft, kind):
     """ORPO and SimPO (TRL's experimental trainers) on HH pairs, 2 workers: the loss falls and the chosen
     answers gain log-probability over the rejected ones (on the training pairs). KTO: the test below."""
-    report, out = posttrain(tmp_path, kind, model=str(sft[1] / "model"), dataset=HH, training=PREF_TRAIN,
+    report, out = posttrain(tmp_path, kind, model=str(sft[1] / "model"), dataset=HH, **PREF_TRAIN,
                             scaling={"num_workers": 2})
     data = report["data"]  # 64 valid pairs sampled; those whose prompt fills max_length are quarantined
     assert data["kept"] + data["rejected_by_reason"].get("too_many_tokens", 0) == 64
@@ -329,7 +360,7 @@ def test_kto_on_unpaired_records_with_exact_quarantine(tmp_path, sft):
     path.write_text("\n".join(lines[:30] + bad + lines[30:]) + "\n")
     report, _ = posttrain(tmp_path, "kto", model=str(sft[1] / "model"),
                           dataset={"paths": [str(path)], "format": "unpaired", "val_fraction": 0.0},
-                          training=PREF_TRAIN, scaling={"num_workers": 2})
+                          **PREF_TRAIN, scaling={"num_workers": 2})
     data = report["data"]
     assert data["read"] == 84
     too_long = data["rejected_by_reason"].pop("too_many_tokens", 0)

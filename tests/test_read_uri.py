@@ -274,8 +274,8 @@ def test_post_training_reads_its_model_and_dataset_from_a_bucket_as_from_disk(tm
     (local / "a.jsonl.zst").write_bytes(zstd((local / "a.jsonl").read_bytes()))
     upload(bucket, base_lm.parent, "posttrain-input/base")  # model/ and tokenizer/
     upload(bucket, local, "posttrain-input/data")
-    settings = {"training": {"per_device_batch": 8, "learning_rate": 3e-3, "max_length": 128, "logging_steps": 1,
-                             "max_steps": 3}, "eval": {"samples": 2, "generation": {"max_new_tokens": 4}}}
+    settings = {"training": {"max_length": 128, "max_steps": 3}, "batch": {"micro_batch": 8},
+                "optimizer": {"lr": 3e-3}, "log_every": 1, "eval": {"samples": 2, "generation": {"max_new_tokens": 4}}}
     disk, _ = posttrain(tmp_path, "sft", name="disk", model=str(base_lm), dataset={
         "paths": [str(local / "a.jsonl")], "val_fraction": 0.1}, **settings)
     s3, out = posttrain(tmp_path, "sft", name="s3", model="s3://lmfleet/posttrain-input/base", dataset={

@@ -24,7 +24,7 @@ from conftest import lmfleet_cmd, ray_head, registered_steps, shared, write_conf
 
 RUN = "s3://lmfleet/shared-nothing/run"
 STEPS = 60
-TRAIN = {"max_steps": 3, "per_device_batch": 4, "max_length": 128, "logging_steps": 1, "save_steps": 100}
+HF = {"batch": {"micro_batch": 4}, "log_every": 1, "checkpoint": {"every": 100}}
 
 
 def _put(bucket, key: str, data: bytes) -> None:
@@ -58,8 +58,9 @@ def _pipeline() -> dict:
                      "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128},
                      "batch": {"global_batch": 16, "micro_batch": 2}, "scaling": {"num_workers": 2},
                      "checkpoint": {"every": 10}, "eval": {"every": STEPS, "batches": 1}},
-        "sft": {"model": "pretrain", "dataset": alpaca, "training": TRAIN, "eval": {"samples": 2}},
-        "reward": {"model": "sft", "dataset": hh, "training": {**TRAIN, "max_length": 256}},
+        "sft": {"model": "pretrain", "dataset": alpaca, "training": {"max_steps": 3, "max_length": 128}, **HF,
+                "eval": {"samples": 2}},
+        "reward": {"model": "sft", "dataset": hh, "training": {"max_steps": 3, "max_length": 256}, **HF},
         "ppo": {"model": "sft", "reward_model": "reward", "dataset": alpaca, "iterations": 2,
                 "ppo": {"rollout_batch": 4, "mini_batch": 2}, "generation": {"max_new_tokens": 8},
                 "training": {"max_length": 128}, "eval": {"samples": 2}},

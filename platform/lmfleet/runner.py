@@ -31,7 +31,7 @@ from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input, check_overlap, digest, earlier_stage
 from lmfleet.outputs import child
-from lmfleet.runlog import MetricsLog
+from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.stages import StageSpec, resolve_stages
 from lmfleet.uri import is_uri
 
@@ -109,6 +109,21 @@ class StageContext:
     def publish(self, *parts: str) -> None:
         """Publish part of the driver's files now (workers read it before the stage ends)."""
         outputs.publish(self.out_dir.joinpath(*parts), child(self.out, *parts))
+
+    def history(self, key: str | None = None) -> list[dict]:
+        """This run's metrics records of the stage (with `key`): metrics.jsonl is the run's log across re-runs,
+        and a resumed run's records count from its first start."""
+        return [h for h in read_jsonl(self.metrics.path)
+                if h.get("stage") == self.name and h["time"] >= self.started and (key is None or key in h)]
+
+    def write_json(self, name: str, value) -> None:
+        """A JSON file of the driver's stage files (eval.json, report.json)."""
+        (self.out_dir / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
+
+    def write_report(self, report: dict) -> dict:
+        """The stage's report.json (with the seconds of its steps); returns `report`."""
+        self.write_json("report.json", {**report, "seconds": self.seconds})
+        return report
 
     @contextmanager
     def step(self, step: str):

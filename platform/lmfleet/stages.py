@@ -17,7 +17,7 @@ from lmfleet.errors import ConfigError
 @dataclass(frozen=True)
 class _Entry:
     config: str  # "module:ConfigModel"
-    run: str  # "module:function(config, ctx) -> report dict"
+    run: str  # "module:function(config, ctx) -> report dict" (a post-training stage: "module:Class.run")
     # "module:function(config, upstream, run_dir) -> list[Input]": InputError before any work; the inputs
     # it returns are checked against the run dir and make part of the stage's fingerprint (lmfleet.inputs).
     preflight: str
@@ -38,61 +38,61 @@ _REGISTRY: dict[str, _Entry] = {
     ),
     "sft": _Entry(
         "lmfleet.posttrain.config:SFTStageConfig",
-        "lmfleet.posttrain.sft:run_sft_stage",
-        "lmfleet.posttrain.inputs:check_sft",
+        "lmfleet.posttrain.sft:SFT.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "reward": _Entry(
         "lmfleet.posttrain.config:RewardStageConfig",
-        "lmfleet.posttrain.reward:run_reward_stage",
-        "lmfleet.posttrain.inputs:check_reward",
+        "lmfleet.posttrain.reward:Reward.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "dpo": _Entry(
         "lmfleet.posttrain.config:DPOStageConfig",
-        "lmfleet.posttrain.dpo:run_dpo_stage",
-        "lmfleet.posttrain.inputs:check_dpo",
+        "lmfleet.posttrain.dpo:DPO.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "distill": _Entry(
         "lmfleet.posttrain.config:DistillStageConfig",
-        "lmfleet.posttrain.distill:run_distill_stage",
-        "lmfleet.posttrain.inputs:check_distill",
+        "lmfleet.posttrain.distill:Distill.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "kto": _Entry(
         "lmfleet.posttrain.config:KTOStageConfig",
-        "lmfleet.posttrain.kto:run_kto_stage",
-        "lmfleet.posttrain.inputs:check_kto",
+        "lmfleet.posttrain.kto:KTO.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "orpo": _Entry(
         "lmfleet.posttrain.config:ORPOStageConfig",
-        "lmfleet.posttrain.orpo:run_orpo_stage",
-        "lmfleet.posttrain.inputs:check_orpo",
+        "lmfleet.posttrain.orpo:ORPO.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "simpo": _Entry(
         "lmfleet.posttrain.config:SimPOStageConfig",
-        "lmfleet.posttrain.simpo:run_simpo_stage",
-        "lmfleet.posttrain.inputs:check_simpo",
+        "lmfleet.posttrain.simpo:SimPO.run",
+        "lmfleet.posttrain.inputs:check_inputs",
         resumes=True,
     ),
     "ppo": _Entry(
         "lmfleet.posttrain.config:PPOStageConfig",
-        "lmfleet.posttrain.ppo:run_ppo_stage",
+        "lmfleet.posttrain.ppo:PPO.run",
         "lmfleet.posttrain.inputs:check_rl",
         resumes=True,
     ),
     "grpo": _Entry(
         "lmfleet.posttrain.config:GRPOStageConfig",
-        "lmfleet.posttrain.grpo:run_grpo_stage",
+        "lmfleet.posttrain.grpo:GRPO.run",
         "lmfleet.posttrain.inputs:check_rl",
         resumes=True,
     ),
     "rloo": _Entry(
         "lmfleet.posttrain.config:RLOOStageConfig",
-        "lmfleet.posttrain.rloo:run_rloo_stage",
+        "lmfleet.posttrain.rloo:RLOO.run",
         "lmfleet.posttrain.inputs:check_rl",
         resumes=True,
     ),
@@ -100,8 +100,11 @@ _REGISTRY: dict[str, _Entry] = {
 
 
 def _load(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
+    module, attrs = ref.split(":")
+    value = importlib.import_module(module)
+    for attr in attrs.split("."):
+        value = getattr(value, attr)
+    return value
 
 
 def kinds() -> list[str]:

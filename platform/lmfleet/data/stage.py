@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import os
 import posixpath
@@ -232,7 +231,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             report["outputs"]["packed"] = ctx.uri("packed")
 
     report["summary"] = _summary(report)
-    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
+    ctx.write_report(report)
     ctx.metrics.write(ctx.name, **{k: report[k] for k in ("docs_in", "rejected", "exact_duplicates_removed",
                                                            "near_duplicates_removed", "docs_kept")})
     return report

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
-from lmfleet.train.config import ScalingConfig
+from lmfleet.train.config import AdamConfig, CheckpointConfig, ScalingConfig, WarmupConfig, ZeroConfig
 from lmfleet.tune.config import PBTConfig, TuneConfig
 
 SFT_FORMATS = ("alpaca", "messages", "python_functions")
@@ -53,26 +53,50 @@ class DatasetConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    """Optimization settings shared by the HF-Trainer stages (TRL's configs get these fields)."""
+    """How long and on what the HF-Trainer stages train (TRL's configs get these fields)."""
 
-    learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
-    per_device_batch: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=8, description="Tokens per sequence; longer ones are truncated.")
-    logging_steps: int = Field(5, ge=1)
-    save_steps: int = Field(50, ge=1, description="Checkpoint (reported to Ray Train) every N optimizer steps.")
-    keep_last: int = Field(2, ge=1)
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="How workers share the model.")
-    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (last checkpoint).")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    activation_checkpointing: bool = False
     bf16: bool | None = Field(None, description="None: on when training on GPUs.")
+
+
+class OptimizerConfig(AdamConfig):
+    """AdamW (`optimizer:`, pretraining's keys) with the HF Trainer's defaults."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0, description="Applied to matrices only, not norms or biases.")
+
+
+class BatchConfig(StrictModel):
+    """`batch:` (pretraining's keys): records per forward pass on a worker and per optimizer step."""
+
+    micro_batch: int = Field(4, ge=1, description="Records per forward pass on one worker.")
+    global_batch: int | None = Field(None, ge=1, description="Records per optimizer step over all workers "
+                                                             "(micro-batches accumulate); None: micro_batch x workers.")
+
+
+class ParallelConfig(StrictModel):
+    """How the workers of a HF-Trainer stage share the model (`parallel:`, pretraining's keys)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="fsdp: FSDP2, one unit per layer.")
+    deepspeed: ZeroConfig = ZeroConfig()
+    activation_checkpointing: bool = False
+
+
+# Post-training keys spelled apart from pretraining's until Dec 2026, and where they went.
+RENAMED = {
+    "training.learning_rate": "optimizer.lr", "training.weight_decay": "optimizer.weight_decay",
+    "training.max_grad_norm": "optimizer.grad_clip", "training.save_steps": "checkpoint.every",
+    "training.keep_last": "checkpoint.keep_last", "training.max_failures": "checkpoint.max_failures",
+    "training.strategy": "parallel.strategy", "training.zero_stage": "parallel.deepspeed.zero_stage",
+    "training.activation_checkpointing": "parallel.activation_checkpointing",
+    "training.lr_scheduler": "lr_schedule.decay", "training.warmup_ratio": "lr_schedule.warmup_steps (a count)",
+    "training.per_device_batch": "batch.micro_batch",
+    "training.grad_accum": "batch.global_batch (= micro_batch x grad_accum x workers)",
+    "training.logging_steps": "log_every", "checkpoint_every": "checkpoint.every",
+}
 
 
 class PeftConfig(StrictModel):
@@ -96,29 +120,89 @@ class GenerationConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
+    """`eval:` of the stages that generate answers to held-out prompts (sft; dpo with a reward_model)."""
+
     samples: int = Field(32, ge=0, description="Held-out prompts to generate from (BLEU/ROUGE, reward, win rate).")
     generation: GenerationConfig = GenerationConfig(temperature=0.0)
 
 
+class RLEvalConfig(StrictModel):
+    """`eval:` of the RL stages: they sample as in training (`generation`, at temperature 1)."""
+
+    samples: int = Field(32, ge=0, description="Held-out prompts the policy and the input model answer.")
+
+
 class _Stage(StrictModel):
+    """What every post-training stage has. Keys shared with pretraining mean the same there: `optimizer`,
+    `checkpoint`, `scaling` (and `lr_schedule`, `batch`, `parallel`, `log_every` of the HF-Trainer stages)."""
+
+    KIND: ClassVar[str] = ""  # the stage kind this configures (lmfleet.stages), in its error messages
+
     model: str = Field(..., description="Input model: a stage name of this run (its model/ dir) or a HF model dir.")
     dataset: DatasetConfig
-    training: TrainingConfig = TrainingConfig()
     scaling: ScalingConfig = ScalingConfig()
-    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict):
+            training = data.get("training") if isinstance(data.get("training"), dict) else {}
+            old = [k for k in RENAMED if (k.removeprefix("training.") in training if k.startswith("training.")
+                                           else k in data)]
+            if old:
+                raise ValueError("renamed keys (one vocabulary with pretraining): " + ", ".join(
+                    f"{k} -> {RENAMED[k]}" for k in old))
+        return data
 
     @model_validator(mode="after")
     def _fixed_workers(self):
         lo, hi = self.scaling.bounds
         if lo != hi:
             raise ValueError("scaling.num_workers: post-training stages run on a fixed worker count")
+        return self
+
+
+class _GeneratingStage(StrictModel):
+    """A stage whose evaluation generates answers (`eval.generation`)."""
+
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _room(self):
         if self.eval.generation.max_new_tokens >= self.training.max_length:
             raise ValueError(f"eval.generation.max_new_tokens {self.eval.generation.max_new_tokens} must be below "
                              f"training.max_length {self.training.max_length} (room for the prompt)")
         return self
 
 
-class SFTStageConfig(_Stage):
+class _HFStage(_Stage):
+    """A stage on a HF / TRL trainer (lmfleet.posttrain.hf)."""
+
+    training: TrainingConfig = TrainingConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: WarmupConfig = WarmupConfig()
+    batch: BatchConfig = BatchConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    log_every: int = Field(5, ge=1, description="Optimizer steps between metrics records.")
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches accumulated per optimizer step on each worker."""
+        b, workers = self.batch, self.scaling.bounds[0]
+        return 1 if b.global_batch is None else b.global_batch // (b.micro_batch * workers)
+
+    @model_validator(mode="after")
+    def _batch(self):
+        b, workers = self.batch, self.scaling.bounds[0]
+        if b.global_batch is not None and b.global_batch % (b.micro_batch * workers):
+            raise ValueError(f"batch.global_batch {b.global_batch} is not divisible by micro_batch {b.micro_batch} "
+                             f"x {workers} worker(s)")
+        return self
+
+
+class SFTStageConfig(_HFStage, _GeneratingStage):
+    KIND: ClassVar[str] = "sft"
     peft: PeftConfig | None = None
     chat_template: str | None = Field(None, description="Jinja chat template; None: the model's, else lmfleet's.")
     completion_only: bool = Field(True, description="Loss on assistant tokens only (prompt tokens masked).")
@@ -141,15 +225,15 @@ class SFTStageConfig(_Stage):
             raise ValueError(f"tune.metric {t.metric!r}: SFT reports loss and eval_loss")
         if t.metric == "eval_loss" and not self.dataset.val_fraction:
             raise ValueError("tune.metric eval_loss needs held-out records: set dataset.val_fraction > 0")
-        if isinstance(t.scheduler, PBTConfig) and t.scheduler.perturbation_interval % self.training.save_steps:
+        if isinstance(t.scheduler, PBTConfig) and t.scheduler.perturbation_interval % self.checkpoint.every:
             raise ValueError(f"tune.scheduler.perturbation_interval {t.scheduler.perturbation_interval} must be a "
-                             f"multiple of training.save_steps {self.training.save_steps} (PBT exploits checkpoints)")
+                             f"multiple of checkpoint.every {self.checkpoint.every} (PBT exploits checkpoints)")
         t.check_pbt_keys(("peft.", "model"), allowed=("peft.dropout", "peft.alpha"))
         t.check_against(self)
         return self
 
 
-class _PreferenceStage(_Stage):
+class _PreferenceStage(_HFStage):
     @model_validator(mode="after")
     def _format(self):
         if self.dataset.format not in (*PREFERENCE_FORMATS, "auto"):
@@ -160,6 +244,7 @@ class _PreferenceStage(_Stage):
 
 
 class RewardStageConfig(_PreferenceStage):
+    KIND: ClassVar[str] = "reward"
     peft: PeftConfig | None = None
 
     @model_validator(mode="after")
@@ -170,16 +255,19 @@ class RewardStageConfig(_PreferenceStage):
         return self
 
 
-class DPOStageConfig(_PreferenceStage):
+class DPOStageConfig(_PreferenceStage, _GeneratingStage):
+    KIND: ClassVar[str] = "dpo"
     peft: PeftConfig | None = None
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     reward_model: str | None = Field(None, description="Optional: score DPO vs its input model with this RM.")
 
 
-class KTOStageConfig(_Stage):
+class KTOStageConfig(_HFStage):
     """KTO (Ethayarajh et al. 2024) with TRL's KTOTrainer: preference pairs (unpaired by TRL: chosen is
     desirable, rejected undesirable) or unpaired `{prompt, completion, label}` records."""
+
+    KIND: ClassVar[str] = "kto"
 
     peft: PeftConfig | None = None
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint.")
@@ -198,6 +286,8 @@ class ORPOStageConfig(_PreferenceStage):
     """ORPO (Hong et al. 2024) with TRL's ORPOTrainer (trl.experimental): SFT loss on the chosen answer plus
     beta x an odds-ratio preference term; no reference model."""
 
+    KIND: ClassVar[str] = "orpo"
+
     peft: PeftConfig | None = None
     beta: float = Field(0.1, gt=0, description="lambda: weight of the odds-ratio term.")
 
@@ -205,6 +295,8 @@ class ORPOStageConfig(_PreferenceStage):
 class SimPOStageConfig(_PreferenceStage):
     """SimPO (Meng et al. 2024) with TRL's CPOTrainer (loss_type simpo, trl.experimental): the length-
     normalized log-probability is the implicit reward, with a target margin; no reference model."""
+
+    KIND: ClassVar[str] = "simpo"
 
     peft: PeftConfig | None = None
     beta: float = Field(2.0, gt=0, description="Scale of the length-normalized reward (the paper: 2-2.5).")
@@ -223,8 +315,10 @@ class StudentConfig(StrictModel):
     ffn_dim: int | None = Field(None, ge=8)
 
 
-class DistillStageConfig(_Stage):
+class DistillStageConfig(_HFStage):
     """`model` is the teacher. The student is `student_model` (a HF dir / stage) or built from `student`."""
+
+    KIND: ClassVar[str] = "distill"
 
     student: StudentConfig = StudentConfig()
     student_model: str | None = None
@@ -242,23 +336,23 @@ class DistillStageConfig(_Stage):
             raise ValueError(f"student.d_model {s.d_model} is not divisible by student.n_heads {s.n_heads}")
         if s.n_heads and s.n_kv_heads and s.n_heads % s.n_kv_heads:
             raise ValueError(f"student.n_heads {s.n_heads} is not divisible by student.n_kv_heads {s.n_kv_heads}")
-        if self.training.strategy == "deepspeed" and self.training.zero_stage == 3:
+        if self.parallel.strategy == "deepspeed" and self.parallel.deepspeed.zero_stage == 3:
             # ZeRO-3 would partition the teacher too, outside any engine.
-            raise ValueError("distill: the teacher is replicated per worker; use zero_stage <= 2, fsdp or ddp")
+            raise ValueError("distill: the teacher is replicated per worker; use parallel.deepspeed.zero_stage <= 2, "
+                             "fsdp or ddp")
         return self
 
 
 class RLTrainingConfig(StrictModel):
-    """Optimization settings of the RL stages (ppo, grpo, rloo). Their schedule is `iterations` x the
-    algorithm's batches, so the HF Trainer's epochs / steps / scheduler keys do not apply; their models
-    are replicated in every worker (DDP)."""
+    """`training:` of the RL stages (ppo, grpo, rloo). Their schedule is `iterations` x the algorithm's
+    batches at a constant learning rate, and their models are replicated in every worker (DDP), so the
+    HF-Trainer stages' epochs / lr_schedule / batch / parallel keys do not apply."""
 
-    learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=8, description="Prompt + completion tokens; longer prompts are quarantined.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints Ray Train keeps.")
-    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (last checkpoint).")
+
+
+class RLOptimizerConfig(OptimizerConfig):
+    lr: float = Field(1e-5, gt=0)
 
 
 class RewardFunctionConfig(StrictModel):
@@ -338,16 +432,17 @@ class _RLStage(_Stage):
     SFT or preference records); the reward is the reward model's score times `reward_model_weight` plus
     the weighted reward functions."""
 
-    ALGORITHM: ClassVar[str] = ""  # the key of the algorithm's section, its stage kind
 
     training: RLTrainingConfig = RLTrainingConfig()
+    eval: RLEvalConfig = RLEvalConfig()
+    optimizer: RLOptimizerConfig = RLOptimizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every=10)
     reward_model: str | None = Field(None, description="A reward stage (its model/ dir) or a HF sequence-"
                                                        "classification dir.")
     reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the reward.")
     reward_functions: list[RewardFunctionConfig] = Field(default_factory=list)
     iterations: int = Field(20, ge=1, description="Rollout + optimization rounds.")
     generation: RLGenerationConfig = RLGenerationConfig()
-    checkpoint_every: int = Field(10, ge=1, description="Iterations between checkpoints.")
     placement: Literal["colocated", "split"] = Field(
         "colocated", description="colocated: every model in every training worker; split: the frozen ones in "
                                  "Ray actors of their own (`split`).")
@@ -355,7 +450,7 @@ class _RLStage(_Stage):
 
     @property
     def algorithm(self) -> RLHyperConfig:
-        return getattr(self, self.ALGORITHM)
+        return getattr(self, self.KIND)  # its section: ppo, grpo or rloo
 
     @property
     def group(self) -> int:
@@ -380,11 +475,11 @@ class _RLStage(_Stage):
                              f"{self.training.max_length} (room for the prompt)")
         if g.top_k or g.top_p < 1:
             # Ratios and KL use the sampling distribution (logits / temperature): it must be the policy's.
-            raise ValueError(f"generation: {self.ALGORITHM} samples from the policy: temperature > 0, top_k 0, top_p 1")
+            raise ValueError(f"generation: {self.KIND} samples from the policy: temperature > 0, top_k 0, top_p 1")
         a, workers = self.algorithm, self.scaling.bounds[0]
         if a.rollout_batch % workers or a.mini_batch % workers or (a.rollout_batch * self.group) % a.mini_batch:
             raise ValueError(
-                f"{self.ALGORITHM}: rollout_batch {a.rollout_batch} and mini_batch {a.mini_batch} must divide by "
+                f"{self.KIND}: rollout_batch {a.rollout_batch} and mini_batch {a.mini_batch} must divide by "
                 f"num_workers {workers}, and mini_batch must divide the completions per iteration "
                 f"({a.rollout_batch} x {self.group})")
         return self
@@ -393,19 +488,19 @@ class _RLStage(_Stage):
 class PPOStageConfig(_RLStage):
     """PPO with a value head (GAE advantages), one completion per prompt."""
 
-    ALGORITHM: ClassVar[str] = "ppo"
+    KIND: ClassVar[str] = "ppo"
     ppo: PPOHyperConfig = PPOHyperConfig()
 
 
 class GRPOStageConfig(_RLStage):
     """GRPO: `num_generations` completions per prompt, advantages normalized within each group, no critic."""
 
-    ALGORITHM: ClassVar[str] = "grpo"
+    KIND: ClassVar[str] = "grpo"
     grpo: GRPOHyperConfig = GRPOHyperConfig()
 
 
 class RLOOStageConfig(_RLStage):
     """RLOO: `num_generations` completions per prompt, each one's baseline the mean of the others'."""
 
-    ALGORITHM: ClassVar[str] = "rloo"
+    KIND: ClassVar[str] = "rloo"
     rloo: RLOOHyperConfig = RLOOHyperConfig()

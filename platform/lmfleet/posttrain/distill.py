@@ -8,6 +8,7 @@ Works after pretraining (teacher = the pretrain export) or after SFT.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,14 +16,11 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from lmfleet.posttrain.config import DistillStageConfig
-from lmfleet.posttrain.hf import quarantine_long_prompts, read_jsonl, run_hf_stage, split_datasets
-from lmfleet.posttrain.inputs import check_distill
-from lmfleet.posttrain.models import input_model, load_tokenizer
+from lmfleet.posttrain.hf import HFStage
+from lmfleet.posttrain.models import load_tokenizer
 from lmfleet.posttrain.records import read_sft
-from lmfleet.uri import local_copy
+from lmfleet.runlog import read_jsonl
 
-CONFIG = DistillStageConfig
-TRACKED = ("kl", "lm_loss")  # logged per step; first and final values go in the report
 _SIZES = {"n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
           "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size"}
 
@@ -76,60 +74,50 @@ class DistillationTrainer(SFTTrainer):
         super().log(logs, *args, **kwargs)
 
 
-def build_trainer(cfg: DistillStageConfig, paths: dict, args: dict):
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
+class Distill(HFStage):
+    CONFIG = DistillStageConfig
+    TRACKED = ("kl", "lm_loss")  # logged per step; first and final values go in the report
 
-    teacher_dir = Path(paths["model"])
-    tok = load_tokenizer(teacher_dir)
-    if "student" in paths:
-        student = AutoModelForCausalLM.from_pretrained(paths["student"])
-    else:
-        student = build_student(cfg, teacher_dir, args["seed"])
-    trainer = DistillationTrainer(
-        model=student,
-        args=SFTConfig(**args, max_length=cfg.training.max_length, assistant_only_loss=True),
-        **split_datasets(paths),
-        processing_class=tok,
-        teacher=AutoModelForCausalLM.from_pretrained(str(teacher_dir)),
-        temperature=cfg.temperature, alpha=cfg.alpha,
-    )
-    return trainer, tok, "CAUSAL_LM"
+    @classmethod
+    def read(cls, cfg: DistillStageConfig, seed: int):
+        return read_sft(cfg.dataset, seed)
 
+    @classmethod
+    def build_trainer(cls, cfg: DistillStageConfig, inputs, args: dict):
+        from transformers import AutoModelForCausalLM
+        from trl import SFTConfig
 
-def evaluate(cfg: DistillStageConfig, paths: dict) -> dict:
-    from lmfleet.posttrain.evaluate import completion_perplexity, device
-    from lmfleet.posttrain.models import load_causal_lm
+        teacher_dir = Path(inputs.model)
+        if inputs.student_model is not None:
+            student = AutoModelForCausalLM.from_pretrained(inputs.student_model)
+        else:
+            student = build_student(cfg, teacher_dir, args["seed"])
+        return cls.build(partial(DistillationTrainer, teacher=AutoModelForCausalLM.from_pretrained(str(teacher_dir)),
+                                 temperature=cfg.temperature, alpha=cfg.alpha),
+                         SFTConfig, cfg, inputs, args, model=student, assistant_only_loss=True)
 
-    out = Path(paths["trained"])
-    tok = load_tokenizer(out)
-    val = read_jsonl(paths["val"])[:200]
-    result: dict = {"val_records": len(val)}
-    for name, path in (("teacher", Path(paths["model"])), ("student", out)):
-        model = load_causal_lm(path).to(device(paths["use_gpu"])).eval()
-        result[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-        if val:
-            result[f"{name}_perplexity"] = completion_perplexity(model, tok, val, cfg.training.max_length)
-    return result
+    @classmethod
+    def evaluate(cls, cfg: DistillStageConfig, inputs, trained: str) -> dict:
+        from lmfleet.posttrain.evaluate import completion_perplexity, device
+        from lmfleet.posttrain.models import load_causal_lm
 
+        tok = load_tokenizer(Path(trained))
+        val = read_jsonl(inputs.val)[:200]
+        result: dict = {"val_records": len(val)}
+        for name, path in (("teacher", Path(inputs.local("model"))), ("student", Path(trained))):
+            model = load_causal_lm(path).to(device(inputs.use_gpu)).eval()
+            result[f"{name}_params"] = sum(p.numel() for p in model.parameters())
+            if val:
+                result[f"{name}_perplexity"] = completion_perplexity(model, tok, val, cfg.training.max_length)
+        return result
 
-def summary(e: dict, report: dict) -> list[str]:
-    lines = []
-    if report["first_kl"] is not None:
-        lines.append(f"KL to the teacher: {report['first_kl']:.4f} -> {report['final_kl']:.4f}")
-    line = f"student {e['student_params']:,} params, teacher {e['teacher_params']:,}"
-    if "student_perplexity" in e:
-        line += (f"; held-out answer perplexity: student {e['student_perplexity']:.2f}, "
-                 f"teacher {e['teacher_perplexity']:.2f}")
-    return [*lines, line]
-
-
-def run_distill_stage(cfg: DistillStageConfig, ctx) -> dict:
-    check_distill(cfg, run_dir=ctx.run_dir)
-    paths = {"model": input_model(cfg.model, ctx.run_dir)}
-    with ctx.step("read"):
-        records = read_sft(cfg.dataset, ctx.seed)
-        quarantine_long_prompts(records, load_tokenizer(local_copy(paths["model"])), cfg.training.max_length)
-    if cfg.student_model is not None:
-        paths["student"] = input_model(cfg.student_model, ctx.run_dir)
-    return run_hf_stage("distill", cfg, ctx, records, paths)
+    @classmethod
+    def summary(cls, e: dict, report: dict) -> list[str]:
+        lines = []
+        if report["first_kl"] is not None:
+            lines.append(f"KL to the teacher: {report['first_kl']:.4f} -> {report['final_kl']:.4f}")
+        line = f"student {e['student_params']:,} params, teacher {e['teacher_params']:,}"
+        if "student_perplexity" in e:
+            line += (f"; held-out answer perplexity: student {e['student_perplexity']:.2f}, "
+                     f"teacher {e['teacher_perplexity']:.2f}")
+        return [*lines, line]

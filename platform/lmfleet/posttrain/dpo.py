@@ -10,59 +10,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmfleet.posttrain.config import DPOStageConfig
-from lmfleet.posttrain.hf import (
-    peft_config,
-    quarantine_long_prompts,
-    run_hf_stage,
-    split_datasets,
-)
-from lmfleet.posttrain.inputs import check_dpo
-from lmfleet.posttrain.models import input_model, load_tokenizer
-from lmfleet.posttrain.records import read_preferences
-from lmfleet.uri import local_copy
-
-CONFIG = DPOStageConfig
-TRACKED = ("rewards/margins", "rewards/accuracies")
+from lmfleet.posttrain.preference import PreferenceStage
 
 
-def build_trainer(cfg: DPOStageConfig, paths: dict, args: dict):
-    from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
+class DPO(PreferenceStage):
+    CONFIG = DPOStageConfig
 
-    tok = load_tokenizer(Path(paths["model"]))
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(paths["model"]),
-        args=DPOConfig(**args, max_length=cfg.training.max_length, beta=cfg.beta, loss_type=[cfg.loss_type]),
-        **split_datasets(paths),
-        processing_class=tok,
-        peft_config=peft_config(cfg.peft, "CAUSAL_LM"),
-    )
-    return trainer, tok, "CAUSAL_LM"
+    @classmethod
+    def build_trainer(cls, cfg: DPOStageConfig, inputs, args: dict):
+        from trl import DPOConfig, DPOTrainer
 
+        return cls.build(DPOTrainer, DPOConfig, cfg, inputs, args, beta=cfg.beta, loss_type=[cfg.loss_type])
 
-def evaluate(cfg: DPOStageConfig, paths: dict) -> dict:
-    from lmfleet.posttrain.evaluate import compare_policies, preference_evaluation
+    @classmethod
+    def evaluate(cls, cfg: DPOStageConfig, inputs, trained: str) -> dict:
+        from lmfleet.posttrain.evaluate import compare_policies, preference_evaluation
 
-    result, before, after, tok, val = preference_evaluation(cfg, paths)
-    if cfg.reward_model is not None and cfg.eval.samples:
-        prompts = [r["prompt"] for r in val[: cfg.eval.samples]]
-        result.update(compare_policies(after, before, tok, prompts, Path(paths["reward_model"]), cfg.eval.generation,
-                                       cfg.training.max_length))
-    return result
+        result, before, after, tok, val = preference_evaluation(cfg, inputs, trained)
+        if cfg.reward_model is not None and cfg.eval.samples:
+            prompts = [r["prompt"] for r in val[: cfg.eval.samples]]
+            result.update(compare_policies(after, before, tok, prompts, Path(inputs.local("reward_model")),
+                                           cfg.eval.generation, cfg.training.max_length))
+        return result
 
+    @classmethod
+    def summary(cls, e: dict, report: dict) -> list[str]:
+        from lmfleet.posttrain.evaluate import policy_line
 
-def summary(e: dict, report: dict) -> list[str]:
-    from lmfleet.posttrain.evaluate import policy_line, preference_line
-
-    return [preference_line(e), *([policy_line(e)] if "win_rate" in e else [])]
-
-
-def run_dpo_stage(cfg: DPOStageConfig, ctx) -> dict:
-    check_dpo(cfg, run_dir=ctx.run_dir)
-    paths = {"model": input_model(cfg.model, ctx.run_dir)}
-    with ctx.step("read"):
-        records = read_preferences(cfg.dataset, ctx.seed)
-        quarantine_long_prompts(records, load_tokenizer(local_copy(paths["model"])), cfg.training.max_length)
-    if cfg.reward_model is not None:
-        paths["reward_model"] = input_model(cfg.reward_model, ctx.run_dir)
-    return run_hf_stage("dpo", cfg, ctx, records, paths)
+        return [*super().summary(e, report), *([policy_line(e)] if "win_rate" in e else [])]

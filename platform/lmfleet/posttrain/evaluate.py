@@ -155,23 +155,22 @@ def preference_margin(model, tok, records: list[dict], max_length: int) -> float
     return sum(margins) / max(1, len(margins))
 
 
-def preference_evaluation(cfg, paths: dict):
+def preference_evaluation(cfg, inputs, trained: str):
     """The preference stages' evaluation (dpo, kto, orpo, simpo): the log-probability margin of chosen
     over rejected (desirable over undesirable) on held-out records, or on up to 64 training records
-    when none are held out, under the input model and the trained one. Returns (result, input model,
-    trained model, tokenizer, records)."""
+    when none are held out, under the input model and the trained one (`trained`). Returns (result,
+    input model, trained model, tokenizer, records)."""
     from pathlib import Path
 
     from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
     from lmfleet.runlog import read_jsonl
 
-    out = Path(paths["trained"])
-    tok = load_tokenizer(out)
+    tok = load_tokenizer(Path(trained))
     n = cfg.training.max_length
-    held_out = bool(read_jsonl(paths["val"]))
-    val = read_jsonl(paths["val"]) or read_jsonl(paths["train"])[:64]
-    before = load_causal_lm(Path(paths["model"])).to(device(paths["use_gpu"])).eval()
-    after = load_causal_lm(out).to(device(paths["use_gpu"])).eval()
+    held_out = bool(read_jsonl(inputs.val))
+    val = read_jsonl(inputs.val) or read_jsonl(inputs.train)[:64]
+    before = load_causal_lm(Path(inputs.local("model"))).to(device(inputs.use_gpu)).eval()
+    after = load_causal_lm(Path(trained)).to(device(inputs.use_gpu)).eval()
     result = {"pairs": len(val), "held_out": held_out, "margin_before": preference_margin(before, tok, val, n),
               "margin_after": preference_margin(after, tok, val, n)}
     return result, before, after, tok, val

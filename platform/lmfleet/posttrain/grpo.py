@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from lmfleet.posttrain.config import GRPOStageConfig
 from lmfleet.posttrain.loss import clipped_group_loss, group_advantages
-from lmfleet.posttrain.rl import RLTrainer, response_stats, run_rl_stage
+from lmfleet.posttrain.rl import RLStage, RLTrainer, response_stats
 
 
 class GRPOTrainer(RLTrainer):
-    CONFIG = GRPOStageConfig
 
     def advantages(self, batch: dict) -> dict:
         scores, batch_std = batch["scores"], None
@@ -34,5 +33,6 @@ class GRPOTrainer(RLTrainer):
         return loss, {"clipfrac": stats["clipped"], **({"k3_kl": stats["kl"]} if "kl" in stats else {})}
 
 
-def run_grpo_stage(cfg: GRPOStageConfig, ctx) -> dict:
-    return run_rl_stage(GRPOTrainer, cfg, ctx)
+class GRPO(RLStage):
+    CONFIG = GRPOStageConfig
+    TRAINER = GRPOTrainer

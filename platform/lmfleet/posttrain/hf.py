@@ -1,10 +1,10 @@
-"""One launcher for the stages built on HF / TRL trainers (sft, reward, dpo, kto, orpo, simpo, distill).
+"""The stages built on HF / TRL trainers (sft, reward, dpo, kto, orpo, simpo, distill): `HFStage`.
 
-The driver reads and quarantines the records (`data/`), then a Ray Train `TorchTrainer` runs the
+The driver reads and quarantines the records (`data/`), then a Ray Train run (lmfleet.runtime) runs the
 stage's trainer in each worker: Ray Train starts the process group, the HF Trainer picks it up and
-applies DDP, FSDP2 or DeepSpeed from `training.strategy`. `RayTrainReportCallback` reports every HF
-checkpoint to Ray Train, which keeps the last `keep_last` under `ray/` and hands the newest back to
-restarted workers (resume). Rank 0 writes `model/` (PEFT LoRA / IA3 adapters merged; the adapter
+applies DDP, FSDP2 or DeepSpeed from `parallel.strategy`. `RayTrainReportCallback` reports every HF
+checkpoint to Ray Train, which keeps the last `checkpoint.keep_last` under `ray/` and hands the newest
+back to restarted workers (resume). Rank 0 writes `model/` (PEFT LoRA / IA3 adapters merged; the adapter
 itself in `adapter/`) into the stage dir (a path or URI: lmfleet.outputs), then a Ray task evaluates it
 (`eval.json`). Workers read the records from the stage's `data/` and log through the driver's appender
 (lmfleet.runlog): nothing assumes a disk shared with the driver.
@@ -12,54 +12,51 @@ itself in `adapter/`) into the stage dir (a path or URI: lmfleet.outputs), then 
 
 from __future__ import annotations
 
-import importlib
-import json
 import shutil
-import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch.distributed as dist
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
+from lmfleet import runtime
 from lmfleet.outputs import child, publish, workdir
-from lmfleet.posttrain.config import PeftConfig, TrainingConfig
-from lmfleet.posttrain.models import local_models
-from lmfleet.posttrain.records import Records, prompt_of
+from lmfleet.posttrain.config import PeftConfig
+from lmfleet.posttrain.models import load_tokenizer
+from lmfleet.posttrain.stage import PostTrainStage, StageInputs, first_last
 from lmfleet.runlog import MetricsLog, read_jsonl
+from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
-from lmfleet.uri import is_uri, local_copy
-
-STAGES = {  # kind -> module with build_trainer(cfg, paths, args) and evaluate(cfg, paths)
-    "sft": "lmfleet.posttrain.sft",
-    "reward": "lmfleet.posttrain.reward",
-    "dpo": "lmfleet.posttrain.dpo",
-    "distill": "lmfleet.posttrain.distill",
-    "kto": "lmfleet.posttrain.kto",
-    "orpo": "lmfleet.posttrain.orpo",
-    "simpo": "lmfleet.posttrain.simpo",
-}
+from lmfleet.uri import is_uri
 
 
-def training_args(t: TrainingConfig, out_dir: str, seed: int, use_gpu: bool, has_eval: bool, tty: bool) -> dict:
-    """Keyword arguments shared by TRL's *Config classes (all TrainingArguments subclasses)."""
+def training_args(cfg, out_dir: str, seed: int, use_gpu: bool, has_eval: bool, tty: bool) -> dict:
+    """Keyword arguments shared by TRL's *Config classes (all TrainingArguments subclasses), from a HF-Trainer
+    stage's config (lmfleet.posttrain.config._HFStage)."""
+    t, opt, par = cfg.training, cfg.optimizer, cfg.parallel
+    decay = cfg.lr_schedule.decay
     args = dict(
-        output_dir=out_dir, seed=seed, data_seed=seed, learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs, max_steps=t.max_steps or -1, per_device_train_batch_size=t.per_device_batch,
-        per_device_eval_batch_size=t.per_device_batch, gradient_accumulation_steps=t.grad_accum,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="steps",
-        save_steps=t.save_steps, save_total_limit=t.keep_last, report_to=[], use_cpu=not use_gpu,
-        bf16=t.bf16 if t.bf16 is not None else use_gpu, activation_checkpointing=t.activation_checkpointing,
-        disable_tqdm=not tty, ddp_find_unused_parameters=False, eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.save_steps if has_eval else None,
+        output_dir=out_dir, seed=seed, data_seed=seed, learning_rate=opt.lr, adam_beta1=opt.betas[0],
+        adam_beta2=opt.betas[1], adam_epsilon=opt.eps, weight_decay=opt.weight_decay,
+        max_grad_norm=opt.grad_clip or 0.0,  # 0: no clipping
+        lr_scheduler_type="constant_with_warmup" if decay == "constant" else decay,
+        warmup_steps=cfg.lr_schedule.warmup_steps, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=cfg.batch.micro_batch, per_device_eval_batch_size=cfg.batch.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum, logging_steps=cfg.log_every, save_strategy="steps",
+        save_steps=cfg.checkpoint.every, save_total_limit=cfg.checkpoint.keep_last, report_to=[],
+        use_cpu=not use_gpu, bf16=t.bf16 if t.bf16 is not None else use_gpu,
+        activation_checkpointing=par.activation_checkpointing, disable_tqdm=not tty,
+        ddp_find_unused_parameters=False, eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.checkpoint.every if has_eval else None,
     )
-    if t.strategy == "fsdp":
+    if par.strategy == "fsdp":
         # FSDP2, fully sharded, one unit per decoder layer (the model's _no_split_modules).
         args.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True})
-    elif t.strategy == "deepspeed":
-        zero = {"stage": t.zero_stage}
-        if t.zero_stage == 3:
+    elif par.strategy == "deepspeed":
+        zero = {"stage": par.deepspeed.zero_stage}
+        if par.deepspeed.zero_stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for model/
         args["deepspeed"] = {
             "zero_optimization": zero, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
@@ -86,12 +83,12 @@ def peft_config(p: PeftConfig | None, task_type: str):
                                      encoder_hidden_size=p.encoder_hidden_size, task_type=task_type)
 
 
-def split_datasets(paths: dict) -> dict:
+def split_datasets(inputs: StageInputs) -> dict:
     """train_dataset / eval_dataset keyword arguments of a trainer, from the stage's data/ files."""
     import datasets
 
-    val = read_jsonl(paths["val"])
-    return {"train_dataset": datasets.Dataset.from_list(read_jsonl(paths["train"])),
+    val = read_jsonl(inputs.val)
+    return {"train_dataset": datasets.Dataset.from_list(read_jsonl(inputs.train)),
             "eval_dataset": datasets.Dataset.from_list(val) if val else None}
 
 
@@ -169,165 +166,110 @@ def save_final(trainer, location: str, peft: PeftConfig | None, tokenizer, task:
 
 def _worker(config: dict) -> None:
     import datasets
-    import ray.train
     import transformers
     from ray.train.huggingface.transformers import prepare_trainer
 
-    if not config["tty"]:
+    run: WorkerRun = config["run"]
+    stage: type[HFStage] = run.stage_class
+    cfg, inputs = run.cfg, run.inputs
+    if not run.tty:
         datasets.disable_progress_bars()  # TRL's dataset preparation: one bar per map otherwise
-    module = importlib.import_module(STAGES[config["kind"]])
-    cfg = module.CONFIG.model_validate(config["cfg"])
-    paths = local_models(config["paths"])
-    scratch = workdir(child(paths["out"], "hf"))  # HF's own saves, which Ray Train copies to its storage
-    args = training_args(cfg.training, str(scratch), config["seed"], paths["use_gpu"],
-                         has_eval=bool(read_jsonl(paths["val"])), tty=config["tty"])
-    if config.get("stop_at"):
-        args["max_steps"] = config["stop_at"]
+    local = replace(inputs, **{k: inputs.local(k) for k in ("model", "reward_model", "student_model")})
+    scratch = workdir(child(inputs.out, "hf"))  # HF's own saves, which Ray Train copies to its storage
+    args = training_args(cfg, str(scratch), run.seed, inputs.use_gpu, has_eval=bool(read_jsonl(inputs.val)),
+                         tty=run.tty)
+    if run.stop_at:
+        args["max_steps"] = run.stop_at
     # New weights (a reward model's score head, PEFT adapters) are drawn while the model is built, before
     # the HF Trainer seeds anything.
-    transformers.set_seed(config["seed"])
-    trainer, tokenizer, task = module.build_trainer(cfg, paths, args)
-    metrics = MetricsCallback(config["metrics"], config["stage"], config.get("tags", {}))
-    for callback in (ReportCheckpoints(), metrics, ApplyHyperparams()):
+    transformers.set_seed(run.seed)
+    trainer, tokenizer = stage.build_trainer(cfg, local, args)
+    for callback in (ReportCheckpoints(), MetricsCallback(run.metrics, run.stage, run.tags), ApplyHyperparams()):
         trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)
-    ckpt = ray.train.get_checkpoint() or config.get("init_checkpoint")
-    if ckpt is None:
-        trainer.train()
-    else:
-        with ckpt.as_directory() as d:
-            trainer.train(resume_from_checkpoint=str(Path(d) / ReportCheckpoints.CHECKPOINT_NAME))
-    if config.get("export", True):
-        save_final(trainer, paths["out"], getattr(cfg, "peft", None), tokenizer, task)
-    if is_uri(paths["out"]):  # the scratch is in this node's cache; with a local stage dir the driver clears it
+    with runtime.latest_checkpoint(run.init_checkpoint) as d:
+        if d is None:
+            trainer.train()
+        else:
+            trainer.train(resume_from_checkpoint=str(d / ReportCheckpoints.CHECKPOINT_NAME))
+    if run.export:
+        save_final(trainer, inputs.out, getattr(cfg, "peft", None), tokenizer, stage.TASK)
+    if is_uri(inputs.out):  # the scratch is in this node's cache; with a local stage dir the driver clears it
         if dist.is_initialized():
             dist.barrier()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def quarantine_long_prompts(records: Records, tokenizer, limit: int) -> None:
-    """Records whose chat-formatted prompt has >= `limit` tokens leave no room for an answer; TRL's
-    trainers would drop them silently: quarantine them (reason too_many_tokens), counted in the report."""
-    from lmfleet.posttrain.evaluate import encode_chat
-
-    records.quarantine("too_many_tokens", lambda r: len(encode_chat(tokenizer, prompt_of(r))[0]) >= limit)
-
-
-def launch(worker, loop_config: dict, cfg, seed: int, stage: str, use_gpu: bool, storage: str, callbacks=()):
-    """One Ray Train run of `worker` on the stage's workers, its run dir in `storage`/train; returns the Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config={**loop_config, "cfg": cfg.model_dump(mode="json"), "seed": seed, "stage": stage,
-                           "tty": sys.stderr.isatty()},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.bounds[0], use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(
-            name="train", storage_path=storage, callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_last),
-        ),
-    )
-    return trainer.fit()
-
-
-def fit(worker, loop_config: dict, cfg, ctx, use_gpu: bool):
-    """Run `worker` for the stage (checkpoints in the stage's storage); returns (Result, this run's metrics)."""
-    with ctx.step("train"):
-        loop_config = {**loop_config, "metrics": ctx.metrics.for_workers()}
-        result = launch(worker, loop_config, cfg, ctx.seed, ctx.name, use_gpu, ctx.storage)
-    # metrics.jsonl is the run's log across re-runs: this run's records of this stage only (a resumed run's
-    # since its first start).
-    history = [h for h in read_jsonl(ctx.metrics.path) if h.get("stage") == ctx.name and h["time"] >= ctx.started]
-    return result, history
-
-
-def launch_trial(kind: str, paths: dict, cfg, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *,
-                 storage: str, samples=None, init_checkpoint=None, callbacks=(), export: bool = True,
+def launch_trial(stage: type[HFStage], inputs: StageInputs, cfg, out: Path | str, metrics: MetricsLog, seed: int,
+                 name: str, *, storage: str, samples=None, init_checkpoint=None, callbacks=(), export: bool = True,
                  steps: int | None = None, tags: dict | None = None):
     """The stage's run for a Tune search (lmfleet.tune.search.run_search): a trial writing under `out`,
     or the export of the best trial's checkpoint (steps: stop there) into out/model. (samples: pretraining's)"""
-    paths = {**paths, "out": str(out)}
-    loop_config = {"kind": kind, "paths": paths, "metrics": metrics, "init_checkpoint": init_checkpoint,
-                   "export": export, "stop_at": steps, "tags": tags or {}}
-    return launch(_worker, loop_config, cfg, seed, stage, paths["use_gpu"], storage, callbacks)
+    run = WorkerRun(cfg, stage, replace(inputs, out=str(out)), seed, name, metrics, tags=tags or {},
+                    init_checkpoint=init_checkpoint, stop_at=steps, export=export, tty=runtime.tty())
+    return runtime.launch(_worker, run, storage=storage, use_gpu=inputs.use_gpu, callbacks=callbacks)
 
 
-def run_hf_stage(kind: str, cfg, ctx, records: Records, paths: dict) -> dict:
-    """Train `kind` on Ray Train and evaluate the result; returns the stage report."""
-    out = ctx.out_dir
-    records.write(out / "data")
-    ctx.publish("data")  # the workers read it, on any node
-    use_gpu = cfg.scaling.resolve_gpu()
-    paths = {
-        **{k: str(v) for k, v in paths.items()}, "out": str(ctx.out),
-        "train": ctx.uri("data", "train.jsonl"), "val": ctx.uri("data", "val.jsonl"), "use_gpu": use_gpu,
-    }
-    module = importlib.import_module(STAGES[kind])
-    if getattr(cfg, "tune", None) is not None:
-        return _search_and_evaluate(kind, module, cfg, ctx, records, paths)
-    result, records_logged = fit(_worker, {"kind": kind, "paths": paths}, cfg, ctx, use_gpu)
-    history = [h for h in records_logged if "loss" in h]
-    shutil.rmtree(out / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
-    evaluation = _evaluate(module, cfg, ctx, paths)
-    report = {"data": records.counts(), "model": ctx.uri("model"),
-              "steps": max((h.get("step", 0) for h in records_logged), default=0),
-              "checkpoint": checkpoint_uri(result.checkpoint)}
-    for key in ("loss", *getattr(module, "TRACKED", ())):
-        values = [h[key] for h in history if key in h]
-        report[f"first_{key}"], report[f"final_{key}"] = (values[0], values[-1]) if values else (None, None)
-    report["eval"] = evaluation
-    report["summary"] = [
-        f"records: {report['data']['train']} train, {report['data']['val']} val, {report['data']['rejected']} "
-        f"quarantined ({ctx.uri('data', 'rejects.jsonl')})",
-        f"trained {report['steps']} steps on {cfg.scaling.bounds[0]} worker(s) ({cfg.training.strategy}): "
-        f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}" if history else "trained: no loss logged",
-        *module.summary(evaluation, report),
-        f"model: {report['model']}",
-    ]
-    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
-    return report
+class HFStage(PostTrainStage):
+    """A stage whose workers run a HF / TRL trainer. Subclasses implement `build_trainer` (and read /
+    evaluate / summary); TRACKED: logged keys whose first and final values the report keeps."""
 
+    TRACKED: ClassVar[tuple[str, ...]] = ()
+    TASK: ClassVar[str] = "CAUSAL_LM"  # or SEQ_CLS: how a PEFT adapter is merged on export
 
-def _evaluate(module, cfg, ctx, paths: dict) -> dict:
-    with ctx.step("evaluate"):
-        evaluation = run_eval_task(module.evaluate, cfg, paths)
-    (ctx.out_dir / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
-    return evaluation
+    @classmethod
+    def build_trainer(cls, cfg, inputs: StageInputs, args: dict):
+        """(trainer, tokenizer) in a worker: `inputs` has this node's copies of the models; `args` are the
+        TrainingArguments keywords (training_args)."""
+        raise NotImplementedError
 
+    @classmethod
+    def train(cls, cfg, ctx, records, inputs: StageInputs) -> dict:
+        if getattr(cfg, "tune", None) is not None:
+            return cls._search(cfg, ctx, inputs)
+        with ctx.step("train"):
+            result = launch_trial(cls, inputs, cfg, ctx.out, ctx.metrics.for_workers(), ctx.seed, ctx.name,
+                                  storage=ctx.storage)
+        logged = ctx.history()
+        history = [h for h in logged if "loss" in h]
+        shutil.rmtree(ctx.out_dir / "hf", ignore_errors=True)  # per-worker scratch; Ray Train holds the checkpoints
+        report = {"steps": max((h.get("step", 0) for h in logged), default=0),
+                  "checkpoint": checkpoint_uri(result.checkpoint), **first_last(history, ("loss", *cls.TRACKED))}
+        counts = records.counts()
+        report["summary"] = [
+            f"records: {counts['train']} train, {counts['val']} val, {counts['rejected']} quarantined "
+            f"({ctx.uri('data', 'rejects.jsonl')})",
+            f"trained {report['steps']} steps on {cfg.scaling.bounds[0]} worker(s) ({cfg.parallel.strategy}): "
+            f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}" if history else "trained: no loss logged",
+        ]
+        return report
 
-def _search_and_evaluate(kind: str, module, cfg, ctx, records: Records, paths: dict) -> dict:
-    """A Tune search of trials of this stage; the best one's last checkpoint is exported and evaluated."""
-    from functools import partial
+    @classmethod
+    def _search(cls, cfg, ctx, inputs: StageInputs) -> dict:
+        """A Tune search of trials of this stage; the best one's last checkpoint is exported (and evaluated
+        by `run`)."""
+        from functools import partial
 
-    from lmfleet.tune.search import run_search
+        from lmfleet.tune.search import run_search
 
-    report = run_search(cfg, ctx, partial(launch_trial, kind, paths))
-    for scratch in [ctx.out_dir / "hf", *ctx.out_dir.glob("trials/*/attempts/*/hf")]:  # HF's saves (local stage dir)
-        shutil.rmtree(scratch, ignore_errors=True)
-    report["data"] = records.counts()
-    report["eval"] = _evaluate(module, cfg, ctx, paths)
-    report["summary"] = report["summary"][:3] + module.summary(report["eval"], report) + report["summary"][3:]
-    (ctx.out_dir / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2),
-                                             encoding="utf-8")
-    return report
+        report = run_search(cfg, ctx, partial(launch_trial, cls, inputs))
+        for scratch in [ctx.out_dir / "hf", *ctx.out_dir.glob("trials/*/attempts/*/hf")]:  # HF's saves (local dir)
+            shutil.rmtree(scratch, ignore_errors=True)
+        lines = report.pop("summary")
+        return {**report, "summary": lines[:3], "summary_after": lines[3:]}
 
+    @classmethod
+    def build(cls, trainer_cls, config_cls, cfg, inputs: StageInputs, args: dict, model=None, **options):
+        """`trainer_cls` (a TRL trainer) on the input model (or `model`), its records and the stage's PEFT,
+        with `config_cls(**args, max_length=..., **options)`; returns (trainer, tokenizer)."""
+        from transformers import AutoModelForCausalLM
 
-def run_eval_task(fn, cfg, paths: dict) -> dict:
-    """Run `fn(cfg, paths)` as a Ray task with one worker's resources (a GPU when training had them);
-    paths["trained"] is the trained model/ of the stage dir paths["out"] (a copy on the task's node)."""
-    import ray
-
-    def task(cfg, paths: dict, tty: bool) -> dict:
-        if not tty:
-            import transformers
-
-            transformers.utils.logging.disable_progress_bar()
-        paths = {**local_models(paths), "trained": str(local_copy(str(child(paths["out"], "model")), "model"))}
-        return fn(cfg, paths)
-
-    remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if paths["use_gpu"] else 0)(task)
-    return ray.get(remote.options(name=f"evaluate_{fn.__module__.rsplit('.', 1)[-1]}").remote(
-        cfg, paths, sys.stderr.isatty()))
+        tok = load_tokenizer(Path(inputs.model), getattr(cfg, "chat_template", None))
+        trainer = trainer_cls(
+            model=model if model is not None else AutoModelForCausalLM.from_pretrained(inputs.model),
+            args=config_cls(**args, max_length=cfg.training.max_length, **options),
+            **split_datasets(inputs),
+            processing_class=tok,
+            peft_config=peft_config(getattr(cfg, "peft", None), cls.TASK),
+        )
+        return trainer, tok

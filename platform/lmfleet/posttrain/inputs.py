@@ -5,7 +5,6 @@ Kept apart from the stage modules so `lmfleet validate` checks inputs without im
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from lmfleet.inputs import Input
@@ -15,9 +14,10 @@ from lmfleet.posttrain.records import dataset_files, dataset_paths
 MODEL_KEYS = ("model", "reward_model", "student_model")  # the config keys that name an input model
 
 
-def check_inputs(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = None, *, kind: str) -> list[Input]:
+def check_inputs(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
     """Every model the stage reads is a HF dir (or an earlier stage of this run) and its dataset paths
     exist; InputError naming the key otherwise. Returns the stage's inputs."""
+    kind = cfg.KIND
     inputs = []
     for key in MODEL_KEYS:
         ref = getattr(cfg, key, None)
@@ -28,21 +28,12 @@ def check_inputs(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = N
     return inputs
 
 
-check_sft = partial(check_inputs, kind="sft")
-check_reward = partial(check_inputs, kind="reward")
-check_dpo = partial(check_inputs, kind="dpo")
-check_distill = partial(check_inputs, kind="distill")
-check_kto = partial(check_inputs, kind="kto")
-check_orpo = partial(check_inputs, kind="orpo")
-check_simpo = partial(check_inputs, kind="simpo")
-
-
 def check_rl(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
     """The RL stages (ppo, grpo, rloo): their models and dataset, and every reward function loads (a file's
     text is part of the stage's inputs: editing it re-runs the stage)."""
     from lmfleet.posttrain.rewards import RewardFunctions
 
-    inputs = check_inputs(cfg, upstream, run_dir, kind=cfg.ALGORITHM)
+    inputs = check_inputs(cfg, upstream, run_dir)
     sources = RewardFunctions.load(cfg.reward_functions).sources
     if sources:
         inputs.append(Input("reward_functions", tuple(Path(p).resolve() for p in sources)))

@@ -6,28 +6,27 @@ the log-probability margin of desirable over undesirable (chosen over rejected) 
 from __future__ import annotations
 
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, KTOStageConfig
-from lmfleet.posttrain.preference import TRACKED, build, evaluate, run_preference_stage, summary
+from lmfleet.posttrain.preference import PreferenceStage
 from lmfleet.posttrain.records import read_preferences, read_unpaired
 
-CONFIG = KTOStageConfig
-__all__ = ["CONFIG", "TRACKED", "build_trainer", "evaluate", "run_kto_stage", "summary"]
 
+class KTO(PreferenceStage):
+    CONFIG = KTOStageConfig
 
-def build_trainer(cfg: KTOStageConfig, paths: dict, args: dict):
-    from trl import KTOConfig, KTOTrainer
+    @classmethod
+    def read(cls, cfg: KTOStageConfig, seed: int):
+        """Pairs or unpaired records (`auto`: whichever way keeps more of them; one kind per stage, as TRL
+        needs)."""
+        dataset = cfg.dataset
+        if dataset.format == "unpaired":
+            return read_unpaired(dataset, seed)
+        if dataset.format in PREFERENCE_FORMATS:
+            return read_preferences(dataset, seed)
+        return max((read_unpaired(dataset, seed), read_preferences(dataset, seed)), key=lambda r: r.counts()["kept"])
 
-    return build(KTOTrainer, KTOConfig, cfg, paths, args, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                 undesirable_weight=cfg.undesirable_weight)
+    @classmethod
+    def build_trainer(cls, cfg: KTOStageConfig, inputs, args: dict):
+        from trl import KTOConfig, KTOTrainer
 
-
-def read(dataset, seed: int):
-    """Pairs or unpaired records (`auto`: whichever way keeps more of them; one kind per stage, as TRL needs)."""
-    if dataset.format == "unpaired":
-        return read_unpaired(dataset, seed)
-    if dataset.format in PREFERENCE_FORMATS:
-        return read_preferences(dataset, seed)
-    return max((read_unpaired(dataset, seed), read_preferences(dataset, seed)), key=lambda r: r.counts()["kept"])
-
-
-def run_kto_stage(cfg: KTOStageConfig, ctx) -> dict:
-    return run_preference_stage("kto", cfg, ctx, read)
+        return cls.build(KTOTrainer, KTOConfig, cfg, inputs, args, beta=cfg.beta,
+                         desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)

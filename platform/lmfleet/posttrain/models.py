@@ -39,19 +39,10 @@ def model_dir(ref: str, run_dir: Path | str | None) -> Path | str:
 
 
 def input_model(ref: str, run_dir: Path | str | None) -> str:
-    """What a stage hands its workers: the model dir as an absolute path, or a URI (see `local_models`)."""
+    """What a stage hands its workers: the model dir as an absolute path, or a URI (a node reads a URI
+    through its own copy: lmfleet.posttrain.stage.StageInputs.local)."""
     path = model_dir(ref, run_dir)
     return path if isinstance(path, str) else str(path.resolve())
-
-
-MODEL_PATHS = ("model", "reward_model", "student")  # the keys of a stage's `paths` that hold input models
-
-
-def local_models(paths: dict) -> dict:
-    """`paths` with each input model on an object store replaced by this node's copy of it: what every
-    worker and evaluation task does first (a copy per node, shared by its processes: lmfleet.uri)."""
-    return {k: str(uri.local_copy(v, k)) if k in MODEL_PATHS and isinstance(v, str) and uri.is_uri(v) else v
-            for k, v in paths.items()}
 
 
 def check_model_dir(ref: str, key: str, upstream: set[str], run_dir: Path | str | None, full_weights: bool = False) -> None:

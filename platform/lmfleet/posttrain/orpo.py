@@ -5,18 +5,14 @@ start from a base model. Evaluation: the chosen - rejected log-probability margi
 from __future__ import annotations
 
 from lmfleet.posttrain.config import ORPOStageConfig
-from lmfleet.posttrain.preference import TRACKED, build, evaluate, run_preference_stage, summary
-from lmfleet.posttrain.records import read_preferences
-
-CONFIG = ORPOStageConfig
-__all__ = ["CONFIG", "TRACKED", "build_trainer", "evaluate", "run_orpo_stage", "summary"]
+from lmfleet.posttrain.preference import PreferenceStage
 
 
-def build_trainer(cfg: ORPOStageConfig, paths: dict, args: dict):
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+class ORPO(PreferenceStage):
+    CONFIG = ORPOStageConfig
 
-    return build(ORPOTrainer, ORPOConfig, cfg, paths, args, beta=cfg.beta)
+    @classmethod
+    def build_trainer(cls, cfg: ORPOStageConfig, inputs, args: dict):
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-
-def run_orpo_stage(cfg: ORPOStageConfig, ctx) -> dict:
-    return run_preference_stage("orpo", cfg, ctx, read_preferences)
+        return cls.build(ORPOTrainer, ORPOConfig, cfg, inputs, args, beta=cfg.beta)

@@ -20,11 +20,10 @@ from lmfleet.posttrain.loss import (
     shaped_rewards,
     value_loss,
 )
-from lmfleet.posttrain.rl import RLTrainer, response_stats, run_rl_stage
+from lmfleet.posttrain.rl import RLStage, RLTrainer, response_stats
 
 
 class PPOTrainer(RLTrainer):
-    CONFIG = PPOStageConfig
     value_head = True
 
     def __init__(self, cfg: PPOStageConfig, inputs, seed: int):
@@ -65,7 +64,6 @@ class PPOTrainer(RLTrainer):
             self.kl.update(rollout["kl"], self.hp.rollout_batch)
 
 
-def run_ppo_stage(cfg: PPOStageConfig, ctx) -> dict:
-    return run_rl_stage(PPOTrainer, cfg, ctx)
-
-
+class PPO(RLStage):
+    CONFIG = PPOStageConfig
+    TRAINER = PPOTrainer

@@ -16,44 +16,36 @@ local. Each worker needs memory for every model (the frozen ones have no optimiz
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lmfleet.errors import InputError, UserError
+from lmfleet import runtime
+from lmfleet.errors import UserError
 from lmfleet.outputs import publish, workdir
 from lmfleet.posttrain.config import PREFERENCE_FORMATS, _RLStage
-from lmfleet.posttrain.inputs import check_inputs
-from lmfleet.posttrain.models import input_model
 from lmfleet.posttrain.records import Records, prompt_of
+from lmfleet.posttrain.stage import PostTrainStage, StageInputs, quarantine_long_prompts
 from lmfleet.runlog import read_jsonl
+from lmfleet.runtime import ORDER, SAMPLING, SHUFFLE, WorkerRun, step_seed
 from lmfleet.storage import checkpoint_uri
-from lmfleet.uri import is_uri, local_copy
 
 DRY_RUN_RECORDS = 4  # reward functions are called on this many records' reference answers before any work
 
 
 @dataclass(frozen=True)
-class RLInputs:
-    """What the driver hands each worker and the evaluation task (paths or URIs; nodes copy models)."""
+class RLInputs(StageInputs):
+    """StageInputs (`model`: the policy to improve, also the frozen reference) and what the RL workers add."""
 
-    model: str  # the policy to improve, also the frozen reference
-    reward_model: str | None
-    prompts: str  # prompts.jsonl: {"prompt": messages, "record": the record reward functions see}
-    val_prompts: str
-    export: str  # the stage's model/
-    use_gpu: bool
+    prompts: str = ""  # prompts.jsonl: {"prompt": messages, "record": the record reward functions see}
+    val_prompts: str = ""
     reward_sources: dict[str, str] = field(default_factory=dict)  # file.py reward functions' text
+    seed: int = 0  # the evaluation's sampling (the workers' comes with their WorkerRun)
     frozen: tuple = ()  # placement split: the FrozenModels actors (empty: colocated)
-
-    def local(self, name: str) -> str | None:
-        """A model of this node: the path, or this node's copy of a URI."""
-        ref = getattr(self, name)
-        return str(local_copy(ref, name)) if ref is not None and is_uri(ref) else ref
 
 
 # -- models --
@@ -182,7 +174,6 @@ class RLTrainer:
     Subclasses set `value_head` and implement `advantages` and `loss`."""
 
     value_head = False
-    CONFIG: type[_RLStage]
 
     def __init__(self, cfg: _RLStage, inputs: RLInputs, seed: int):
         import ray.train
@@ -212,8 +203,9 @@ class RLTrainer:
             self.frozen = _Remote(inputs.frozen[self.rank % len(inputs.frozen)], self.device)
         else:
             self.frozen = FrozenModels(cfg, inputs, self.with_reference, self.device, seed)
-        t = cfg.training
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        opt = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                           weight_decay=opt.weight_decay)
         self.prompts = read_jsonl(inputs.prompts)
 
     # -- what an algorithm decides --
@@ -249,7 +241,7 @@ class RLTrainer:
         order: list[int] = []
         epoch = (iteration * n) // len(self.prompts)
         while len(order) < (iteration * n) % len(self.prompts) + n:
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=ORDER))
             order += torch.randperm(len(self.prompts), generator=g).tolist()
             epoch += 1
         start = (iteration * n) % len(self.prompts)
@@ -312,13 +304,14 @@ class RLTrainer:
         local_mb = self.hp.mini_batch // self.world
         n = len(batch["seq"])
         stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed(self.seed * 104_729 + iteration * 31 + self.rank)
+        g = torch.Generator().manual_seed(step_seed(self.seed, iteration, self.rank, SHUFFLE))
         for _ in range(self.hp.epochs):
             for idx in torch.randperm(n, generator=g).split(local_mb):
                 mb = {k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss, mb_stats = self.loss(mb, batch["prompt_len"])
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.training.max_grad_norm)
+                if self.cfg.optimizer.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optimizer.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, v in {"loss": loss, **mb_stats}.items():
@@ -340,24 +333,17 @@ class RLTrainer:
         return {k: sums[i] / sums[-1] for i, k in enumerate(keys)}
 
     def save(self, iteration: int, metrics: dict) -> None:
-        import ray.train
+        def write(d: Path) -> None:  # the weights are replicated: rank 0 writes them
+            torch.save({"policy": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "iteration": iteration, **self.state()}, d / "rl.pt")
 
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if self.rank == 0:
-                torch.save({"policy": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                            "iteration": iteration, **self.state()}, Path(d) / "rl.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"iteration_{iteration:06d}")
+        runtime.save_checkpoint(metrics, f"iteration_{iteration:06d}", write if self.rank == 0 else None)
 
     def restore(self) -> int:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return 0
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "rl.pt", map_location=self.device, weights_only=True)
+        with runtime.latest_checkpoint() as d:
+            if d is None:
+                return 0
+            state = torch.load(d / "rl.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_state(state)
@@ -365,13 +351,12 @@ class RLTrainer:
 
 
 def _worker(config: dict) -> None:
-    trainer_cls = config["trainer"]
-    cfg = trainer_cls.CONFIG.model_validate(config["cfg"])
-    inputs: RLInputs = config["inputs"]
-    trainer = trainer_cls(cfg, inputs, config["seed"])
+    run: WorkerRun = config["run"]
+    cfg, inputs = run.cfg, run.inputs
+    trainer = run.stage_class(cfg, inputs, run.seed)
     for iteration in range(trainer.restore(), cfg.iterations):
         started = time.perf_counter()
-        torch.manual_seed(config["seed"] * 1_000_003 + iteration * 7919 + trainer.rank)  # sampling
+        torch.manual_seed(step_seed(run.seed, iteration, trainer.rank, SAMPLING))
         batch = trainer.rollout(trainer.batch_prompts(iteration), iteration)
         before = trainer.state()
         trained = time.perf_counter()
@@ -391,8 +376,8 @@ def _worker(config: dict) -> None:
                    "training_seconds": seconds[2] / trainer.world,
                    "rollout_tokens_per_s": seconds[3] / max(seconds[0] / trainer.world, 1e-9)}
         if trainer.rank == 0:
-            config["metrics"].write(config["stage"], **metrics)
-        if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
+            run.metrics.write(run.stage, **metrics)
+        if (iteration + 1) % cfg.checkpoint.every == 0 or iteration + 1 == cfg.iterations:
             trainer.save(iteration + 1, metrics)
     if trainer.rank == 0:
         local = workdir(inputs.export, fresh=True)
@@ -439,7 +424,7 @@ def prompt_rows(rows: list[dict], split: str) -> list[dict]:
             for i, r in enumerate(rows)]
 
 
-def evaluate(cfg: _RLStage, inputs: RLInputs, trained: str, seed: int) -> dict:
+def evaluate(cfg: _RLStage, inputs: RLInputs, trained: str) -> dict:
     """The trained policy against the input model on held-out prompts: one sampled answer each (seeded),
     scored by the stage's reward; win rate (ties half), each reward part's mean, KL to the input model."""
     from lmfleet.posttrain.evaluate import device, generate, kl_to_reference
@@ -452,7 +437,7 @@ def evaluate(cfg: _RLStage, inputs: RLInputs, trained: str, seed: int) -> dict:
     policy = load_causal_lm(Path(trained)).to(dev).eval()
     reference = load_causal_lm(Path(inputs.local("model"))).to(dev).eval()
     tok = load_tokenizer(Path(trained))
-    torch.manual_seed(seed)  # as in training: a reward model dir without a trained score head draws the same one
+    torch.manual_seed(inputs.seed)  # as in training: a reward model dir without a trained score head draws the same one
     reward = Reward(cfg, inputs.local("reward_model"), inputs.reward_sources, dev)
     prompts = [r["prompt"] for r in rows]
     # The policies' own distributions (temperature 1): log pi - log ref over their answers estimates the KL.
@@ -476,80 +461,80 @@ def evaluate(cfg: _RLStage, inputs: RLInputs, trained: str, seed: int) -> dict:
     return result
 
 
-def run_rl_stage(trainer_cls: type[RLTrainer], cfg: _RLStage, ctx) -> dict:
-    """Read and quarantine prompts, train `trainer_cls` on Ray Train, evaluate; returns the stage report."""
-    import ray
+class RLStage(PostTrainStage):
+    """An RL stage kind: `TRAINER` (an RLTrainer subclass) runs in every Ray Train worker."""
 
-    from lmfleet.posttrain.hf import fit, quarantine_long_prompts, run_eval_task
-    from lmfleet.posttrain.models import load_tokenizer
-    from lmfleet.posttrain.rewards import RewardFunctions
+    TRAINER: ClassVar[type[RLTrainer]]
 
-    kind = cfg.ALGORITHM
-    check_inputs(cfg, run_dir=ctx.run_dir, kind=kind)
-    functions = RewardFunctions.load(cfg.reward_functions)  # ConfigError for one that does not load
-    out = ctx.out_dir
-    policy_dir = input_model(cfg.model, ctx.run_dir)
-    with ctx.step("read"):
-        records = read_prompt_records(cfg, ctx.seed)
+    @classmethod
+    def read(cls, cfg: _RLStage, seed: int) -> Records:
+        return read_prompt_records(cfg, seed)
+
+    @classmethod
+    def quarantine(cls, cfg: _RLStage, records: Records, tokenizer) -> None:
         # A prompt must leave room for max_new_tokens: longer ones are quarantined, not cut.
-        quarantine_long_prompts(records, load_tokenizer(local_copy(policy_dir)),
-                                cfg.training.max_length - cfg.generation.max_new_tokens)
-        records.write(out / "data")
-        prompts = prompt_rows(records.train, "train")
-        for name, rows in (("prompts", prompts), ("val_prompts", prompt_rows(records.val, "val"))):
-            (out / "data" / f"{name}.jsonl").write_text(
+        quarantine_long_prompts(records, tokenizer, cfg.training.max_length - cfg.generation.max_new_tokens)
+
+    @classmethod
+    def write_data(cls, cfg: _RLStage, records: Records, ctx) -> None:
+        super().write_data(cfg, records, ctx)
+        for name, rows in (("prompts", prompt_rows(records.train, "train")),
+                           ("val_prompts", prompt_rows(records.val, "val"))):
+            (ctx.out_dir / "data" / f"{name}.jsonl").write_text(
                 "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        ctx.publish("data")  # the workers read it, on any node
-    if not records.train:
-        raise InputError(f"{kind}.dataset: no usable prompts ({records.counts()})")
-    # A reward function that fails on a record fails here, before any training, on its reference answer.
-    for row in prompts[:DRY_RUN_RECORDS]:
-        functions.score(row["prompt"], row["record"].get("answer", ""), row["record"], row["where"])
-    use_gpu = cfg.scaling.resolve_gpu()
-    inputs = RLInputs(
-        model=policy_dir, reward_model=None if cfg.reward_model is None else input_model(cfg.reward_model, ctx.run_dir),
-        prompts=ctx.uri("data", "prompts.jsonl"), val_prompts=ctx.uri("data", "val_prompts.jsonl"),
-        export=ctx.uri("model"), use_gpu=use_gpu, reward_sources=functions.sources,
-    )
-    actors = start_frozen_actors(trainer_cls, cfg, inputs, ctx.seed) if cfg.placement == "split" else ()
-    try:
-        result, history = fit(_worker, {"trainer": trainer_cls, "inputs": replace(inputs, frozen=actors)}, cfg, ctx,
-                              use_gpu)
-    except Exception as err:  # Ray Train's failure, wrapping a worker's
-        if (user := _user_error(err)) is not None:
-            raise user from None
-        raise
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    history = [h for h in history if "score" in h]
 
-    seed = ctx.seed  # the task takes what it needs, not the stage context
+    @classmethod
+    def worker_inputs(cls, cfg: _RLStage, ctx, inputs: StageInputs) -> RLInputs:
+        from lmfleet.posttrain.rewards import RewardFunctions
 
-    def evaluate_task(cfg, paths):
-        return evaluate(cfg, inputs, paths["trained"], seed)
+        functions = RewardFunctions.load(cfg.reward_functions)  # ConfigError for one that does not load
+        return RLInputs(**vars(inputs), prompts=ctx.uri("data", "prompts.jsonl"),
+                        val_prompts=ctx.uri("data", "val_prompts.jsonl"), reward_sources=functions.sources,
+                        seed=ctx.seed)
 
-    with ctx.step("evaluate"):
-        evaluation = run_eval_task(evaluate_task, cfg, {"out": str(ctx.out), "use_gpu": use_gpu})
-    (out / "eval.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
-    first, last = (history[0], history[-1]) if history else ({}, {})
-    report = {
-        "data": records.counts(), "model": inputs.export, "iterations": cfg.iterations,
-        "first_score": first.get("score"), "final_score": last.get("score"), "final_kl": last.get("kl"),
-        "checkpoint": checkpoint_uri(result.checkpoint), "eval": evaluation,
-    }
-    workers = cfg.scaling.bounds[0]
-    kl = f", KL {report['final_kl']:.3f}" if report["final_kl"] is not None else ""
-    report["summary"] = [
-        f"prompts: {len(records.train)} train, {len(records.val)} val, {records.counts()['rejected']} quarantined",
-        f"{cfg.iterations} {kind.upper()} iterations on {workers} worker(s), {cfg.group} completion(s) per prompt: "
-        f"rollout reward {report['first_score']:.3f} -> {report['final_score']:.3f}{kl}"
-        if history else "no iteration logged",
-        *(rl_eval_lines(evaluation) if evaluation.get("samples") else ["evaluation: no held-out prompts"]),
-        f"model: {inputs.export}",
-    ]
-    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
-    return report
+    @classmethod
+    def train(cls, cfg: _RLStage, ctx, records: Records, inputs: RLInputs) -> dict:
+        import ray
+
+        from lmfleet.posttrain.rewards import RewardFunctions
+
+        # A reward function that fails on a record fails here, before any training, on its reference answer.
+        functions = RewardFunctions(cfg.reward_functions, inputs.reward_sources)
+        for row in prompt_rows(records.train[:DRY_RUN_RECORDS], "train"):
+            functions.score(row["prompt"], row["record"].get("answer", ""), row["record"], row["where"])
+        actors = start_frozen_actors(cls.TRAINER, cfg, inputs, ctx.seed) if cfg.placement == "split" else ()
+        run = WorkerRun(cfg, cls.TRAINER, replace(inputs, frozen=actors), ctx.seed, ctx.name,
+                        ctx.metrics.for_workers(), tty=runtime.tty())
+        try:
+            with ctx.step("train"):
+                result = runtime.launch(_worker, run, storage=ctx.storage, use_gpu=inputs.use_gpu)
+        except Exception as err:  # Ray Train's failure, wrapping a worker's
+            if (user := _user_error(err)) is not None:
+                raise user from None
+            raise
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        history = ctx.history("score")
+        first, last = (history[0], history[-1]) if history else ({}, {})
+        report = {"iterations": cfg.iterations, "first_score": first.get("score"), "final_score": last.get("score"),
+                  "final_kl": last.get("kl"), "checkpoint": checkpoint_uri(result.checkpoint)}
+        kl = f", KL {report['final_kl']:.3f}" if report["final_kl"] is not None else ""
+        report["summary"] = [
+            f"prompts: {len(records.train)} train, {len(records.val)} val, {records.counts()['rejected']} quarantined",
+            f"{cfg.iterations} {cfg.KIND.upper()} iterations on {cfg.scaling.bounds[0]} worker(s), {cfg.group} "
+            f"completion(s) per prompt: rollout reward {report['first_score']:.3f} -> {report['final_score']:.3f}{kl}"
+            if history else "no iteration logged",
+        ]
+        return report
+
+    @classmethod
+    def evaluate(cls, cfg: _RLStage, inputs: RLInputs, trained: str) -> dict:
+        return evaluate(cfg, inputs, trained)
+
+    @classmethod
+    def summary(cls, evaluation: dict, report: dict) -> list[str]:
+        return rl_eval_lines(evaluation) if evaluation.get("samples") else ["evaluation: no held-out prompts"]
 
 
 def start_frozen_actors(trainer_cls: type[RLTrainer], cfg: _RLStage, inputs: RLInputs, seed: int) -> tuple:
@@ -560,7 +545,7 @@ def start_frozen_actors(trainer_cls: type[RLTrainer], cfg: _RLStage, inputs: RLI
     s = cfg.split
     remote = ray.remote(FrozenModels)
     device = "cuda" if s.gpus_per_actor else "cpu"
-    actors = tuple(remote.options(name=f"{cfg.ALGORITHM}_frozen_{i}_{id(inputs):x}", num_cpus=s.cpus_per_actor,
+    actors = tuple(remote.options(name=f"{cfg.KIND}_frozen_{i}_{id(inputs):x}", num_cpus=s.cpus_per_actor,
                                   num_gpus=s.gpus_per_actor).remote(
         cfg, inputs, trainer_cls.uses_reference(cfg.algorithm), device, seed) for i in range(s.actors))
     ray.get([a.__ray_ready__.remote() for a in actors])

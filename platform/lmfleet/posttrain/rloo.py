@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from lmfleet.posttrain.config import RLOOStageConfig
 from lmfleet.posttrain.loss import leave_one_out_advantages, sequence_clipped_loss
-from lmfleet.posttrain.rl import RLTrainer, response_stats, run_rl_stage
+from lmfleet.posttrain.rl import RLStage, RLTrainer, response_stats
 
 
 class RLOOTrainer(RLTrainer):
-    CONFIG = RLOOStageConfig
 
     def advantages(self, batch: dict) -> dict:
         rewards = batch["scores"]
@@ -31,5 +30,6 @@ class RLOOTrainer(RLTrainer):
         return loss, {"clipfrac": stats["clipped"]}
 
 
-def run_rloo_stage(cfg: RLOOStageConfig, ctx) -> dict:
-    return run_rl_stage(RLOOTrainer, cfg, ctx)
+class RLOO(RLStage):
+    CONFIG = RLOOStageConfig
+    TRAINER = RLOOTrainer

@@ -6,19 +6,15 @@ loss on the chosen answer. Evaluation: the chosen - rejected log-probability mar
 from __future__ import annotations
 
 from lmfleet.posttrain.config import SimPOStageConfig
-from lmfleet.posttrain.preference import TRACKED, build, evaluate, run_preference_stage, summary
-from lmfleet.posttrain.records import read_preferences
-
-CONFIG = SimPOStageConfig
-__all__ = ["CONFIG", "TRACKED", "build_trainer", "evaluate", "run_simpo_stage", "summary"]
+from lmfleet.posttrain.preference import PreferenceStage
 
 
-def build_trainer(cfg: SimPOStageConfig, paths: dict, args: dict):
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+class SimPO(PreferenceStage):
+    CONFIG = SimPOStageConfig
 
-    return build(CPOTrainer, CPOConfig, cfg, paths, args, loss_type="simpo", beta=cfg.beta,
-                 simpo_gamma=cfg.gamma, cpo_alpha=cfg.sft_weight)
+    @classmethod
+    def build_trainer(cls, cfg: SimPOStageConfig, inputs, args: dict):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-
-def run_simpo_stage(cfg: SimPOStageConfig, ctx) -> dict:
-    return run_preference_stage("simpo", cfg, ctx, read_preferences)
+        return cls.build(CPOTrainer, CPOConfig, cfg, inputs, args, loss_type="simpo", beta=cfg.beta,
+                         simpo_gamma=cfg.gamma, cpo_alpha=cfg.sft_weight)

@@ -13,17 +13,28 @@ from lmfleet.tune.config import PBTConfig, TuneConfig
 TUNE_METRICS = ("loss", "val_loss", "val_perplexity")
 
 
-class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+class AdamConfig(StrictModel):
+    """The optimizer keys every training stage shares (`optimizer:`; post-training has HF's defaults)."""
+
     lr: float = Field(3e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0, description="Applied to matrices only, not norms or biases.")
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None: no clipping.")
 
 
-class LRScheduleConfig(StrictModel):
+class OptimizerConfig(AdamConfig):
+    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+
+
+class WarmupConfig(StrictModel):
+    """The schedule keys every scheduled training stage shares (`lr_schedule:`)."""
+
     warmup_steps: int = Field(0, ge=0)
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+
+
+class LRScheduleConfig(WarmupConfig):
     decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: final fraction of steps that decays.")
@@ -41,8 +52,11 @@ class FSDPConfig(StrictModel):
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-class DeepSpeedConfig(StrictModel):
+class ZeroConfig(StrictModel):
     zero_stage: int = Field(2, ge=0, le=3)
+
+
+class DeepSpeedConfig(ZeroConfig):
     offload_optimizer: bool = False
     offload_param: bool = False
     config: dict[str, Any] = Field(default_factory=dict, description="Merged over the generated DeepSpeed config.")
@@ -83,6 +97,8 @@ class ScalingConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
+    """`checkpoint:` of every training stage (steps: optimizer steps; the RL stages: iterations)."""
+
     every: int = Field(50, ge=1, description="Steps between checkpoints (and the last step).")
     keep_last: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (last checkpoint).")

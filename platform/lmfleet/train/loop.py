@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +23,7 @@ from lmfleet.data.mixing import LossAdaptiveSchedule, MixingSchedule, PiecewiseS
 from lmfleet.data.packing import PackedDataset
 from lmfleet.model.transformer import Transformer
 from lmfleet.outputs import publish, workdir
+from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed
 from lmfleet.train import checkpoint
 from lmfleet.train.config import PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
@@ -74,15 +74,15 @@ def per_sample_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Holds the parallel model, optimizer and data plan of one worker; steps and checkpoints them."""
 
-    def __init__(self, cfg: PretrainConfig, paths: dict, seed: int):
+    def __init__(self, cfg: PretrainConfig, inputs, seed: int):  # inputs: lmfleet.train.stage.PretrainInputs
         import ray.train
 
         self.cfg, self.seed = cfg, seed
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device() if paths["use_gpu"] else torch.device("cpu")
+        self.device = ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu")
         self.layout: Layout = build_layout(cfg.parallel, self.device)
-        packed = local_copy(paths["packed"], "pretrain.data")  # itself when local
+        packed = local_copy(inputs.packed, "pretrain.data")  # itself when local
         self.train_ds = PackedDataset(packed, "train")
         self.index = index = self.train_ds.index
         self.pad_id = index["pad_id"]
@@ -233,7 +233,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         # Dropout masks depend only on (seed, step, dp rank, pp stage): no RNG state to checkpoint, and
         # TP ranks, which hold copies of the same activations, draw the same masks.
-        torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.layout.dp_rank * 131 + self.layout.pp_rank)
+        torch.manual_seed(step_seed(self.seed, step, self.layout.dp_rank, stream=self.layout.pp_rank))
         batch = self.plan.next_batch(step)
         start = time.perf_counter()
         loss, per_source, n_tokens = self.run_batch(batch, train=True)
@@ -279,23 +279,18 @@ class Trainer:
     # -- checkpoints and export --
 
     def save(self, step: int, metrics: dict) -> None:
-        import ray.train
+        def write(d: Path) -> None:  # every rank writes its shards
+            checkpoint.save(d, self.model, self.optimizer, {"step": step, "plan": self.plan.state_dict()},
+                            self.rank, self.engine)
 
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(Path(d), self.model, self.optimizer,
-                            {"step": step, "plan": self.plan.state_dict()}, self.rank, self.engine)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"step_{step:08d}")
+        save_checkpoint(metrics, f"step_{step:08d}", write)
 
     def restore(self, init_checkpoint=None) -> int:
         """Load the run's latest checkpoint, else `init_checkpoint` (a Tune trial's donor); returns its step."""
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint() or init_checkpoint
-        if ckpt is None:
-            return 0
-        with ckpt.as_directory() as d:
-            state = checkpoint.load(Path(d), self.model, self.optimizer, self.engine)
+        with latest_checkpoint(init_checkpoint) as d:
+            if d is None:
+                return 0
+            state = checkpoint.load(d, self.model, self.optimizer, self.engine)
         # The loaded optimizer state carries the saved weight decay / betas: this run's config rules.
         apply_hyperparams(self.optimizer, self.cfg.optimizer)
         self.plan.load_state_dict(state["plan"])
@@ -338,19 +333,20 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of every Ray Train worker."""
-    cfg = PretrainConfig.model_validate(config["cfg"])
-    paths = config["paths"]
-    trainer = Trainer(cfg, paths, config["seed"])
-    start = trainer.restore(config.get("init_checkpoint"))
-    stop_at = config.get("stop_at", cfg.steps)
-    metrics_log = config["metrics"] if trainer.rank == 0 else None  # lmfleet.runlog: to the driver's node
-    samples = config.get("samples") if trainer.rank == 0 else None
+    """Entry point of every Ray Train worker (lmfleet.runtime.launch)."""
+    run: WorkerRun = config["run"]
+    cfg: PretrainConfig = run.cfg
+    inputs = run.inputs
+    trainer = Trainer(cfg, inputs, run.seed)
+    start = trainer.restore(run.init_checkpoint)
+    stop_at = run.stop_at or cfg.steps
+    metrics_log = run.metrics if trainer.rank == 0 else None  # lmfleet.runlog: to the driver's node
+    samples = inputs.samples if trainer.rank == 0 else None
     tb = None
     if trainer.rank == 0 and cfg.tensorboard:
         from tensorboardX import SummaryWriter
 
-        tb = SummaryWriter(str(workdir(paths["tensorboard"])))
+        tb = SummaryWriter(str(workdir(inputs.tensorboard)))
     for step in range(start, stop_at):
         metrics, batch = trainer.step(step)
         done = step + 1
@@ -359,7 +355,7 @@ def train_loop_per_worker(config: dict) -> None:
         if done % cfg.eval.every == 0 or done == cfg.steps:
             metrics.update(trainer.evaluate())
         if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
-            metrics_log.write(config["stage"], **config.get("tags", {}), **metrics)
+            metrics_log.write(run.stage, **run.tags, **metrics)
             if tb:
                 for k, v in metrics.items():
                     if isinstance(v, int | float) and k != "step":
@@ -368,15 +364,15 @@ def train_loop_per_worker(config: dict) -> None:
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             trainer.save(done, metrics)
-    sd = trainer.full_state_dict() if paths["export"] else None
+    sd = trainer.full_state_dict() if inputs.export else None
     if sd is not None:
         from lmfleet.model.export import export_model
 
-        local = workdir(paths["export"], fresh=True)
-        fmt = export_model(sd, cfg.model, local, local_copy(paths["tokenizer"], "pretrain.data"),
+        local = workdir(inputs.export, fresh=True)
+        fmt = export_model(sd, cfg.model, local, local_copy(inputs.tokenizer, "pretrain.data"),
                            eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
         (local / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
-        publish(local, paths["export"], move=True)
+        publish(local, inputs.export, move=True)
     if tb:
         tb.close()
-        publish(workdir(paths["tensorboard"]), paths["tensorboard"], move=True)
+        publish(workdir(inputs.tensorboard), inputs.tensorboard, move=True)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from lmfleet import outputs, uri
+from lmfleet import outputs, runtime, uri
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
-from lmfleet.runlog import LineLog, MetricsLog, read_jsonl
+from lmfleet.runlog import LineLog, MetricsLog
+from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.config import PretrainConfig
 
@@ -62,46 +64,40 @@ def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
     return cfg.model_copy(update={"model": model})
 
 
+@dataclass(frozen=True)
+class PretrainInputs:
+    """What the driver hands each pretraining worker (paths or URIs: workers read a URI through a node-local
+    copy, lmfleet.uri.local_copy)."""
+
+    packed: str  # the packed data dir (an absolute path or a URI)
+    tokenizer: str
+    export: str | None  # model/ of the stage dir, None: no export
+    tensorboard: str
+    use_gpu: bool
+    samples: LineLog | None = None  # log_samples: every step's sample ids
+
+
 def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
            samples: LineLog | None = None, init_checkpoint=None, callbacks=(), export: bool = True,
            steps: int | None = None, tags: dict | None = None):
-    """One training run of `cfg` on a Ray Train TorchTrainer, writing to `out` (model/, tensorboard/: a
-    path or URI), `metrics` and `samples` (logs of the driver's node, lmfleet.runlog), and its checkpoints
-    to `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without
-    checkpoints of its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the
-    schedule still spans cfg.steps). tags: added to every metrics record."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """One training run of `cfg` (lmfleet.runtime), writing to `out` (model/, tensorboard/: a path or URI),
+    `metrics` and `samples` (logs of the driver's node, lmfleet.runlog), and its checkpoints to
+    `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without checkpoints of
+    its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the schedule still
+    spans cfg.steps). tags: added to every metrics record."""
     from lmfleet.train.loop import train_loop_per_worker
 
     packed = cfg.data  # resolved by the caller (workers run in other working dirs): an absolute path or a URI
-    paths = {
-        # Workers read a URI through a node-local copy (lmfleet.uri.local_copy).
-        "packed": packed, "tokenizer": uri.relative(packed, read_index(packed)["tokenizer"]),
-        "export": str(outputs.child(out, "model")) if export else None,
-        "tensorboard": str(outputs.child(out, "tensorboard")),
-    }
-    lo, hi = cfg.scaling.bounds
     use_gpu = cfg.scaling.resolve_gpu()
-    paths["use_gpu"] = use_gpu
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "paths": paths, "metrics": metrics,
-                           "samples": samples if cfg.log_samples else None, "seed": seed, "stage": stage,
-                           "init_checkpoint": init_checkpoint, "stop_at": steps or cfg.steps, "tags": tags or {}},
-        scaling_config=ScalingConfig(
-            num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            **({} if lo == hi else {"elastic_resize_monitor_interval_s": 3}),
-        ),
-        run_config=RunConfig(
-            name="train", storage_path=storage, callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-        ),
+    inputs = PretrainInputs(
+        packed=packed, tokenizer=uri.relative(packed, read_index(packed)["tokenizer"]),
+        export=str(outputs.child(out, "model")) if export else None,
+        tensorboard=str(outputs.child(out, "tensorboard")), use_gpu=use_gpu,
+        samples=samples if cfg.log_samples else None,
     )
-    return trainer.fit()
+    run = WorkerRun(cfg, None, inputs, seed, stage, metrics, tags=tags or {}, init_checkpoint=init_checkpoint,
+                    stop_at=steps or cfg.steps, export=export)
+    return runtime.launch(train_loop_per_worker, run, storage=storage, use_gpu=use_gpu, callbacks=callbacks)
 
 
 def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
@@ -116,9 +112,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         log = ctx.metrics.for_workers()
         result = launch(cfg, ctx.out, log, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export,
                         samples=log.child(ctx.out_dir / "samples.jsonl"))
-    # metrics.jsonl is the run's log across re-runs: keep this run's records (a resumed run's since its first start).
-    history = [h for h in read_jsonl(ctx.metrics.path)
-               if h.get("stage") == ctx.name and "loss" in h and h["time"] >= ctx.started]
+    history = ctx.history("loss")
     final = history[-1] if history else {}
     report = {
         "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
@@ -138,5 +132,4 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         if report["val_loss"] is not None else "validation: no val split",
         f"throughput: {report['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * report['mfu']:.1f}%" if report["mfu"] else ""),
     ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
-    (ctx.out_dir / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
-    return report
+    return ctx.write_report(report)

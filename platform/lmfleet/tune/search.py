@@ -22,7 +22,6 @@ and its storage (`ray/` in the stage dir, or under the run's storage_path):
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import random
@@ -236,8 +235,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
         "exploits": sum(len(r["exploits"]) for r in trials), "model": ctx.uri("model") if export else None,
         "summary": _summary(trials, best, t, out, ctx),
     }
-    (out / "report.json").write_text(json.dumps({**report, "seconds": ctx.seconds}, indent=2), encoding="utf-8")
-    return report
+    return ctx.write_report(report)
 
 
 def _prune_checkpoints(results) -> None:
