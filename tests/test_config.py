@@ -173,3 +173,17 @@ def test_post_training_speaks_pretrainings_vocabulary(tmp_path):
 def test_post_training_config_errors_name_the_key(tmp_path, stage, message):
     with pytest.raises(ConfigError, match=message):
         _stage(tmp_path, stage)
+
+
+def test_each_post_training_kind_is_one_config_and_one_stage_class():
+    """The registry's config model of a post-training kind is its stage class's CONFIG, whose KIND is the
+    kind (registered once: lmfleet.stages)."""
+    from lmfleet.posttrain.stage import PostTrainStage
+    from lmfleet.stages import _REGISTRY, _load
+
+    kinds = {k for k, e in _REGISTRY.items() if e.run.startswith("lmfleet.posttrain.")}
+    assert kinds == {"sft", "reward", "dpo", "kto", "orpo", "simpo", "distill", "ppo", "grpo", "rloo"}
+    for kind in kinds:
+        stage = _load(_REGISTRY[kind].run).__self__
+        assert issubclass(stage, PostTrainStage)
+        assert stage.CONFIG is _load(_REGISTRY[kind].config) and stage.CONFIG.KIND == kind

@@ -173,6 +173,64 @@ def validate(
     typer.echo(f"{config}: ok; run {loaded.config.name!r} -> {loaded.config.run_dir}; stages: {names}")
 
 
+def _bytes(text: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise UserError(f"--device-memory {text!r}: expected a size like 80GiB, 24GB or 16G")
+    number, unit, _ = match.groups()
+    return int(float(number) * 1024 ** "_KMGT".index(unit.upper() or "_"))
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML.")],
+    set_: SetOpt = None,
+    stage: Annotated[list[str] | None, typer.Option(help="Plan only these stages (default: every pretrain stage).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ranks (default: the stage's scaling.num_workers, the max).")] = None,
+    device: Annotated[str | None, typer.Option(help="A GPU for the step time: H100, H200, A100, L4, A10.")] = None,
+    mfu: Annotated[float, typer.Option(help="The MFU the step time assumes.")] = 0.4,
+    device_memory: Annotated[str | None, typer.Option(help="Warn when a rank needs more, e.g. 80GiB.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per stage.")] = False,
+) -> None:
+    """What a pretraining config costs, by arithmetic (no Ray, no model built): parameters, FLOPs and tokens,
+    memory per rank (weights, gradients, optimizer states, activations) under its strategy and mesh, and the
+    step time on a named device at an assumed MFU."""
+    import json
+
+    from lmfleet import runner
+    from lmfleet.train.plan import PEAK_FLOPS, data_shapes, plan_lines, plan_pretrain
+
+    try:
+        loaded = runner.load_run(config, set_)
+        names = {s.name: s for s in loaded.stages}
+        unknown = sorted(set(stage or []) - set(names))
+        if unknown:
+            raise UserError(f"{config}: --stage {', '.join(unknown)}: not a stage of this config")
+        if device is not None and device not in PEAK_FLOPS:
+            raise UserError(f"--device {device!r}: expected one of {', '.join(PEAK_FLOPS)}")
+        chosen = [names[n] for n in stage] if stage else [s for s in loaded.stages if s.kind == "pretrain"]
+        if not chosen:
+            raise UserError(f"{config}: no pretrain stage to plan (lmfleet plan covers pretraining)")
+        data = {s.name: s.config for s in loaded.stages if s.kind == "data"}
+        out = []
+        for spec in chosen:
+            if spec.kind != "pretrain":
+                raise UserError(f"stages.{spec.name}: a {spec.kind} stage; lmfleet plan covers pretraining")
+            vocab, seq, source = data_shapes(spec.config, data, loaded.config.run_dir)
+            result = plan_pretrain(spec.config, vocab, seq, world=workers, device=device, mfu=mfu,
+                                   device_memory=None if device_memory is None else _bytes(device_memory))
+            out.append((spec.name, source, result))
+    except UserError as err:
+        _fail(err)
+    for name, source, result in out:
+        if json_:
+            typer.echo(json.dumps({"stage": name, "shapes_from": source, **result.as_dict()}))
+        else:
+            typer.echo("\n".join([f"[{name}] vocab and seq_len from {source}", *plan_lines(result)]))
+
+
 def summarize(report: dict) -> str:
     """A short human summary of a run report; each stage may provide its own `summary` lines."""
     lines = [f"run {report['name']}: {report['status']} in {report.get('seconds', 0):.1f} s -> {report['run_dir']}"]

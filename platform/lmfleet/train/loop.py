@@ -36,11 +36,10 @@ from lmfleet.train.parallel import (
     parallelize,
     unwrap,
 )
+from lmfleet.train.plan import PEAK_FLOPS
 from lmfleet.uri import local_copy
 
 IGNORE = -100
-# Dense bf16 peak FLOP/s of known GPUs, for the MFU estimate.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def build_schedule(cfg: PretrainConfig, sizes: dict[str, int]) -> MixingSchedule | None:

@@ -1,0 +1,301 @@
+"""`lmfleet plan`: what a pretraining config costs, by arithmetic only (no Ray, no torch, no model build).
+
+Exact: parameter counts (those of lmfleet.model.transformer.Transformer, tested against a built model),
+training FLOPs per token, tokens per step and in all, the compute-optimal token count (Chinchilla: ~20
+tokens per parameter), and per rank the bytes of weights, gradients and optimizer states under the
+configured strategy and (pp, dp, tp) mesh. Estimated: activations (the tensors a layer keeps for its
+backward pass, counted per element below) and the step time at an assumed MFU on a named device.
+Every tensor is fp32 on CPU; on GPU the activations are bf16 (autocast) and so is FSDP's gathered copy
+when `parallel.fsdp.param_dtype` is bfloat16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from lmfleet.model.config import ModelConfig
+from lmfleet.train.config import PretrainConfig
+
+# Dense bf16 peak FLOP/s of known GPUs (datasheets), for MFU and the planner's step time.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+CHINCHILLA_TOKENS_PER_PARAM = 20
+GiB = 1024**3
+# Optimizer state elements per parameter element (Adafactor: factored, counted per tensor below).
+STATE_PER_PARAM = {"adamw": 2, "lion": 1}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None = None  # the dim tensor parallelism splits (None: replicated on TP ranks)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def layer_tensors(m: ModelConfig, i: int) -> list[Tensor]:
+    """The parameters of block i (names as in the model), with the dim the TP plan shards
+    (lmfleet.train.parallel.apply_tp: colwise = output features, dim 0 of the weight; rowwise = dim 1)."""
+    d, hd, h = m.d_model, m.head_dim, m.hidden_dim
+    p = f"layers.{i}."
+    norms = [Tensor(p + f"{n}.weight", (d,)) for n in ("attention_norm", "ffn_norm")]
+    if m.norm == "layernorm":
+        norms += [Tensor(p + f"{n}.bias", (d,)) for n in ("attention_norm", "ffn_norm")]
+    ffn = [Tensor(p + "feed_forward.w1.weight", (h, d), 0), Tensor(p + "feed_forward.w2.weight", (d, h), 1)]
+    if m.activation == "swiglu":
+        ffn.append(Tensor(p + "feed_forward.w3.weight", (h, d), 0))
+    return [
+        Tensor(p + "attention.wq.weight", (m.n_heads * hd, d), 0),
+        Tensor(p + "attention.wk.weight", (m.kv_heads * hd, d), 0),
+        Tensor(p + "attention.wv.weight", (m.kv_heads * hd, d), 0),
+        Tensor(p + "attention.wo.weight", (d, m.n_heads * hd), 1),
+        *ffn, *norms,
+    ]
+
+
+def model_tensors(m: ModelConfig) -> dict[str, list[Tensor]]:
+    """Parameters by where they live: `embed` (first pipeline stage), `layers.<i>`, `head` (last stage).
+    A tied output projection is the input embedding (counted once)."""
+    d = m.d_model
+    embed = [Tensor("tok_embeddings.weight", (m.vocab_size, d), 0)]
+    if m.positions == "learned":
+        embed.append(Tensor("pos_embeddings.weight", (m.max_seq_len, d)))
+    head = []
+    if m.norm_placement == "pre":
+        head.append(Tensor("norm.weight", (d,)))
+        if m.norm == "layernorm":
+            head.append(Tensor("norm.bias", (d,)))
+    if not m.tie_embeddings:
+        head.append(Tensor("output.weight", (m.vocab_size, d), 0))
+    return {"embed": embed, **{f"layers.{i}": layer_tensors(m, i) for i in range(m.n_layers)}, "head": head}
+
+
+def _stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    # lmfleet.train.parallel.stage_layers (that module imports torch)
+    per, extra = divmod(n_layers, pp)
+    start = stage * per + min(stage, extra)
+    return range(start, start + per + (1 if stage < extra else 0))
+
+
+def _elements(tensors: list[Tensor], tp: int) -> int:
+    return sum(t.numel // tp if t.tp_dim is not None else t.numel for t in tensors)
+
+
+def _optimizer_elements(name: str, tensors: list[Tensor], tp: int) -> int:
+    if name in STATE_PER_PARAM:
+        return STATE_PER_PARAM[name] * _elements(tensors, tp)
+    total = 0  # adafactor: a row and a column second moment per matrix, a full one per vector
+    for t in tensors:
+        rows, cols = (t.shape[0], t.shape[1]) if len(t.shape) == 2 else (t.numel, 0)
+        if t.tp_dim == 0:
+            rows //= tp
+        elif t.tp_dim == 1:
+            cols //= tp
+        total += rows + cols
+    return total
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds at its peak (the worst pipeline stage)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    gathered: int  # FSDP / ZeRO-3: unsharded parameters (and gradients) in flight; DDP: its gradient buckets
+    activations: int
+    logits: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations + self.logits
+
+
+@dataclass
+class Plan:
+    params: int
+    non_embedding_params: int  # outside the input embedding (a tied output still costs its matmul): FLOPs
+    flops_per_token: float
+    seq_len: int
+    tokens_per_step: int
+    total_tokens: int
+    compute_optimal_tokens: int
+    world: int
+    mesh: dict[str, int]  # pp, dp, tp
+    strategy: str
+    micro_batches_in_flight: int
+    activation_checkpointing: bool
+    memory: RankMemory
+    device: str | None = None
+    assumed_mfu: float | None = None
+    step_seconds: float | None = None
+    tokens_per_s: float | None = None
+    device_memory: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "memory": {**asdict(self.memory), "peak": self.memory.peak}}
+
+
+def activation_elements(m: ModelConfig, tokens: int, tp: int) -> int:
+    """Elements one layer keeps for its backward pass, for `tokens` tokens of a micro-batch (SDPA's fused
+    kernels keep no score matrix): the block input and the two norms' inputs and outputs (5 d), q, k, v
+    and their rotated copies (2 (n_heads + 2 kv_heads) head_dim, split by TP), the attention output and
+    the out-projection's input (2 d), the FFN's up / gate projections, activation and product (4 hidden
+    for SwiGLU, 2 for GeLU / ReLU, split by TP)."""
+    qkv = 2 * (m.n_heads + 2 * m.kv_heads) * m.head_dim // tp
+    ffn = (4 if m.activation == "swiglu" else 2) * m.hidden_dim // tp
+    return tokens * (7 * m.d_model + qkv + ffn)
+
+
+def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int | None = None,
+                  device: str | None = None, mfu: float = 0.4, device_memory: int | None = None,
+                  on_gpu: bool | None = None) -> Plan:
+    """The plan of `cfg` on `world` ranks (default: its scaling's maximum). `device`: a PEAK_FLOPS name
+    for the step time (on_gpu defaults to whether one is named)."""
+    m = cfg.model.model_copy(update={"vocab_size": vocab_size}) if cfg.model.vocab_size is None else cfg.model
+    p = cfg.parallel
+    world = world or cfg.scaling.bounds[1]
+    tp, pp = p.tp_size, p.pp_size
+    dp = world // (tp * pp)
+    on_gpu = device is not None if on_gpu is None else on_gpu
+    groups = model_tensors(m)
+    params = sum(t.numel for ts in groups.values() for t in ts)
+    non_embedding = params - groups["embed"][0].numel + (groups["embed"][0].numel if m.tie_embeddings else 0)
+    flops = m.flops_per_token(non_embedding, seq_len)
+
+    # The worst pipeline stage: its parameters after the TP split.
+    worst, worst_elems = [], -1
+    for stage in range(pp):
+        ts = [t for i in _stage_layers(m.n_layers, pp, stage) for t in groups[f"layers.{i}"]]
+        ts += groups["embed"] if stage == 0 else []
+        ts += groups["head"] if stage == pp - 1 else []
+        if _elements(ts, tp) > worst_elems:
+            worst, worst_elems = ts, _elements(ts, tp)
+    largest_layer = max(_elements(groups[f"layers.{i}"], tp) for i in range(m.n_layers))
+    opt = _optimizer_elements(cfg.optimizer.name, worst, tp)
+    weights = grads = 4 * worst_elems
+    optimizer = 4 * opt
+    gathered, notes = 0, []
+    strategy = p.strategy
+    sharded = strategy == "fsdp" or (strategy == "ddp" and (tp > 1 or pp > 1))  # FSDP2 over dp (parallel.py)
+    gathered_bytes = 2 if on_gpu and p.fsdp.param_dtype == "bfloat16" else 4
+    if sharded and dp > 1:
+        weights, grads, optimizer = weights // dp, grads // dp, optimizer // dp
+        if p.fsdp.reshard_after_forward:  # one layer's parameters and gradients unsharded at a time
+            gathered = 2 * gathered_bytes * largest_layer
+        else:  # parameters stay unsharded from forward to backward
+            gathered = gathered_bytes * worst_elems + 4 * largest_layer
+    elif strategy == "deepspeed" and dp > 1:
+        zero = p.deepspeed.zero_stage
+        optimizer //= dp if zero >= 1 else 1
+        grads //= dp if zero >= 2 else 1
+        if zero == 3:
+            weights //= dp
+            gathered = 2 * 4 * largest_layer
+        elif zero == 2:
+            gathered = 4 * largest_layer  # a bucket of gradients before it is reduced
+    elif strategy == "ddp" and not sharded and dp > 1:
+        gathered = 4 * worst_elems  # DDP's gradient buckets (a second copy of the gradients)
+    # Activations: micro-batches whose activations a stage holds at once (gpipe: all; 1F1B: up to pp).
+    micro = cfg.batch.micro_batch
+    n_micro = cfg.batch.global_batch // (dp * micro)
+    in_flight = 1 if pp == 1 else (n_micro if p.pp_schedule == "gpipe" else min(pp, n_micro))
+    layers_per_stage = max(len(_stage_layers(m.n_layers, pp, s)) for s in range(pp))
+    act_bytes = 2 if on_gpu else 4
+    per_layer = activation_elements(m, micro * seq_len, tp)
+    if p.activation_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+        act = in_flight * layers_per_stage * micro * seq_len * m.d_model + per_layer
+    else:
+        act = in_flight * layers_per_stage * per_layer
+    # The loss in fp32: logits, their log-softmax and its gradient, on the last stage.
+    logits = 3 * 4 * micro * seq_len * m.vocab_size * (in_flight if pp > 1 else 1)
+    memory = RankMemory(weights, grads, optimizer, gathered, act * act_bytes, logits)
+    tokens_per_step = cfg.batch.global_batch * seq_len
+    plan = Plan(
+        params=params, non_embedding_params=non_embedding, flops_per_token=flops, seq_len=seq_len,
+        tokens_per_step=tokens_per_step, total_tokens=tokens_per_step * cfg.steps,
+        compute_optimal_tokens=CHINCHILLA_TOKENS_PER_PARAM * params, world=world,
+        mesh={"pp": pp, "dp": dp, "tp": tp}, strategy=strategy, micro_batches_in_flight=in_flight,
+        activation_checkpointing=p.activation_checkpointing, memory=memory, device=device,
+        device_memory=device_memory, notes=notes,
+    )
+    if device is not None:
+        plan.assumed_mfu = mfu
+        plan.step_seconds = flops * tokens_per_step / (PEAK_FLOPS[device] * world * mfu)
+        plan.tokens_per_s = tokens_per_step / plan.step_seconds
+    if device_memory is not None and memory.peak > device_memory:
+        notes.append(f"a rank needs {memory.peak / GiB:.1f} GiB, more than the {device_memory / GiB:.1f} GiB given: "
+                     "shard more (fsdp, deepspeed zero_stage 3, tp_size, pp_size), turn on "
+                     "parallel.activation_checkpointing or lower batch.micro_batch")
+    return plan
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    mem, mesh = plan.memory, plan.mesh
+    ratio = plan.total_tokens / plan.params
+    lines = [
+        f"parameters: {plan.params:,} ({plan.non_embedding_params:,} outside the input embedding)",
+        f"compute: {_count(plan.flops_per_token)}FLOPs per token; {plan.tokens_per_step:,} tokens per step "
+        f"({plan.seq_len} per sample); {_count(plan.total_tokens)} tokens in all = {ratio:.1f} per parameter "
+        f"(compute-optimal ~{CHINCHILLA_TOKENS_PER_PARAM}: {_count(plan.compute_optimal_tokens)} tokens)",
+        f"per rank ({plan.world} ranks, {plan.strategy}, mesh pp {mesh['pp']} x dp {mesh['dp']} x tp {mesh['tp']}; "
+        f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}, "
+        f"{plan.micro_batches_in_flight} micro-batch(es) in flight):",
+        f"  weights {_size(mem.weights)}, gradients {_size(mem.gradients)}, optimizer {_size(mem.optimizer)}, "
+        f"gathered / buckets {_size(mem.gathered)}",
+        f"  activations {_size(mem.activations)} (estimate), logits {_size(mem.logits)}",
+        f"  predicted peak {_size(mem.peak)}",
+    ]
+    if plan.device is not None:
+        hours = plan.step_seconds * plan.total_tokens / plan.tokens_per_step / 3600
+        lines.append(f"on {plan.device} ({PEAK_FLOPS[plan.device] / 1e12:.0f} TFLOP/s bf16 peak) at an assumed MFU of "
+                     f"{100 * plan.assumed_mfu:.0f}%: {plan.step_seconds:.3g} s per step, "
+                     f"{_count(plan.tokens_per_s)} tokens/s, {hours:.3g} h in all")
+    return lines + [f"warning: {n}" for n in plan.notes]
+
+
+def data_shapes(cfg: PretrainConfig, data_stages: dict, run_dir) -> tuple[int, int, str]:
+    """(vocab size, sequence length, where they came from) for planning `cfg`: its model.vocab_size, else
+    the packed data's index when it exists, else the data stage of the same config that `cfg.data` names
+    (its tokenizer.vocab_size: an upper bound, BPE may learn fewer); InputError when none says."""
+    from lmfleet import uri
+    from lmfleet.errors import InputError
+    from lmfleet.train.stage import packed_dir, read_index
+
+    index = None
+    if cfg.data not in data_stages:
+        packed = packed_dir(cfg, run_dir)
+        if uri.info(uri.join(packed, "index.json"), "pretrain.data").is_file:
+            index = read_index(packed)
+    if index is not None:
+        vocab, seq, source = index["vocab_size"], index["seq_len"], f"the packed data's index ({packed})"
+    elif cfg.data in data_stages:
+        data = data_stages[cfg.data]
+        vocab, seq = data.tokenizer.vocab_size, data.pack.seq_len
+        source = f"data stage {cfg.data!r} (tokenizer.vocab_size, pack.seq_len)"
+    else:
+        raise InputError(f"pretrain.data {cfg.data!r}: no packed data yet and no data stage of that name in this "
+                         "config: set model.vocab_size to plan")
+    if cfg.model.vocab_size is not None:
+        vocab, source = cfg.model.vocab_size, f"model.vocab_size; seq_len from {source}"
+    return vocab, seq, source
