@@ -228,8 +228,9 @@ def _rl_config(kind: str, sft, reward) -> dict:
     that must survive a restart); GRPO adds a reward function to the reward model and the KL to its loss."""
     common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),
                   dataset={**ALPACA, "max_records": 64}, training={"max_length": 128}, optimizer={"lr": 1e-3},
-                  generation={"max_new_tokens": 8}, checkpoint={"every": 4}, scaling={"num_workers": 2},
-                  eval={"samples": 0})
+                  generation={"max_new_tokens": 8}, checkpoint={"every": 4},
+                  # half a CPU each: the split run's actor takes the session cluster's other CPU
+                  scaling={"num_workers": 2, "cpus_per_worker": 0.5}, eval={"samples": 0})
     if kind == "ppo":
         return {**common, "iterations": 30, "ppo": {"rollout_batch": 8, "mini_batch": 4, "kl_target": 0.5,
                                                  "kl_horizon": 100}}

@@ -200,7 +200,8 @@ def plan(
     import json
 
     from lmfleet import runner
-    from lmfleet.train.plan import PEAK_FLOPS, data_shapes, plan_lines, plan_pretrain
+    from lmfleet.train.config import PEAK_FLOPS
+    from lmfleet.train.plan import data_shapes, plan_lines, plan_pretrain
 
     try:
         loaded = runner.load_run(config, set_)

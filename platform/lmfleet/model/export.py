@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmfleet.model.config import ModelConfig
+from lmfleet.model.hf_config import OWN_CONFIG, checkpoint_model_config
 from lmfleet.model.transformer import Transformer
-
-OWN_CONFIG = "lmfleet_model.json"
 
 # ours -> HF Llama parameter names (the RoPE layouts already agree: half rotation).
 _TO_HF = [
@@ -82,26 +81,48 @@ def export_model(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path
     return fmt
 
 
-def load_model(model_dir: str | Path) -> Transformer:
-    """A Transformer from an exported dir of either format."""
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The model's parameter names and shapes (built on the meta device: no memory); a tied output is the
+    input embedding, not a parameter of its own."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of an exported dir (either format; HF's `model.safetensors` or its shards listed in
+    `model.safetensors.index.json`) under lmfleet's parameter names, checked against `cfg`."""
     model_dir = Path(model_dir)
-    weights = load_file(str(model_dir / "model.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    weights = {k: v for f in files for k, v in load_file(str(model_dir / f)).items()}
+    shapes = parameter_shapes(cfg)
     if (model_dir / OWN_CONFIG).exists():
-        cfg = ModelConfig.model_validate_json((model_dir / OWN_CONFIG).read_text(encoding="utf-8"))
         state = weights
     else:
-        hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        cfg = ModelConfig(
-            vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"],
-            ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
-            rope_theta=hf.get("rope_parameters", {}).get("rope_theta", 10000.0),
-            max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False),
-        )
-        back = {to_hf_name(k): k for k in Transformer(cfg).state_dict()}
+        if cfg.tie_embeddings:
+            weights.pop("lm_head.weight", None)  # the embedding's copy, where a checkpoint keeps one
+        back = {to_hf_name(k): k for k in shapes}
+        unknown = sorted(set(weights) - set(back))
+        if unknown:
+            raise ValueError(f"{model_dir}: weights lmfleet's Llama has no place for: {unknown[:5]}")
         state = {back[k]: v for k, v in weights.items()}
+    if cfg.tie_embeddings:
+        state.pop("output.weight", None)
+    missing = [k for k in shapes if k not in state]
+    unexpected = [k for k in state if k not in shapes]
+    wrong = [f"{k} {tuple(v.shape)} != {shapes[k]}" for k, v in state.items()
+             if k in shapes and tuple(v.shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{model_dir}: weights do not match the config (missing {missing}, unexpected "
+                         f"{unexpected}, shapes {wrong})")
+    return state
+
+
+def load_model(model_dir: str | Path) -> Transformer:
+    """A Transformer from an exported dir of either format."""
+    cfg = checkpoint_model_config(str(Path(model_dir).resolve()), "model")
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not (cfg.tie_embeddings and m == "output.weight")]:
-        raise ValueError(f"{model_dir}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    model.load_state_dict(load_weights(model_dir, cfg), strict=not cfg.tie_embeddings)
     return model

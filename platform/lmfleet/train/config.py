@@ -11,6 +11,8 @@ from lmfleet.model.config import ModelConfig
 from lmfleet.tune.config import PBTConfig, TuneConfig
 
 TUNE_METRICS = ("loss", "val_loss", "val_perplexity")
+# Dense bf16 peak FLOP/s of known GPUs (datasheets): the MFU the loop logs and `lmfleet plan`'s step time.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 class AdamConfig(StrictModel):
@@ -135,6 +137,10 @@ class MixingScheduleConfig(StrictModel):
 
 class PretrainConfig(StrictModel):
     data: str = Field(..., description="The data stage's output: a stage name of this run, or a path.")
+    init_from: str | None = Field(
+        None, description="Continue pretraining from this checkpoint: a HF Llama dir (LlamaForCausalLM "
+                          "safetensors), an lmfleet model export, or a stage name of this run (its model/); a path "
+                          "or URI. Its architecture fills `model` (keys set there must match).")
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()

@@ -25,8 +25,9 @@ from lmfleet.model.transformer import Transformer
 from lmfleet.outputs import publish, workdir
 from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed
 from lmfleet.train import checkpoint
-from lmfleet.train.config import PretrainConfig
+from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
+from lmfleet.train.memory import PeakMemory
 from lmfleet.train.optim import apply_hyperparams, build_optimizer, lr_multiplier
 from lmfleet.train.parallel import (
     Layout,
@@ -36,7 +37,6 @@ from lmfleet.train.parallel import (
     parallelize,
     unwrap,
 )
-from lmfleet.train.plan import PEAK_FLOPS
 from lmfleet.uri import local_copy
 
 IGNORE = -100
@@ -92,8 +92,16 @@ class Trainer:
         self.local_batch = cfg.batch.global_batch // self.layout.dp
         self.accum = self.local_batch // cfg.batch.micro_batch
 
+        self.memory = PeakMemory(self.device)
+        self.memory.start()  # from here: the model, its gradients and optimizer states, activations, buffers
         torch.manual_seed(seed)  # identical initial weights on every rank, before any sharding
-        model = Transformer(cfg.model).to(self.device)
+        model = Transformer(cfg.model)
+        if inputs.init_from is not None:  # continued pretraining (a run's own checkpoint still wins: restore)
+            from lmfleet.model.export import load_weights
+
+            weights = load_weights(local_copy(inputs.init_from, "pretrain.init_from"), cfg.model)
+            model.load_state_dict(weights, strict=not cfg.model.tie_embeddings)
+        model = model.to(self.device)
         # Parameters outside the input embedding; a tied output projection still costs its matmul.
         params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
         if cfg.model.tie_embeddings:
@@ -254,6 +262,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "step_seconds": seconds, "world_size": self.world,
             "dp": self.layout.dp, "accum": self.accum, "global_batch": self.cfg.batch.global_batch,
             "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak else None,
+            "peak_memory": self.memory.peak(),  # this rank's (lmfleet.train.memory)
             **{f"loss/{k}": v for k, v in per_source.items()},
         }
         if self.plan.schedule is not None:
@@ -363,6 +372,12 @@ def train_loop_per_worker(config: dict) -> None:
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             trainer.save(done, metrics)
+    peaks = [trainer.memory.peak()]
+    if dist.is_initialized():
+        peaks = [None] * trainer.world
+        dist.all_gather_object(peaks, trainer.memory.peak())
+    if metrics_log:
+        metrics_log.write(run.stage, **run.tags, memory_per_rank=peaks, memory_measure=trainer.memory.measure)
     sd = trainer.full_state_dict() if inputs.export else None
     if sd is not None:
         from lmfleet.model.export import export_model

@@ -14,10 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lmfleet.model.config import ModelConfig
-from lmfleet.train.config import PretrainConfig
+from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
 
-# Dense bf16 peak FLOP/s of known GPUs (datasheets), for MFU and the planner's step time.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 CHINCHILLA_TOKENS_PER_PARAM = 20
 GiB = 1024**3
 # Optimizer state elements per parameter element (Adafactor: factored, counted per tensor below).

@@ -14,9 +14,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from lmfleet import outputs, runtime, uri
+from lmfleet.config import format_validation_error
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
+from lmfleet.model.hf_config import checkpoint_model_config, continued_model
 from lmfleet.runlog import LineLog, MetricsLog
 from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
@@ -39,16 +43,65 @@ def read_index(packed: str) -> dict:
     return json.loads(uri.read_bytes(uri.join(packed, "index.json")).decode("utf-8"))
 
 
+def init_location(cfg: PretrainConfig, run_dir: Path | str | None) -> str | None:
+    """Where `init_from` is (an absolute path or a URI): a stage of this run (no '/': its model/), or a
+    path or URI, of a model dir or of a stage dir holding model/."""
+    ref = cfg.init_from
+    if ref is None:
+        return None
+    if run_dir is not None and "/" not in ref:
+        return str(outputs.child(run_dir, ref, "model"))
+    if uri.is_uri(ref):
+        inner = uri.join(ref.rstrip("/"), "model")
+        return inner if uri.info(uri.join(inner, "config.json")).is_file or \
+            uri.info(uri.join(inner, "lmfleet_model.json")).is_file else ref.rstrip("/")
+    path = Path(ref).resolve()
+    return str(path / "model" if (path / "model").is_dir() else path)
+
+
 def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
     path = packed_dir(cfg, run_dir)
     # upstream: an earlier stage writes it
     if cfg.data not in upstream and not uri.info(uri.join(path, "index.json"), "pretrain.data").is_file:
         raise InputError(f"pretrain.data {cfg.data!r}: no packed data at {path} (expected a data stage output dir)")
-    return [Input("data", (path if uri.is_uri(path) else Path(path),))]
+    inputs = [Input("data", (path if uri.is_uri(path) else Path(path),))]
+    if cfg.init_from is not None:
+        location = init_location(cfg, run_dir)
+        if cfg.init_from not in upstream:  # a Llama / lmfleet model dir whose architecture the config agrees with
+            continued_model(cfg.model, checkpoint_model_config(location, "pretrain.init_from"), "pretrain.model",
+                            f"pretrain.init_from {location}")
+        inputs.append(Input("init_from", (location if uri.is_uri(location) else Path(location),)))
+    return inputs
 
 
-def _resolved(cfg: PretrainConfig, index: dict) -> PretrainConfig:
-    """Fill the model's vocab size from the packed data's index; check the context length and sources fit."""
+def _continued(cfg: PretrainConfig, index: dict, packed: str, run_dir) -> PretrainConfig:
+    """init_from: the checkpoint's architecture (the config's model keys must match it), and the packed
+    data must come from the checkpoint's tokenizer (where the checkpoint has one)."""
+    location = init_location(cfg, run_dir)
+    where = f"pretrain.init_from {location}"
+    model = continued_model(cfg.model, checkpoint_model_config(location, "pretrain.init_from"), "pretrain.model",
+                            where)
+    if index["vocab_size"] > model.vocab_size:
+        raise InputError(f"{where}: the packed data's tokenizer has {index['vocab_size']} tokens, the checkpoint "
+                         f"{model.vocab_size}: pack the data with the checkpoint's tokenizer (data stage "
+                         f"tokenizer.path: {location})")
+    theirs = uri.join(location, "tokenizer.json")
+    if uri.info(theirs).is_file:
+        ours = uri.join(uri.relative(packed, index["tokenizer"]), "tokenizer.json")
+        if uri.read_bytes(ours) != uri.read_bytes(theirs):
+            raise InputError(f"{where}: the packed data was tokenized with another tokenizer ({ours}): pack it "
+                             f"with the checkpoint's (data stage tokenizer.path: {location})")
+    try:  # the config's checks (tp_size dividing the heads, ...) against the checkpoint's architecture
+        return PretrainConfig.model_validate({**cfg.model_dump(), "model": model.model_dump(), "init_from": location})
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, f"pretrain with the model of {where}", ("pretrain",))) from None
+
+
+def _resolved(cfg: PretrainConfig, index: dict, packed: str, run_dir=None) -> PretrainConfig:
+    """Fill the model's vocab size from the packed data's index (or the model from `init_from`); check the
+    context length and sources fit."""
+    if cfg.init_from is not None:
+        cfg = _continued(cfg, index, packed, run_dir)
     model = cfg.model
     if model.vocab_size is None:
         model = model.model_copy(update={"vocab_size": index["vocab_size"]})
@@ -75,6 +128,7 @@ class PretrainInputs:
     tensorboard: str
     use_gpu: bool
     samples: LineLog | None = None  # log_samples: every step's sample ids
+    init_from: str | None = None  # the checkpoint whose weights the model starts from (resolved init_from)
 
 
 def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
@@ -93,7 +147,7 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
         packed=packed, tokenizer=uri.relative(packed, read_index(packed)["tokenizer"]),
         export=str(outputs.child(out, "model")) if export else None,
         tensorboard=str(outputs.child(out, "tensorboard")), use_gpu=use_gpu,
-        samples=samples if cfg.log_samples else None,
+        samples=samples if cfg.log_samples else None, init_from=cfg.init_from,
     )
     run = WorkerRun(cfg, None, inputs, seed, stage, metrics, tags=tags or {}, init_checkpoint=init_checkpoint,
                     stop_at=steps or cfg.steps, export=export)
@@ -103,7 +157,7 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
 def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
     packed = packed_dir(cfg, ctx.run_dir)
-    cfg = _resolved(cfg, read_index(packed)).model_copy(update={"data": packed})
+    cfg = _resolved(cfg, read_index(packed), packed, ctx.run_dir).model_copy(update={"data": packed})
     if cfg.tune is not None:
         from lmfleet.tune.search import run_search
 
@@ -122,6 +176,10 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
         "checkpoint": checkpoint_uri(result.checkpoint),
     }
+    measured = ctx.history("memory_per_rank")  # the last run's (a resumed run measures from its restart)
+    if measured:
+        report["memory"] = {"peak_bytes_per_rank": measured[-1]["memory_per_rank"],
+                            "measure": measured[-1]["memory_measure"]}
     export = outputs.read_json(outputs.child(ctx.out, "model", "export.json"))  # written by rank 0, on any node
     if export:
         report["export"] = {"path": ctx.uri("model"), **export}
@@ -132,4 +190,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         if report["val_loss"] is not None else "validation: no val split",
         f"throughput: {report['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * report['mfu']:.1f}%" if report["mfu"] else ""),
     ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
+    peaks = [b for b in report.get("memory", {}).get("peak_bytes_per_rank", []) if b is not None]
+    if peaks:
+        report["summary"].append(f"memory: peak {max(peaks) / 2**20:.1f} MiB per rank (max over {len(peaks)}; "
+                                 f"{report['memory']['measure']})")
     return ctx.write_report(report)

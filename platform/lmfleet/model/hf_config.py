@@ -1,0 +1,76 @@
+"""The model config of a checkpoint to continue from (pretrain `init_from`): a HF Llama-family dir
+(`config.json` of a LlamaForCausalLM) or lmfleet's own export (`lmfleet_model.json`). Reads JSON only (no
+torch), so preflight and `lmfleet validate` can check a checkpoint before any work."""
+
+from __future__ import annotations
+
+import json
+
+from lmfleet import uri
+from lmfleet.errors import InputError
+from lmfleet.model.config import ModelConfig
+
+OWN_CONFIG = "lmfleet_model.json"
+# Settings of the run, not of the weights: a continued run may change them.
+RUN_SETTINGS = {"max_seq_len", "dropout", "init_std"}
+
+
+def _read(location: str, name: str, key: str) -> dict | None:
+    path = uri.join(location, name)
+    if not uri.info(path, key).is_file:
+        return None
+    return json.loads(uri.read_bytes(path).decode("utf-8"))
+
+
+def llama_model_config(hf: dict, where: str) -> ModelConfig:
+    """ModelConfig of a HF LlamaForCausalLM config.json; InputError naming the field lmfleet cannot map."""
+    def refuse(field: str, value, why: str):
+        raise InputError(f"{where}: {field} {value!r}: {why} (lmfleet imports LlamaForCausalLM checkpoints with "
+                         "RoPE, RMSNorm, SwiGLU and no biases)")
+
+    if hf.get("model_type") != "llama":
+        refuse("model_type", hf.get("model_type"), "not a Llama model")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", hf["hidden_act"], "expected silu (SwiGLU)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            refuse(flag, hf[flag], "biases are not supported")
+    rope = hf.get("rope_parameters") or {}  # transformers 5; older configs: rope_theta + rope_scaling
+    if (rope.get("rope_type") or "default") != "default" or hf.get("rope_scaling"):
+        refuse("rope_parameters", rope or hf.get("rope_scaling"), "RoPE scaling does not map: plain rope_theta only")
+    heads, d = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, d // heads):
+        refuse("head_dim", hf["head_dim"], f"expected hidden_size / num_attention_heads = {d // heads}")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=d, n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def checkpoint_model_config(location: str, key: str) -> ModelConfig:
+    """The ModelConfig of the checkpoint dir at `location` (a path or URI); InputError naming `key`."""
+    own = _read(location, OWN_CONFIG, key)
+    if own is not None:
+        return ModelConfig.model_validate(own)
+    hf = _read(location, "config.json", key)
+    if hf is None:
+        raise InputError(f"{key} {location}: no config.json or {OWN_CONFIG} (expected a HF Llama dir or an "
+                         "lmfleet model export)")
+    return llama_model_config(hf, f"{key} {location}: config.json")
+
+
+def continued_model(wanted: ModelConfig, found: ModelConfig, key: str, where: str) -> ModelConfig:
+    """The model to continue training: the checkpoint's architecture (`found`) with the run settings the
+    config sets (max_seq_len, dropout, init_std). A field the config sets to another value than the
+    checkpoint's is an InputError naming both."""
+    mine = wanted.model_dump()
+    theirs = found.model_dump()
+    for field in sorted(wanted.model_fields_set - RUN_SETTINGS):
+        if field == "vocab_size" and mine[field] is None:
+            continue
+        if mine[field] != theirs[field]:
+            raise InputError(f"{key}.{field} {mine[field]!r} does not match the checkpoint's {theirs[field]!r} "
+                             f"({where}): remove it from the config or set it to the checkpoint's value")
+    return found.model_copy(update={f: mine[f] for f in wanted.model_fields_set & RUN_SETTINGS})
