@@ -163,6 +163,7 @@ def test_post_training_speaks_pretrainings_vocabulary(tmp_path):
     ({**SFT, "training": {"per_device_batch": 8, "strategy": "fsdp"}},
      "training.strategy -> parallel.strategy, training.per_device_batch -> batch.micro_batch"),
     ({**GRPO, "checkpoint_every": 5}, "checkpoint_every -> checkpoint.every"),
+    ({**GRPO, "training": {"logging_steps": 5}}, r"stages\.s\.training\.logging_steps: unknown key"),  # no log_every
     ({**GRPO, "batch": {"micro_batch": 4}}, r"stages\.s\.batch: unknown key"),  # the RL stages have no such key
     ({**GRPO, "parallel": {"strategy": "fsdp"}}, r"stages\.s\.parallel: unknown key"),
     ({**GRPO, "eval": {"generation": {"top_k": 5}}}, r"stages\.s\.eval\.generation: unknown key"),  # generation:

@@ -1,5 +1,5 @@
 """`lmfleet plan`: parameter counts against built models, per-rank memory against hand-computed numbers for
-each strategy, and the command's output and errors. (Measured peaks: benchmarks/plan_vs_measured.py.)"""
+each strategy, and the command's output and errors. (Against measured peaks: not yet, issue 14.)"""
 
 import json
 import subprocess
@@ -67,6 +67,14 @@ def test_memory_per_rank_by_strategy(parallel, weights, grads, optimizer, gather
     assert (m.weights, m.gradients, m.optimizer, m.gathered) == (weights, grads, optimizer, gathered)
 
 
+def test_ddp_with_tensor_parallel_keeps_its_fsdp_shards_gathered():
+    """ddp with tp > 1 runs FSDP2 over dp without resharding (lmfleet.train.parallel): on 4 ranks (dp 2,
+    tp 2) a rank holds half of its TP shard, and the whole TP shard once gathered, plus a layer's gradients."""
+    shard = 2 * (LAYER - 128) // 2 + 2 * 128 + EMBED // 2 + 64 + EMBED // 2
+    m = plan_pretrain(config(strategy="ddp", tp_size=2), 512, 32, world=4).memory
+    assert (m.weights, m.gathered) == (4 * shard // 2, 4 * shard + 4 * ((LAYER - 128) // 2 + 128))
+
+
 def test_activations_and_logits():
     tokens = 4 * 32  # a micro-batch
     per_layer = tokens * (7 * 64 + 2 * (4 + 2 * 2) * 16 + 4 * 176)  # 180,224 elements
@@ -109,5 +117,7 @@ def test_plan_command(tmp_path):
     # A bad config is the error validate gives; a bad option names itself.
     bad = run("--set", "stages.pretrain.parallel.tp_size=3")
     assert bad.returncode == 2 and "parallel.tp_size 3 must divide n_heads 4" in bad.stderr
+    odd = run("--workers", "3")  # checked as the config would be on 3 ranks
+    assert odd.returncode == 2 and "batch.global_batch 8 is not divisible by data-parallel size 3" in odd.stderr
     assert "--device 'B200'" in run("--device", "B200").stderr
     assert "stages.data: a data stage; lmfleet plan covers pretraining" in run("--stage", "data").stderr

@@ -201,7 +201,7 @@ def plan(
 
     from lmfleet import runner
     from lmfleet.train.config import PEAK_FLOPS
-    from lmfleet.train.plan import data_shapes, plan_lines, plan_pretrain
+    from lmfleet.train.plan import data_shapes, plan_lines, plan_pretrain, planned_config
 
     try:
         loaded = runner.load_run(config, set_)
@@ -219,8 +219,9 @@ def plan(
         for spec in chosen:
             if spec.kind != "pretrain":
                 raise UserError(f"stages.{spec.name}: a {spec.kind} stage; lmfleet plan covers pretraining")
-            vocab, seq, source = data_shapes(spec.config, data, loaded.config.run_dir)
-            result = plan_pretrain(spec.config, vocab, seq, world=workers, device=device, mfu=mfu,
+            cfg = planned_config(spec.config, loaded.config.run_dir, workers)
+            vocab, seq, source = data_shapes(cfg, data, loaded.config.run_dir)
+            result = plan_pretrain(cfg, vocab, seq, device=device, mfu=mfu,
                                    device_memory=None if device_memory is None else _bytes(device_memory))
             out.append((spec.name, source, result))
     except UserError as err:

@@ -26,7 +26,9 @@ SAMPLING, SHUFFLE, ORDER = 0, 1, 2
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
     """The seed of (run seed, step, rank, stream): pretraining's dropout (stream = pipeline stage), the RL
-    stages' sampling, mini-batch order and prompt order. Ranks below 131 and streams below 131 never collide."""
+    stages' sampling, mini-batch order and prompt order. Distinct (rank, stream) pairs of one step never
+    share a seed while streams stay below 131; across steps a seed may recur (step 1 rank 0 = step 0 rank 60
+    stream 59), which no use here reaches."""
     return seed * 1_000_003 + step * 7919 + rank * 131 + stream
 
 

@@ -73,4 +73,9 @@ def continued_model(wanted: ModelConfig, found: ModelConfig, key: str, where: st
         if mine[field] != theirs[field]:
             raise InputError(f"{key}.{field} {mine[field]!r} does not match the checkpoint's {theirs[field]!r} "
                              f"({where}): remove it from the config or set it to the checkpoint's value")
-    return found.model_copy(update={f: mine[f] for f in wanted.model_fields_set & RUN_SETTINGS})
+    run_settings = RUN_SETTINGS - ({"max_seq_len"} if found.positions == "learned" else set())  # a weight shape
+    if found.positions == "learned" and "max_seq_len" in wanted.model_fields_set and mine["max_seq_len"] != theirs[
+            "max_seq_len"]:
+        raise InputError(f"{key}.max_seq_len {mine['max_seq_len']} does not match the checkpoint's "
+                         f"{theirs['max_seq_len']} ({where}): its learned position embeddings have that many rows")
+    return found.model_copy(update={f: mine[f] for f in wanted.model_fields_set & run_settings})

@@ -149,7 +149,8 @@ class _Stage(StrictModel):
         if isinstance(data, dict):
             training = data.get("training") if isinstance(data.get("training"), dict) else {}
             old = [k for k in RENAMED if (k.removeprefix("training.") in training if k.startswith("training.")
-                                           else k in data)]
+                                           else k in data)
+                   and RENAMED[k].split(".")[0].split(" ")[0] in cls.model_fields]  # a key this stage has
             if old:
                 raise ValueError("renamed keys (one vocabulary with pretraining): " + ", ".join(
                     f"{k} -> {RENAMED[k]}" for k in old))

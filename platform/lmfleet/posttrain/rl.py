@@ -204,8 +204,11 @@ class RLTrainer:
         else:
             self.frozen = FrozenModels(cfg, inputs, self.with_reference, self.device, seed)
         opt = cfg.optimizer
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                           weight_decay=opt.weight_decay)
+        # Weight decay on matrices only, as pretraining and the HF Trainer (optimizer.weight_decay).
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": opt.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
         self.prompts = read_jsonl(inputs.prompts)
 
     # -- what an algorithm decides --

@@ -4,7 +4,8 @@ On GPU: `torch.cuda.max_memory_allocated` since `start` (bytes the caching alloc
 not the CUDA context or the allocator's cache). On CPU: the process's peak resident set (VmHWM) above its
 resident set at `start`, which resets the peak (writing 5 to /proc/self/clear_refs; Linux). So it counts
 what the rank allocated from building its model on (weights, gradients, optimizer states, activations,
-communication buffers, allocator slack), not the Python, torch and Ray it had loaded before.
+communication buffers, allocator slack), not the Python, torch and Ray it had loaded before; on CPU it also
+counts the pages of the memory-mapped packed shards the rank read since (file-backed, reclaimable).
 """
 
 from __future__ import annotations

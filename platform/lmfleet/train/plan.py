@@ -158,7 +158,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     for the step time (on_gpu defaults to whether one is named)."""
     m = cfg.model.model_copy(update={"vocab_size": vocab_size}) if cfg.model.vocab_size is None else cfg.model
     p = cfg.parallel
-    world = world or cfg.scaling.bounds[1]
+    world = world or cfg.scaling.bounds[0]  # elastic: the fewest ranks, the most memory per rank
     tp, pp = p.tp_size, p.pp_size
     dp = world // (tp * pp)
     on_gpu = device is not None if on_gpu is None else on_gpu
@@ -182,10 +182,12 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     gathered, notes = 0, []
     strategy = p.strategy
     sharded = strategy == "fsdp" or (strategy == "ddp" and (tp > 1 or pp > 1))  # FSDP2 over dp (parallel.py)
-    gathered_bytes = 2 if on_gpu and p.fsdp.param_dtype == "bfloat16" else 4
+    # FSDP's gathered copy: param_dtype, or (None) bf16 on GPU (lmfleet.train.parallel)
+    gathered_bytes = 2 if (p.fsdp.param_dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else 4
     if sharded and dp > 1:
         weights, grads, optimizer = weights // dp, grads // dp, optimizer // dp
-        if p.fsdp.reshard_after_forward:  # one layer's parameters and gradients unsharded at a time
+        # ddp with tp / pp > 1 runs FSDP2 without resharding (lmfleet.train.parallel)
+        if strategy == "fsdp" and p.fsdp.reshard_after_forward:  # one layer unsharded at a time
             gathered = 2 * gathered_bytes * largest_layer
         else:  # parameters stay unsharded from forward to backward
             gathered = gathered_bytes * worst_elems + 4 * largest_layer
@@ -200,6 +202,11 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
             gathered = 4 * largest_layer  # a bucket of gradients before it is reduced
     elif strategy == "ddp" and not sharded and dp > 1:
         gathered = 4 * worst_elems  # DDP's gradient buckets (a second copy of the gradients)
+    if strategy == "deepspeed" and on_gpu:
+        notes.append("DeepSpeed on GPU trains in bf16 with fp32 master weights: the plan counts fp32 weights and "
+                     "gradients, so it overestimates them")
+    if p.fsdp.cpu_offload or p.deepspeed.offload_optimizer or p.deepspeed.offload_param:
+        notes.append("CPU offload is not modelled: the offloaded states are counted on the device")
     # Activations: micro-batches whose activations a stage holds at once (gpipe: all; 1F1B: up to pp).
     micro = cfg.batch.micro_batch
     n_micro = cfg.batch.global_batch // (dp * micro)
@@ -270,6 +277,30 @@ def plan_lines(plan: Plan) -> list[str]:
                      f"{100 * plan.assumed_mfu:.0f}%: {plan.step_seconds:.3g} s per step, "
                      f"{_count(plan.tokens_per_s)} tokens/s, {hours:.3g} h in all")
     return lines + [f"warning: {n}" for n in plan.notes]
+
+
+def planned_config(cfg: PretrainConfig, run_dir, world: int | None) -> PretrainConfig:
+    """`cfg` as it will train: with `init_from`, the checkpoint's architecture (keys set in `model` must
+    agree); with `world` ranks, the config's checks for that count (ConfigError naming the key)."""
+    from pydantic import ValidationError
+
+    from lmfleet.config import format_validation_error
+    from lmfleet.errors import ConfigError
+    from lmfleet.model.hf_config import checkpoint_model_config, continued_model
+    from lmfleet.train.stage import init_location
+
+    data = cfg.model_dump()
+    if cfg.init_from is not None:
+        location = init_location(cfg, run_dir)
+        found = checkpoint_model_config(location, "pretrain.init_from")
+        data["model"] = continued_model(cfg.model, found, "pretrain.model", f"pretrain.init_from {location}").model_dump()
+    if world is not None:
+        data["scaling"] = {**data["scaling"], "num_workers": world}
+    try:
+        return PretrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"pretrain with {world} ranks" if world else "pretrain",
+                                                  ("pretrain",))) from None
 
 
 def data_shapes(cfg: PretrainConfig, data_stages: dict, run_dir) -> tuple[int, int, str]:
