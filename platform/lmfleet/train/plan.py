@@ -154,7 +154,7 @@ def activation_elements(m: ModelConfig, tokens: int, tp: int) -> int:
 def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int | None = None,
                   device: str | None = None, mfu: float = 0.4, device_memory: int | None = None,
                   on_gpu: bool | None = None) -> Plan:
-    """The plan of `cfg` on `world` ranks (default: its scaling's maximum). `device`: a PEAK_FLOPS name
+    """The plan of `cfg` on `world` ranks (default: its scaling's minimum). `device`: a PEAK_FLOPS name
     for the step time (on_gpu defaults to whether one is named)."""
     m = cfg.model.model_copy(update={"vocab_size": vocab_size}) if cfg.model.vocab_size is None else cfg.model
     p = cfg.parallel
