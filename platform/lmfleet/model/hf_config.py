@@ -1,10 +1,13 @@
-"""The model config of a checkpoint to continue from (pretrain `init_from`): a HF Llama-family dir
-(`config.json` of a LlamaForCausalLM) or lmfleet's own export (`lmfleet_model.json`). Reads JSON only (no
-torch), so preflight and `lmfleet validate` can check a checkpoint before any work."""
+"""Where a stage's input model is (a stage of this run, a path or a URI: `model_dir`, `input_model`) and its
+model config: a HF Llama-family dir (`config.json` of a LlamaForCausalLM) or lmfleet's own export
+(`lmfleet_model.json`), as pretraining's `init_from` continues from. Reads JSON only (no torch)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from pyarrow import fs
 
 from lmfleet import uri
 from lmfleet.errors import InputError
@@ -13,6 +16,25 @@ from lmfleet.model.config import ModelConfig
 OWN_CONFIG = "lmfleet_model.json"
 # Settings of the run, not of the weights: a continued run may change them.
 RUN_SETTINGS = {"max_seq_len", "dropout", "init_std"}
+
+
+def model_dir(ref: str, run_dir: Path | str | None) -> Path | str:
+    """A stage name of this run (no '/') -> its model/ dir; a path or URI -> itself, or its model/ if a stage dir."""
+    if run_dir is not None and "/" not in ref:
+        return str(uri.join(str(run_dir), ref, "model")) if uri.is_uri(run_dir) else Path(run_dir) / ref / "model"
+    if uri.is_uri(ref):
+        base = ref.rstrip("/")
+        inner = uri.join(base, "model")
+        return inner if uri.info(inner).type == fs.FileType.Directory else base
+    path = Path(ref)
+    return path / "model" if (path / "model").is_dir() else path
+
+
+def input_model(ref: str, run_dir: Path | str | None) -> str:
+    """What a stage hands its workers: the model dir as an absolute path, or a URI (a node reads a URI
+    through its own copy: lmfleet.posttrain.stage.StageInputs.local)."""
+    path = model_dir(ref, run_dir)
+    return path if isinstance(path, str) else str(path.resolve())
 
 
 def _read(location: str, name: str, key: str) -> dict | None:

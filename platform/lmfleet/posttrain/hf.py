@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from lmfleet import runtime
 from lmfleet.outputs import child, publish, workdir
 from lmfleet.posttrain.config import PeftConfig
+from lmfleet.posttrain.inputs import MODEL_KEYS
 from lmfleet.posttrain.models import load_tokenizer
 from lmfleet.posttrain.stage import PostTrainStage, StageInputs, first_last
 from lmfleet.runlog import MetricsLog, read_jsonl
@@ -174,7 +175,7 @@ def _worker(config: dict) -> None:
     cfg, inputs = run.cfg, run.inputs
     if not run.tty:
         datasets.disable_progress_bars()  # TRL's dataset preparation: one bar per map otherwise
-    local = replace(inputs, **{k: inputs.local(k) for k in ("model", "reward_model", "student_model")})
+    local = replace(inputs, **{k: inputs.local(k) for k in MODEL_KEYS})
     scratch = workdir(child(inputs.out, "hf"))  # HF's own saves, which Ray Train copies to its storage
     args = training_args(cfg, str(scratch), run.seed, inputs.use_gpu, has_eval=bool(read_jsonl(inputs.val)),
                          tty=run.tty)

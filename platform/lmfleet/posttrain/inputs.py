@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmfleet.inputs import Input
-from lmfleet.posttrain.models import check_model_dir, model_dir
+from lmfleet.model.hf_config import model_dir
+from lmfleet.posttrain.models import check_model_dir
 from lmfleet.posttrain.records import dataset_files, dataset_paths
 
 MODEL_KEYS = ("model", "reward_model", "student_model")  # the config keys that name an input model

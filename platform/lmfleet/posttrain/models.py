@@ -12,6 +12,7 @@ from pyarrow import fs
 
 from lmfleet import uri
 from lmfleet.errors import InputError
+from lmfleet.model.hf_config import model_dir
 
 # lmfleet's chat template. `{% generation %}` marks the assistant text, so TRL can mask everything
 # else out of the SFT loss; every assistant turn ends with EOS, so generation stops there.
@@ -24,25 +25,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def model_dir(ref: str, run_dir: Path | str | None) -> Path | str:
-    """A stage name of this run (no '/') -> its model/ dir; a path or URI -> itself, or its model/ if a stage dir."""
-    if run_dir is not None and "/" not in ref:
-        return str(uri.join(str(run_dir), ref, "model")) if uri.is_uri(run_dir) else Path(run_dir) / ref / "model"
-    if uri.is_uri(ref):
-        base = ref.rstrip("/")
-        inner = uri.join(base, "model")
-        return inner if uri.info(inner).type == fs.FileType.Directory else base
-    path = Path(ref)
-    return path / "model" if (path / "model").is_dir() else path
-
-
-def input_model(ref: str, run_dir: Path | str | None) -> str:
-    """What a stage hands its workers: the model dir as an absolute path, or a URI (a node reads a URI
-    through its own copy: lmfleet.posttrain.stage.StageInputs.local)."""
-    path = model_dir(ref, run_dir)
-    return path if isinstance(path, str) else str(path.resolve())
 
 
 def check_model_dir(ref: str, key: str, upstream: set[str], run_dir: Path | str | None, full_weights: bool = False) -> None:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lmfleet.errors import InputError
+from lmfleet.model.hf_config import input_model
 from lmfleet.outputs import child
 from lmfleet.posttrain.inputs import MODEL_KEYS, check_inputs
-from lmfleet.posttrain.models import input_model, load_tokenizer
+from lmfleet.posttrain.models import load_tokenizer
 from lmfleet.posttrain.records import Records, prompt_of
 from lmfleet.runtime import tty
 from lmfleet.uri import is_uri, local_copy

@@ -75,6 +75,14 @@ class ParallelConfig(StrictModel):
     compile: bool = False
 
 
+def stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    """The layers of pipeline stage `stage` of `pp`: an even split, earlier stages take the remainder
+    (lmfleet.train.parallel splits the model so; lmfleet.train.plan counts them)."""
+    per, extra = divmod(n_layers, pp)
+    start = stage * per + min(stage, extra)
+    return range(start, start + per + (1 if stage < extra else 0))
+
+
 class ScalingConfig(StrictModel):
     num_workers: int | tuple[int, int] = Field(1, description="A count, or [min, max] for elastic training.")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmfleet.model.transformer import Transformer
-from lmfleet.train.config import ParallelConfig
+from lmfleet.train.config import ParallelConfig, stage_layers
 
 
 @dataclass
@@ -63,13 +63,6 @@ def build_layout(cfg: ParallelConfig, device: torch.device) -> Layout:
 
 
 # ---- pipeline ---------------------------------------------------------------------------------
-
-
-def stage_layers(n_layers: int, pp: int, stage: int) -> range:
-    """Even split of layers over stages; earlier stages take the remainder."""
-    per, extra = divmod(n_layers, pp)
-    start = stage * per + min(stage, extra)
-    return range(start, start + per + (1 if stage < extra else 0))
 
 
 def split_for_stage(model: Transformer, pp: int, stage: int) -> Transformer:

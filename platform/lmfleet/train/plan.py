@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lmfleet.model.config import ModelConfig
-from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
+from lmfleet.train.config import PEAK_FLOPS, PretrainConfig, stage_layers
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 GiB = 1024**3
@@ -71,13 +71,6 @@ def model_tensors(m: ModelConfig) -> dict[str, list[Tensor]]:
     if not m.tie_embeddings:
         head.append(Tensor("output.weight", (m.vocab_size, d), 0))
     return {"embed": embed, **{f"layers.{i}": layer_tensors(m, i) for i in range(m.n_layers)}, "head": head}
-
-
-def _stage_layers(n_layers: int, pp: int, stage: int) -> range:
-    # lmfleet.train.parallel.stage_layers (that module imports torch)
-    per, extra = divmod(n_layers, pp)
-    start = stage * per + min(stage, extra)
-    return range(start, start + per + (1 if stage < extra else 0))
 
 
 def _elements(tensors: list[Tensor], tp: int) -> int:
@@ -170,7 +163,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     # The worst pipeline stage: its parameters after the TP split.
     worst, worst_elems = [], -1
     for stage in range(pp):
-        ts = [t for i in _stage_layers(m.n_layers, pp, stage) for t in groups[f"layers.{i}"]]
+        ts = [t for i in stage_layers(m.n_layers, pp, stage) for t in groups[f"layers.{i}"]]
         ts += groups["embed"] if stage == 0 else []
         ts += groups["head"] if stage == pp - 1 else []
         if _elements(ts, tp) > worst_elems:
@@ -211,7 +204,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     micro = cfg.batch.micro_batch
     n_micro = cfg.batch.global_batch // (dp * micro)
     in_flight = 1 if pp == 1 else (n_micro if p.pp_schedule == "gpipe" else min(pp, n_micro))
-    layers_per_stage = max(len(_stage_layers(m.n_layers, pp, s)) for s in range(pp))
+    layers_per_stage = max(len(stage_layers(m.n_layers, pp, s)) for s in range(pp))
     act_bytes = 2 if on_gpu else 4
     per_layer = activation_elements(m, micro * seq_len, tp)
     if p.activation_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
@@ -286,14 +279,11 @@ def planned_config(cfg: PretrainConfig, run_dir, world: int | None) -> PretrainC
 
     from lmfleet.config import format_validation_error
     from lmfleet.errors import ConfigError
-    from lmfleet.model.hf_config import checkpoint_model_config, continued_model
-    from lmfleet.train.stage import init_location
+    from lmfleet.train.stage import init_model
 
     data = cfg.model_dump()
     if cfg.init_from is not None:
-        location = init_location(cfg, run_dir)
-        found = checkpoint_model_config(location, "pretrain.init_from")
-        data["model"] = continued_model(cfg.model, found, "pretrain.model", f"pretrain.init_from {location}").model_dump()
+        data["model"] = init_model(cfg, run_dir)[1].model_dump()
     if world is not None:
         data["scaling"] = {**data["scaling"], "num_workers": world}
     try:

@@ -20,7 +20,8 @@ from lmfleet import outputs, runtime, uri
 from lmfleet.config import format_validation_error
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
-from lmfleet.model.hf_config import checkpoint_model_config, continued_model
+from lmfleet.model.config import ModelConfig
+from lmfleet.model.hf_config import checkpoint_model_config, continued_model, input_model
 from lmfleet.runlog import LineLog, MetricsLog
 from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
@@ -43,20 +44,14 @@ def read_index(packed: str) -> dict:
     return json.loads(uri.read_bytes(uri.join(packed, "index.json")).decode("utf-8"))
 
 
-def init_location(cfg: PretrainConfig, run_dir: Path | str | None) -> str | None:
-    """Where `init_from` is (an absolute path or a URI): a stage of this run (no '/': its model/), or a
-    path or URI, of a model dir or of a stage dir holding model/."""
-    ref = cfg.init_from
-    if ref is None:
-        return None
-    if run_dir is not None and "/" not in ref:
-        return str(outputs.child(run_dir, ref, "model"))
-    if uri.is_uri(ref):
-        inner = uri.join(ref.rstrip("/"), "model")
-        return inner if uri.info(uri.join(inner, "config.json")).is_file or \
-            uri.info(uri.join(inner, "lmfleet_model.json")).is_file else ref.rstrip("/")
-    path = Path(ref).resolve()
-    return str(path / "model" if (path / "model").is_dir() else path)
+def init_model(cfg: PretrainConfig, run_dir: Path | str | None) -> tuple[str, ModelConfig]:
+    """`init_from`'s location (an absolute path or a URI: a stage of this run's model/, or a model dir or a
+    stage dir holding one) and the model to train: the checkpoint's architecture with the run settings the
+    config sets; InputError naming the key the config disagrees on."""
+    location = input_model(cfg.init_from, run_dir)
+    where = f"pretrain.init_from {location}"
+    return location, continued_model(cfg.model, checkpoint_model_config(location, "pretrain.init_from"),
+                                     "pretrain.model", where)
 
 
 def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir: Path | None = None) -> list[Input]:
@@ -66,10 +61,10 @@ def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir:
         raise InputError(f"pretrain.data {cfg.data!r}: no packed data at {path} (expected a data stage output dir)")
     inputs = [Input("data", (path if uri.is_uri(path) else Path(path),))]
     if cfg.init_from is not None:
-        location = init_location(cfg, run_dir)
-        if cfg.init_from not in upstream:  # a Llama / lmfleet model dir whose architecture the config agrees with
-            continued_model(cfg.model, checkpoint_model_config(location, "pretrain.init_from"), "pretrain.model",
-                            f"pretrain.init_from {location}")
+        if cfg.init_from in upstream:
+            location = input_model(cfg.init_from, run_dir)
+        else:  # a Llama / lmfleet model dir whose architecture the config agrees with
+            location, _ = init_model(cfg, run_dir)
         inputs.append(Input("init_from", (location if uri.is_uri(location) else Path(location),)))
     return inputs
 
@@ -77,10 +72,8 @@ def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir:
 def _continued(cfg: PretrainConfig, index: dict, packed: str, run_dir) -> PretrainConfig:
     """init_from: the checkpoint's architecture (the config's model keys must match it), and the packed
     data must come from the checkpoint's tokenizer (where the checkpoint has one)."""
-    location = init_location(cfg, run_dir)
+    location, model = init_model(cfg, run_dir)
     where = f"pretrain.init_from {location}"
-    model = continued_model(cfg.model, checkpoint_model_config(location, "pretrain.init_from"), "pretrain.model",
-                            where)
     if index["vocab_size"] > model.vocab_size:
         raise InputError(f"{where}: the packed data's tokenizer has {index['vocab_size']} tokens, the checkpoint "
                          f"{model.vocab_size}: pack the data with the checkpoint's tokenizer (data stage "
