@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from lmfleet.model import ModelConfig, Transformer
 from lmfleet.model.export import export_model, load_model
-from lmfleet.model.transformer import attention_mask
+from lmfleet.model.transformer import FlexMask, alibi_slopes, attention_mask, flex_mask, rope_cos_sin
 
 BASE = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, max_seq_len=32)
 VARIANTS = {
@@ -71,6 +71,72 @@ def test_packed_documents_do_not_see_each_other(variant):
     assert not torch.allclose(unmasked[:, 7:], alone_b, atol=1e-3)
 
 
+def _packed_batch():
+    """Two rows of packed documents (several per row, one row starting inside a document)."""
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3],
+                              [5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    return torch.randint(0, 64, positions.shape, generator=torch.Generator().manual_seed(1)), positions
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "mqa", "alibi_layernorm_gelu", "sliding_window"])
+def test_flex_attention_matches_sdpa(variant):
+    """FlexAttention block masks (documents, causal, sliding window; ALiBi as a score modification) give
+    the logits of SDPA's dense masks, fp32 on CPU."""
+    cfg = ModelConfig(**BASE, **VARIANTS[variant])
+    tokens, positions = _packed_batch()
+    sdpa = Transformer(cfg, seed=3)
+    flex = Transformer(cfg.model_copy(update={"attention_impl": "flex"}), seed=3)
+    with torch.no_grad():
+        assert all(isinstance(m, FlexMask) for m in flex.masks(positions).values())
+        torch.testing.assert_close(flex(tokens, positions), sdpa(tokens, positions), atol=1e-5, rtol=1e-5)
+    # Training on CPU, where torch has no FlexAttention backward, takes SDPA with the same masks.
+    with pytest.warns(UserWarning, match="no FlexAttention backward on CPU"):
+        assert not any(isinstance(m, FlexMask) for m in flex.masks(positions).values())
+
+
+@pytest.mark.parametrize("window, alibi", [(None, False), (3, False), (None, True), (5, True)])
+def test_flex_mask_gradients_match_sdpa(window, alibi):
+    """Outputs and gradients of attention under our FlexAttention masks equal SDPA's with the dense
+    mask. torch 2.13 refuses FlexAttention's backward on CPU in its public function, so this runs its
+    reference implementation (the flex_attention operator the public function wraps) directly."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+
+    _, positions = _packed_batch()
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, positions.shape[1], 8, generator=g, requires_grad=True) for _ in range(3))
+    slopes = alibi_slopes(4) if alibi else None
+    mask = flex_mask(positions, window, slopes)
+    out, *_ = flex_op(q, k, v, mask.score_mod or (lambda score, b, h, i, j: score), mask.block_mask.as_tuple(),
+                      8**-0.5, {})
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    dense = attention_mask(positions, window)
+    if alibi:
+        i = torch.arange(positions.shape[1])
+        bias = -slopes[:, None, None] * (i[:, None] - i[None, :]).clamp(min=0).float()
+        dense = torch.where(dense, bias[None], torch.tensor(float("-inf")))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    want_grads = torch.autograd.grad(want.pow(2).sum(), (q, k, v))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_one_document_per_row_takes_the_causal_path_without_a_mask():
+    cfg = ModelConfig(**BASE, n_kv_heads=2, attention=["local", "global"], sliding_window=4)
+    model = Transformer(cfg)
+    single = torch.stack([torch.arange(12), torch.arange(30, 42)])  # one document each (the second continues one)
+    masks = model.masks(single)
+    assert masks["global"] is None and masks["local"] is not None  # a window still needs its mask
+    assert model.masks(_packed_batch()[1])["global"] is not None
+    # SDPA's is_causal path equals the dense causal mask it replaces
+    attention = model.layers["1"].attention
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(2))
+    rope = rope_cos_sin(single, cfg.head_dim, cfg.rope_theta)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x, None, rope), attention(x, attention_mask(single, None), rope),
+                                   atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_hf_llama_export_identical_logits(tmp_path, tie):
     torch.manual_seed(0)
@@ -95,6 +161,8 @@ def test_own_format_for_non_llama_configs(tmp_path):
 
 
 def test_invalid_shapes_rejected():
+    with pytest.raises(ValueError, match="no attention dropout"):
+        ModelConfig(**BASE, attention_impl="flex", dropout=0.1)
     with pytest.raises(ValueError, match="not a multiple of n_kv_heads"):
         ModelConfig(**BASE, n_kv_heads=3)
     with pytest.raises(ValueError, match="set sliding_window"):

@@ -50,6 +50,8 @@ def test_pipeline_parallel_export_has_every_stage(packed, tmp_path):
     memory = report["memory"]
     assert memory["measure"].startswith("peak RSS") and len(memory["peak_bytes_per_rank"]) == 2
     assert all(isinstance(b, int) and b > 0 for b in memory["peak_bytes_per_rank"]), memory
+    # and once its stage's part of the model was in place (sharded init), before any step
+    assert all(0 < i <= b for i, b in zip(memory["init_bytes_per_rank"], memory["peak_bytes_per_rank"], strict=True))
 
 
 def test_continued_pretraining_from_a_transformers_llama(packed, tmp_path):

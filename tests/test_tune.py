@@ -18,7 +18,8 @@ from conftest import lmfleet_cmd, pretrain, pretrain_stage, write_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 40
+STEPS = 20  # a report (checkpoint) every 5 steps: 4 per trial
+EVERY = 5
 LR_GRID = {"optimizer.lr": {"grid": [3e-4, 1e-3, 3e-3, 1e-2]}}
 
 
@@ -27,14 +28,14 @@ def _records(trials_dir, trial_id) -> list[dict]:
 
 
 def _search(packed, **tune) -> dict:
-    return pretrain_stage(packed, steps=STEPS, checkpoint__every=10,
+    return pretrain_stage(packed, steps=STEPS, checkpoint__every=EVERY,
                           tune={"metric": "loss", "num_samples": 1, "space": LR_GRID, **tune})
 
 
 @pytest.fixture(scope="module")
 def interrupted_fifo(tmp_path_factory, packed, ray_local):
     """The 4 grid configs trained for STEPS with fixed hyperparameters (FIFO), as `lmfleet run` in a
-    subprocess: Ctrl-C once a trial passed step 25, then the same command again resumes the search.
+    subprocess: Ctrl-C once a trial passed step 12, then the same command again resumes the search.
     Returns (output of the first run, of the second, the stage dir, max step of each trial when interrupted)."""
     tmp = tmp_path_factory.mktemp("fifo")
     out = tmp / "run"
@@ -53,7 +54,7 @@ def interrupted_fifo(tmp_path_factory, packed, ray_local):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             steps = [r.get("step", 0) for m in trials.glob("*/metrics.jsonl") for r in _records(trials, m.parent.name)]
-            if max(steps, default=0) > 25:
+            if max(steps, default=0) > 12:
                 break
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
@@ -79,17 +80,17 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
         for event, steps in attempt_records(_records(stage / "trials", t["id"])):
             if event["event"] == "resume":
                 resumed += 1
-                assert event["from_step"] >= 10 and event["from_step"] % 10 == 0, event
+                assert event["from_step"] >= EVERY and event["from_step"] % EVERY == 0, event
                 assert steps[0]["step"] == event["from_step"] + 1, (t["id"], progress)
     assert resumed, progress
 
 
 def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupted_fifo):
-    _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=10, export=True,
+    _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=EVERY, export=True,
                          tune={"metric": "loss", "num_samples": 1, "space": LR_GRID,
-                               # at step 20 the bottom half copies the top half; synchronous, so
+                               # at step 10 the bottom half copies the top half; synchronous, so
                                # which trials exploit does not depend on which reached the interval first
-                               "scheduler": {"kind": "pbt", "perturbation_interval": 20, "quantile_fraction": 0.5,
+                               "scheduler": {"kind": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5,
                                              "synch": True}})
     trials_dir = tmp_path / "pbt" / "pretrain" / "trials"
     # An exploit at the last step (PBT cannot know it is the last) leaves no step to compare.
@@ -118,11 +119,11 @@ def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupte
 
 
 def test_asha_stops_weak_trials_early(tmp_path, packed):
-    # Two at a time, good learning rates first: the tiny ones reach the first rung (step 10) last.
+    # Two at a time, good learning rates first: the tiny ones reach the first rung (step 5) last.
     space = {"optimizer.lr": {"grid": [3e-3, 1e-2, 1e-5, 3e-6]}}
-    _, report = pretrain(tmp_path, packed, "asha", steps=STEPS, checkpoint__every=10,
+    _, report = pretrain(tmp_path, packed, "asha", steps=STEPS, checkpoint__every=EVERY,
                          tune={"metric": "loss", "num_samples": 1, "space": space, "max_concurrent_trials": 2,
-                               "scheduler": {"kind": "asha", "grace_period": 10}})
+                               "scheduler": {"kind": "asha", "grace_period": EVERY}})
     by_lr = {t["config"]["optimizer.lr"]: t for t in report["trials"]}
     assert by_lr[1e-5]["stopped_early"] and by_lr[3e-6]["stopped_early"], report["summary"]
     assert by_lr[1e-5]["step"] < STEPS and by_lr[3e-6]["step"] < STEPS
@@ -132,12 +133,12 @@ def test_asha_stops_weak_trials_early(tmp_path, packed):
 def test_optuna_search_with_plateau_stopping(tmp_path, packed):
     # A plateau is a std of the metric below 1.0 over 2 reports: every trial stops at its second.
     space = {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "lr_schedule.warmup_steps": {"randint": [0, 5]}}
-    _, report = pretrain(tmp_path, packed, "optuna", steps=40, checkpoint__every=10,
+    _, report = pretrain(tmp_path, packed, "optuna", steps=STEPS, checkpoint__every=EVERY,
                          tune={"metric": "loss", "num_samples": 2, "space": space, "search": "optuna",
                                "plateau": {"std": 1.0, "num_results": 2, "grace_period": 2}})
     trials = report["trials"]
     assert report["search"] == "optuna" and len(trials) == 2
-    assert all(t["stopped_early"] and t["step"] == 20 for t in trials), report["summary"]
+    assert all(t["stopped_early"] and t["step"] == 2 * EVERY for t in trials), report["summary"]
     lrs = [t["config"]["optimizer.lr"] for t in trials]
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]
     assert all(0 <= t["config"]["lr_schedule.warmup_steps"] < 5 for t in trials)

@@ -31,6 +31,9 @@ class ModelConfig(StrictModel):
     )
     sliding_window: int | None = Field(None, ge=1, description="Tokens a local layer attends to (incl. itself).")
     init_std: float = Field(0.02, gt=0)
+    attention_impl: Literal["sdpa", "flex"] = Field(
+        "sdpa", description="sdpa: a dense boolean mask (or is_causal where every row is one document); "
+        "flex: FlexAttention block masks (document, causal, sliding window; compiled on GPU).")
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -42,6 +45,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
         if "local" in self.attention and self.sliding_window is None:
             raise ValueError("attention has local layers: set sliding_window")
+        if self.attention_impl == "flex" and self.dropout > 0:
+            raise ValueError("attention_impl 'flex' has no attention dropout: set dropout 0 or use 'sdpa'")
         return self
 
     @property

@@ -123,6 +123,9 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Ten
 def load_model(model_dir: str | Path) -> Transformer:
     """A Transformer from an exported dir of either format."""
     cfg = checkpoint_model_config(str(Path(model_dir).resolve()), "model")
-    model = Transformer(cfg)
-    model.load_state_dict(load_weights(model_dir, cfg), strict=not cfg.tie_embeddings)
+    with torch.device("meta"):  # no init: the weights replace it
+        model = Transformer(cfg)
+    model.load_state_dict(load_weights(model_dir, cfg), strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     return model

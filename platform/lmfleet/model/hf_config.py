@@ -15,7 +15,7 @@ from lmfleet.model.config import ModelConfig
 
 OWN_CONFIG = "lmfleet_model.json"
 # Settings of the run, not of the weights: a continued run may change them.
-RUN_SETTINGS = {"max_seq_len", "dropout", "init_std"}
+RUN_SETTINGS = {"max_seq_len", "dropout", "init_std", "attention_impl"}
 
 
 def model_dir(ref: str, run_dir: Path | str | None) -> Path | str:
@@ -85,8 +85,8 @@ def checkpoint_model_config(location: str, key: str) -> ModelConfig:
 
 def continued_model(wanted: ModelConfig, found: ModelConfig, key: str, where: str) -> ModelConfig:
     """The model to continue training: the checkpoint's architecture (`found`) with the run settings the
-    config sets (max_seq_len, dropout, init_std). A field the config sets to another value than the
-    checkpoint's is an InputError naming both."""
+    config sets (max_seq_len, dropout, init_std, attention_impl). A field the config sets to another value
+    than the checkpoint's is an InputError naming both."""
     mine = wanted.model_dump()
     theirs = found.model_dump()
     for field in sorted(wanted.model_fields_set - RUN_SETTINGS):

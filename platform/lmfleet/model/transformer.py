@@ -3,7 +3,12 @@
 Inputs are token ids and, for packed sequences, the position of each token within its document
 segment (0 starts a segment; see lmfleet.data.packing). Attention is causal, restricted to the
 token's own segment (so packed documents never see each other) and, on `local` layers, to the last
-`sliding_window` tokens. Attention runs through `F.scaled_dot_product_attention`.
+`sliding_window` tokens. `attention_impl: sdpa` runs `F.scaled_dot_product_attention` with a dense
+boolean mask; `flex` runs FlexAttention with the same rules as a block mask (blocks no token may see
+are skipped; compiled on GPU). torch 2.13 has no FlexAttention backward on CPU, so on CPU `flex` runs
+only without gradients (evaluation) and training there takes the SDPA path with the same mask (a
+warning says so): the same YAML runs on a laptop and on a GPU cluster. On either, a batch whose every
+row holds one document takes SDPA's `is_causal` path (no mask: flash kernels on GPU).
 
 Parallelism is applied from outside (lmfleet.train.parallel): layers live in a ModuleDict keyed by
 index so pipeline stages can drop layers, and the embedding / norm / output may be None on stages
@@ -12,7 +17,11 @@ that do not own them.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +85,56 @@ def attention_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
     return allowed[:, None]
 
 
+@dataclass
+class FlexMask:
+    """A FlexAttention block mask, and the ALiBi bias as a score modification where used."""
+
+    block_mask: object
+    score_mod: Callable | None = None
+
+
+def flex_mask(positions: torch.Tensor, window: int | None, slopes: torch.Tensor | None) -> FlexMask:
+    """`attention_mask`'s rule (causal, same segment, within `window`) as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids(positions)
+
+    def mask_mod(b, h, q, kv):
+        allowed = (q >= kv) & (seg[b, q] == seg[b, kv])
+        return allowed & (q - kv < window) if window is not None else allowed
+
+    def alibi(score, b, h, q, kv):
+        return score - slopes[h] * (q - kv)
+
+    b, t = positions.shape
+    block_mask = create_block_mask(mask_mod, b, None, t, t, device=positions.device)
+    return FlexMask(block_mask, alibi if slopes is not None else None)
+
+
+def _flex_attention():
+    """FlexAttention, compiled where torch generates fused kernels for it (CUDA); elsewhere torch's
+    reference implementation (same numbers within fp32 tolerance, scores materialized)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
+_FLEX = None
+
+
+def _flex_runs(device: torch.device) -> bool:
+    """Whether FlexAttention can run here: not with gradients on CPU (torch raises NotImplementedError)."""
+    if device.type != "cpu" or not torch.is_grad_enabled():
+        return True
+    # Python's default filter shows it once per process.
+    warnings.warn("attention_impl 'flex': torch has no FlexAttention backward on CPU; training here uses "
+                  "SDPA with the same masks (flex runs on GPU and for evaluation)", stacklevel=3)
+    return False
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -86,7 +145,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | FlexMask | None, rope: tuple | None) -> torch.Tensor:
+        """mask: boolean or additive (SDPA), a FlexMask, or None: causal only (SDPA's is_causal)."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
@@ -95,11 +155,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(mask, FlexMask):
+            y = _flex_attention()(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask,
+                                  enable_gqa=k.shape[1] != q.shape[1])
+            return self.wo(y.transpose(1, 2).reshape(b, t, -1))
         if k.shape[1] != q.shape[1]:  # GQA / MQA: each kv head serves a group of query heads
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.cfg.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.cfg.dropout if self.training else 0.0
         )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -138,8 +202,29 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
 
 
+def initial_value(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial value of one parameter (by its name in the whole model), on CPU in fp32.
+
+    Each matrix draws from its own generator seeded by (seed, name), so a rank that holds a shard, a
+    pipeline stage or a TP slice computes the same numbers as the single process, without building or
+    drawing the rest of the model. Matrices: N(0, init_std), residual output projections scaled by
+    1/sqrt(2 n_layers) (GPT-2); norm weights 1, norm biases 0.
+    """
+    if len(shape) == 1:
+        return torch.zeros(shape) if name.endswith(".bias") else torch.ones(shape)
+    scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.empty(shape).normal_(0.0, cfg.init_std * scale, generator=generator)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Built on the meta device (`with torch.device("meta")`), it holds no memory until
+    lmfleet.train.parallel.materialize gives each rank its part; built anywhere else, it is initialized
+    at once from `seed` with the same values (`initial_value`); `seed=None` leaves torch's constructor
+    init for the caller to overwrite (DeepSpeed's zero.Init partitions each layer as it is built)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
@@ -150,30 +235,37 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.positions == "alibi":
-            self.register_buffer("alibi", alibi_slopes(cfg.n_heads), persistent=False)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                # Residual output projections scaled down with depth (GPT-2).
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-        if self.cfg.tie_embeddings:
+        if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if seed is not None and self.output.weight.device.type != "meta":
+            self.init_weights(seed)
+
+    def init_weights(self, seed: int) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(initial_value(self.cfg, name, tuple(p.shape), seed))
 
     def masks(self, positions: torch.Tensor) -> dict:
-        """Attention masks for global and local layers (bool, or float with the ALiBi bias)."""
+        """Attention masks for global and local layers: None (causal only) where every row is one
+        document and no bias applies; else a FlexMask (flex) or a dense mask, bool or float with ALiBi."""
         out = {}
+        alibi = self.cfg.positions == "alibi"
+        one_document = not bool((positions[:, 1:] == 0).any())  # a row may continue a document: no 0 at all
         for kind in {self.cfg.layer_kind(i) for i in range(self.cfg.n_layers)}:
-            allowed = attention_mask(positions, self.cfg.sliding_window if kind == "local" else None)
-            if self.cfg.positions == "alibi":
+            window = self.cfg.sliding_window if kind == "local" else None
+            if one_document and window is None and not alibi:
+                out[kind] = None
+                continue
+            slopes = alibi_slopes(self.cfg.n_heads).to(positions.device) if alibi else None  # not a buffer: nothing to materialize
+            if self.cfg.attention_impl == "flex" and _flex_runs(positions.device):
+                out[kind] = flex_mask(positions, window, slopes)
+                continue
+            allowed = attention_mask(positions, window)
+            if alibi:
                 t = positions.shape[1]
                 i = torch.arange(t, device=positions.device)
                 dist = (i[:, None] - i[None, :]).clamp(min=0).float()
-                bias = -self.alibi[:, None, None].float() * dist  # (H, T, T)
+                bias = -slopes[:, None, None] * dist  # (H, T, T)
                 allowed = torch.where(allowed, bias[None], torch.tensor(float("-inf"), device=positions.device))
             out[kind] = allowed
         return out

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from lmfleet.data.mixing import LossAdaptiveSchedule, MixingSchedule, PiecewiseSchedule
 from lmfleet.data.packing import PackedDataset
-from lmfleet.model.transformer import Transformer
+from lmfleet.model.export import load_weights, parameter_shapes
+from lmfleet.model.transformer import initial_value
 from lmfleet.outputs import publish, workdir
 from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed
 from lmfleet.train import checkpoint
@@ -33,9 +35,9 @@ from lmfleet.train.parallel import (
     Layout,
     PipelineStageModule,
     build_layout,
+    build_model,
     clip_grad_norm,
-    parallelize,
-    unwrap,
+    full_state_dict,
 )
 from lmfleet.uri import local_copy
 
@@ -92,22 +94,25 @@ class Trainer:
         self.local_batch = cfg.batch.global_batch // self.layout.dp
         self.accum = self.local_batch // cfg.batch.micro_batch
 
+        if cfg.parallel.strategy == "deepspeed":
+            import deepspeed  # noqa: F401  (loaded before the measure starts: its import is not the model's)
         self.memory = PeakMemory(self.device)
         self.memory.start()  # from here: the model, its gradients and optimizer states, activations, buffers
-        torch.manual_seed(seed)  # identical initial weights on every rank, before any sharding
-        model = Transformer(cfg.model)
         if inputs.init_from is not None:  # continued pretraining (a run's own checkpoint still wins: restore)
-            from lmfleet.model.export import load_weights
-
             weights = load_weights(local_copy(inputs.init_from, "pretrain.init_from"), cfg.model)
-            model.load_state_dict(weights, strict=not cfg.model.tie_embeddings)
-        model = model.to(self.device)
+            values = lambda name, shape: weights[name]  # noqa: E731
+        else:
+            values = partial(initial_value, cfg.model, seed=seed)
+        zero3 = self._deepspeed_config() if cfg.parallel.strategy == "deepspeed" \
+            and cfg.parallel.deepspeed.zero_stage == 3 else None
+        self.model = build_model(cfg.model, cfg.parallel, self.layout, values, zero3)
+        self.memory.mark("init")  # the model in place on every rank, before any step
         # Parameters outside the input embedding; a tied output projection still costs its matmul.
-        params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+        shapes = parameter_shapes(cfg.model)
+        params = sum(math.prod(s) for n, s in shapes.items() if not n.startswith("tok_embeddings"))
         if cfg.model.tie_embeddings:
-            params += model.output.weight.numel()
+            params += math.prod(shapes["tok_embeddings.weight"])
         self.flops_per_token = cfg.model.flops_per_token(params, index["seq_len"])
-        self.model = parallelize(model, cfg.parallel, self.layout)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.engine = None
         if cfg.parallel.strategy == "deepspeed":
@@ -304,27 +309,6 @@ class Trainer:
         self.plan.load_state_dict(state["plan"])
         return state["step"]
 
-    def full_state_dict(self) -> dict | None:
-        """The whole model's weights on rank 0 (gathered over shards and pipeline stages), else None."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if self.engine is not None:
-            if self.cfg.parallel.deepspeed.zero_stage == 3:
-                sd = self.engine._zero3_consolidated_16bit_state_dict()
-            else:
-                sd = self.engine.module.state_dict()
-        elif dist.is_initialized():
-            # No cpu_offload: with it only global rank 0 gets the weights, and under pipeline
-            # parallelism every stage's first rank must hand over its stage's layers.
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        else:
-            sd = unwrap(self.model).state_dict()
-        if self.layout.pp > 1:
-            parts = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(sd if self.layout.coords[1:] == (0, 0) else {}, parts, dst=0)
-            sd = {k: v for p in parts or [] for k, v in p.items()}
-        return {k: v.float().cpu() for k, v in sd.items()} if self.rank == 0 else None
-
 
 def _known_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
@@ -372,13 +356,15 @@ def train_loop_per_worker(config: dict) -> None:
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             trainer.save(done, metrics)
-    peaks = [trainer.memory.peak()]
+    mine = (trainer.memory.peak(), trainer.memory.marks["init"])
+    peaks = [mine]
     if dist.is_initialized():
         peaks = [None] * trainer.world
-        dist.all_gather_object(peaks, trainer.memory.peak())
+        dist.all_gather_object(peaks, mine)
     if metrics_log:
-        metrics_log.write(run.stage, **run.tags, memory_per_rank=peaks, memory_measure=trainer.memory.measure)
-    sd = trainer.full_state_dict() if inputs.export else None
+        metrics_log.write(run.stage, **run.tags, memory_per_rank=[p for p, _ in peaks],
+                          memory_init_per_rank=[i for _, i in peaks], memory_measure=trainer.memory.measure)
+    sd = full_state_dict(trainer.model, trainer.layout, trainer.engine) if inputs.export else None
     if sd is not None:
         from lmfleet.model.export import export_model
 

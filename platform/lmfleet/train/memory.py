@@ -31,6 +31,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.base: int | None = None
+        self.marks: dict[str, int | None] = {}
 
     @property
     def measure(self) -> str:
@@ -46,6 +47,10 @@ class PeakMemory:
         except OSError:
             return  # no peak to measure from here (not Linux)
         self.base = _status("VmRSS")
+
+    def mark(self, name: str) -> None:
+        """Remember the peak so far under `name` (e.g. "init": once the model is in place)."""
+        self.marks[name] = self.peak()
 
     def peak(self) -> int | None:
         """Bytes at the peak since `start` (None where it cannot be measured)."""

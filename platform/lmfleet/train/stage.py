@@ -172,6 +172,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     measured = ctx.history("memory_per_rank")  # the last run's (a resumed run measures from its restart)
     if measured:
         report["memory"] = {"peak_bytes_per_rank": measured[-1]["memory_per_rank"],
+                            # once the model is in place, before the first step (sharded init: its share)
+                            "init_bytes_per_rank": measured[-1].get("memory_init_per_rank"),
                             "measure": measured[-1]["memory_measure"]}
     export = outputs.read_json(outputs.child(ctx.out, "model", "export.json"))  # written by rank 0, on any node
     if export:
@@ -185,6 +187,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
     peaks = [b for b in report.get("memory", {}).get("peak_bytes_per_rank", []) if b is not None]
     if peaks:
-        report["summary"].append(f"memory: peak {max(peaks) / 2**20:.1f} MiB per rank (max over {len(peaks)}; "
-                                 f"{report['memory']['measure']})")
+        inits = [b for b in report["memory"]["init_bytes_per_rank"] or [] if b is not None]
+        report["summary"].append(f"memory: peak {max(peaks) / 2**20:.1f} MiB per rank (max over {len(peaks)}"
+                                 + (f"; {max(inits) / 2**20:.1f} MiB with the model in place" if inits else "")
+                                 + f"; {report['memory']['measure']})")
     return ctx.write_report(report)
