@@ -1,5 +1,5 @@
 """`lmfleet plan`: parameter counts against built models, per-rank memory against hand-computed numbers for
-each strategy, and the command's output and errors. (Against measured peaks: not yet, issue 14.)"""
+each strategy, and the command's output and errors. (Against measured peaks: benchmarks/plan_vs_measured.py.)"""
 
 import json
 import subprocess
@@ -52,9 +52,14 @@ def test_parameter_counts_are_the_built_models(model):
     ({"strategy": "fsdp"}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS, 2 * 4 * LAYER),
     ({"strategy": "fsdp", "fsdp": {"reshard_after_forward": False}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS,
      4 * PARAMS + 4 * LAYER),
-    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 1}}, 4 * PARAMS, 4 * PARAMS, 4 * PARAMS, 0),
-    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}, 4 * PARAMS, 2 * PARAMS, 4 * PARAMS, 4 * LAYER),
-    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS, 2 * 4 * LAYER),
+    # ZeRO over 2 ranks: optimizer states (1), gradients (2), weights (3) halved; stages 1-2 add an fp32 master
+    # copy of the rank's half; every stage a gradient bucket of d_model^2 = 4,096 elements
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 1}}, 4 * PARAMS, 4 * PARAMS, 6 * PARAMS, 4 * 4096),
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}, 4 * PARAMS, 2 * PARAMS, 6 * PARAMS, 4 * 4096),
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS,
+     2 * 4 * LAYER + 4 * 4096),
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3, "config": {"zero_optimization": {
+        "reduce_bucket_size": 10**9}}}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS, 2 * 4 * LAYER + 4 * PARAMS),
     # TP 2: every linear weight and the embedding / output halved, norms replicated; dp 1
     ({"strategy": "ddp", "tp_size": 2}, 4 * (2 * (LAYER - 128) // 2 + 2 * 128 + EMBED // 2 + 64 + EMBED // 2),
      4 * (2 * (LAYER - 128) // 2 + 2 * 128 + EMBED // 2 + 64 + EMBED // 2),

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.hf_config import OWN_CONFIG, checkpoint_model_config
@@ -89,35 +91,58 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
-def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+class Weights(Mapping):
+    """lmfleet parameter name -> tensor, read from its safetensors file when asked: one tensor in memory at a
+    time, so a rank that keeps a shard of each never holds the whole checkpoint."""
+
+    def __init__(self, where: dict[str, tuple[Path, str]]):  # name -> (file, the name in the file)
+        self.where = where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, key = self.where[name]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig) -> Weights:
     """The weights of an exported dir (either format; HF's `model.safetensors` or its shards listed in
-    `model.safetensors.index.json`) under lmfleet's parameter names, checked against `cfg`."""
+    `model.safetensors.index.json`) under lmfleet's parameter names, checked against `cfg` (names and shapes,
+    from the files' headers); each tensor is read when used."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]
-    weights = {k: v for f in files for k, v in load_file(str(model_dir / f)).items()}
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                found[key] = (model_dir / name, tuple(f.get_slice(key).get_shape()))
     shapes = parameter_shapes(cfg)
     if (model_dir / OWN_CONFIG).exists():
-        state = weights
+        back = {k: k for k in found}
     else:
         if cfg.tie_embeddings:
-            weights.pop("lm_head.weight", None)  # the embedding's copy, where a checkpoint keeps one
+            found.pop("lm_head.weight", None)  # the embedding's copy, where a checkpoint keeps one
         back = {to_hf_name(k): k for k in shapes}
-        unknown = sorted(set(weights) - set(back))
+        unknown = sorted(set(found) - set(back))
         if unknown:
             raise ValueError(f"{model_dir}: weights lmfleet's Llama has no place for: {unknown[:5]}")
-        state = {back[k]: v for k, v in weights.items()}
+    state = {back[k]: (path, k, shape) for k, (path, shape) in found.items()}
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     missing = [k for k in shapes if k not in state]
     unexpected = [k for k in state if k not in shapes]
-    wrong = [f"{k} {tuple(v.shape)} != {shapes[k]}" for k, v in state.items()
-             if k in shapes and tuple(v.shape) != shapes[k]]
+    wrong = [f"{k} {shape} != {shapes[k]}" for k, (_, _, shape) in state.items() if k in shapes and shape != shapes[k]]
     if missing or unexpected or wrong:
         raise ValueError(f"{model_dir}: weights do not match the config (missing {missing}, unexpected "
                          f"{unexpected}, shapes {wrong})")
-    return state
+    return Weights({k: (path, key) for k, (path, key, _) in state.items()})
 
 
 def load_model(model_dir: str | Path) -> Transformer:
@@ -125,7 +150,7 @@ def load_model(model_dir: str | Path) -> Transformer:
     cfg = checkpoint_model_config(str(Path(model_dir).resolve()), "model")
     with torch.device("meta"):  # no init: the weights replace it
         model = Transformer(cfg)
-    model.load_state_dict(load_weights(model_dir, cfg), strict=not cfg.tie_embeddings, assign=True)
+    model.load_state_dict(dict(load_weights(model_dir, cfg)), strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model

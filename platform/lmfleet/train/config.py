@@ -63,6 +63,21 @@ class DeepSpeedConfig(ZeroConfig):
     offload_param: bool = False
     config: dict[str, Any] = Field(default_factory=dict, description="Merged over the generated DeepSpeed config.")
 
+    def zero_optimization(self, d_model: int) -> dict:
+        """The generated `zero_optimization` section (before `config` is merged over it). DeepSpeed's own
+        bucket defaults (5e8 gradient elements, 5e7 prefetched, parameters under 1e5 elements never
+        partitioned) are sized for billion-parameter models: below that one bucket holds every gradient at
+        once. Sized by the hidden size instead, as HF's DeepSpeed integration does for "auto"."""
+        zero: dict[str, Any] = {"stage": self.zero_stage, "reduce_bucket_size": d_model * d_model}
+        if self.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=int(0.9 * d_model * d_model),
+                        stage3_param_persistence_threshold=10 * d_model)
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.offload_param:
+            zero["offload_param"] = {"device": "cpu"}
+        return {**zero, **self.config.get("zero_optimization", {})}
+
 
 class ParallelConfig(StrictModel):
     strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"

@@ -9,7 +9,7 @@ seeded init or a checkpoint), so a model that only fits sharded can start, with 
 weights as the single process. DDP needs real tensors, so it comes last.
 
 The device mesh is (pp, dp, tp). Data parallelism is DDP for `ddp` with tp = pp = 1, FSDP2
-`fully_shard` over the dp dimension for `fsdp` and whenever tp or pp > 1 (DTensor-aware), and a
+`fully_shard` over the dp dimension for `fsdp` and for `ddp` with tp or pp > 1 (DTensor-aware), and a
 DeepSpeed ZeRO engine for `deepspeed` (dp only). `none` is the single-process reference.
 """
 
@@ -164,7 +164,9 @@ def parallelize(model: Transformer, cfg: ParallelConfig, layout: Layout, values:
     if cfg.compile:
         for block in model.layers.values():
             block.compile()
-    if cfg.strategy == "fsdp" or (cfg.strategy == "ddp" and (layout.tp > 1 or layout.pp > 1)):
+    # ddp with tp / pp > 1: FSDP2 (DTensor-aware) replicates over dp; with dp 1 there is nothing to replicate
+    # over, and FSDP2 would only add a second, unsharded copy of the weights and gradients.
+    if cfg.strategy == "fsdp" or (cfg.strategy == "ddp" and (layout.tp > 1 or layout.pp > 1) and layout.dp > 1):
         _apply_fsdp(model, cfg, layout, reshard=cfg.fsdp.reshard_after_forward if cfg.strategy == "fsdp" else False)
     if values is not None:
         materialize(model, layout.device, values)

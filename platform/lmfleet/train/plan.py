@@ -184,15 +184,17 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
             gathered = 2 * gathered_bytes * largest_layer
         else:  # parameters stay unsharded from forward to backward
             gathered = gathered_bytes * worst_elems + 4 * largest_layer
-    elif strategy == "deepspeed" and dp > 1:
+    elif strategy == "deepspeed":
         zero = p.deepspeed.zero_stage
         optimizer //= dp if zero >= 1 else 1
         grads //= dp if zero >= 2 else 1
+        if 1 <= zero < 3:  # stages 1-2 clone this rank's partition as fp32 master weights, even from fp32 ones
+            optimizer += 4 * worst_elems // dp
         if zero == 3:
             weights //= dp
-            gathered = 2 * 4 * largest_layer
-        elif zero == 2:
-            gathered = 4 * largest_layer  # a bucket of gradients before it is reduced
+            gathered = 2 * 4 * largest_layer  # a layer gathered, the next one prefetched
+        # gradients collected into a bucket before each reduce (lmfleet sizes it d_model^2 by default)
+        gathered += 4 * min(p.deepspeed.zero_optimization(m.d_model)["reduce_bucket_size"], worst_elems)
     elif strategy == "ddp" and not sharded and dp > 1:
         gathered = 4 * worst_elems  # DDP's gradient buckets (a second copy of the gradients)
     if strategy == "deepspeed" and on_gpu:
