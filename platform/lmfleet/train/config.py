@@ -64,7 +64,7 @@ class DeepSpeedConfig(ZeroConfig):
     config: dict[str, Any] = Field(default_factory=dict, description="Merged over the generated DeepSpeed config.")
 
     def zero_optimization(self, d_model: int) -> dict:
-        """The generated `zero_optimization` section (before `config` is merged over it). DeepSpeed's own
+        """The `zero_optimization` section: lmfleet's settings, `config.zero_optimization` over them. DeepSpeed's own
         bucket defaults (5e8 gradient elements, 5e7 prefetched, parameters under 1e5 elements never
         partitioned) are sized for billion-parameter models: below that one bucket holds every gradient at
         once. Sized by the hidden size instead, as HF's DeepSpeed integration does for "auto"."""
