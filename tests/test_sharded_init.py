@@ -40,8 +40,17 @@ def _free_port() -> int:
 
 
 def _spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, *args) in `world` processes; the rendezvous address only for them."""
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    mp.spawn(fn, args=(world, *args), nprocs=world, join=True)
+    try:
+        mp.spawn(fn, args=(world, *args), nprocs=world, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _init(rank: int, world: int) -> None:
