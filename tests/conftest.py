@@ -105,7 +105,7 @@ def pretrain(tmp_path, packed, name="p", steps=10, **over):
     return steps, report["stages"]["pretrain"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -122,12 +122,12 @@ def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None =
     terminating them after `idle_timeout_minutes` idle."""
     ray = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="lmf", dir="/tmp")  # short: Ray's socket paths live under it
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # jobs run this env's lmfleet
     common = [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
     head = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={_free_port()}"] if dashboard else ["--include-dashboard=false"]
+            f"--dashboard-agent-listen-port={free_port()}"] if dashboard else ["--include-dashboard=false"]
     if worker_types is not None:
         none: dict = {}
         config = {
@@ -225,7 +225,7 @@ def s3():
     from pyarrow import fs
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -9,7 +9,6 @@ compared with the single process's in test_pretrain_parity.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,8 @@ from lmfleet.model.transformer import Transformer, initial_value
 from lmfleet.train.config import ParallelConfig
 from lmfleet.train.memory import PeakMemory
 from lmfleet.train.parallel import build_layout, build_model, full_state_dict
+
+from conftest import free_port
 
 MODEL = dict(vocab_size=96, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32)
 SEED = 7
@@ -33,16 +34,10 @@ CASES = {  # name: (parallel config, model overrides)
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` processes; the rendezvous address only for them."""
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         mp.spawn(fn, args=(world, *args), nprocs=world, join=True)
     finally:

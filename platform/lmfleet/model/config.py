@@ -74,6 +74,11 @@ class ModelConfig(StrictModel):
         return (self.positions == "rope" and self.norm == "rmsnorm" and self.activation == "swiglu"
                 and self.norm_placement == "pre" and "local" not in self.attention)
 
+    def flops_params(self, params: int, embedding: int) -> int:
+        """The parameters whose matmuls a token pays for, of `params` in all with an input embedding of
+        `embedding`: all but that lookup, though a tied output projection still costs its matmul."""
+        return params if self.tie_embeddings else params - embedding
+
     def flops_per_token(self, params: int, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B): 6 x params outside the input embedding
         (`params`) plus attention scores, 12 x layers x d_model x seq_len."""

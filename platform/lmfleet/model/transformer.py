@@ -17,6 +17,7 @@ that do not own them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import warnings
@@ -111,18 +112,13 @@ def flex_mask(positions: torch.Tensor, window: int | None, slopes: torch.Tensor 
     return FlexMask(block_mask, alibi if slopes is not None else None)
 
 
+@functools.cache
 def _flex_attention():
     """FlexAttention, compiled where torch generates fused kernels for it (CUDA); elsewhere torch's
     reference implementation (same numbers within fp32 tolerance, scores materialized)."""
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
-    return _FLEX
-
-
-_FLEX = None
+    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
 
 
 def _flex_runs(device: torch.device) -> bool:

@@ -103,23 +103,21 @@ class Trainer:
             values = lambda name, shape: weights[name]  # noqa: E731
         else:
             values = partial(initial_value, cfg.model, seed=seed)
-        zero3 = self._deepspeed_config() if cfg.parallel.strategy == "deepspeed" \
-            and cfg.parallel.deepspeed.zero_stage == 3 else None
+        ds_config = self._deepspeed_config() if cfg.parallel.strategy == "deepspeed" else None
+        zero3 = ds_config if ds_config is not None and cfg.parallel.deepspeed.zero_stage == 3 else None
         self.model = build_model(cfg.model, cfg.parallel, self.layout, values, zero3)
         self.memory.mark("init")  # the model in place on every rank, before any step
-        # Parameters outside the input embedding; a tied output projection still costs its matmul.
         shapes = parameter_shapes(cfg.model)
-        params = sum(math.prod(s) for n, s in shapes.items() if not n.startswith("tok_embeddings"))
-        if cfg.model.tie_embeddings:
-            params += math.prod(shapes["tok_embeddings.weight"])
+        params = cfg.model.flops_params(sum(math.prod(s) for s in shapes.values()),
+                                        math.prod(shapes["tok_embeddings.weight"]))
         self.flops_per_token = cfg.model.flops_per_token(params, index["seq_len"])
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.engine = None
-        if cfg.parallel.strategy == "deepspeed":
+        if ds_config is not None:
             import deepspeed
 
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=self.model, optimizer=self.optimizer, config=self._deepspeed_config())
+                model=self.model, optimizer=self.optimizer, config=ds_config)
             self.model = self.engine
         self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None

@@ -157,7 +157,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     on_gpu = device is not None if on_gpu is None else on_gpu
     groups = model_tensors(m)
     params = sum(t.numel for ts in groups.values() for t in ts)
-    non_embedding = params - groups["embed"][0].numel + (groups["embed"][0].numel if m.tie_embeddings else 0)
+    non_embedding = m.flops_params(params, groups["embed"][0].numel)
     flops = m.flops_per_token(non_embedding, seq_len)
 
     # The worst pipeline stage: its parameters after the TP split.
