@@ -52,14 +52,23 @@ def test_parameter_counts_are_the_built_models(model):
     ({"strategy": "fsdp"}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS, 2 * 4 * LAYER),
     ({"strategy": "fsdp", "fsdp": {"reshard_after_forward": False}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS,
      4 * PARAMS + 4 * LAYER),
-    # ZeRO over 2 ranks: optimizer states (1), gradients (2), weights (3) halved; stages 1-2 add an fp32 master
-    # copy of the rank's half; every stage a gradient bucket of d_model^2 = 4,096 elements
+    # ZeRO over 2 ranks: optimizer states (1), gradients (2), weights (3) halved; every stage adds an fp32
+    # master copy of the rank's half and a gradient bucket of d_model^2 = 4,096 elements
     ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 1}}, 4 * PARAMS, 4 * PARAMS, 6 * PARAMS, 4 * 4096),
     ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}, 4 * PARAMS, 2 * PARAMS, 6 * PARAMS, 4 * 4096),
-    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS,
-     2 * 4 * LAYER + 4 * 4096),
+    # ZeRO-3 with DeepSpeed's reuse distance and live-parameter limits (1e9): the whole model stays gathered
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, 2 * PARAMS, 2 * PARAMS, 6 * PARAMS,
+     4 * PARAMS + 4 * 4096),
     ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3, "config": {"zero_optimization": {
-        "reduce_bucket_size": 10**9}}}}, 2 * PARAMS, 2 * PARAMS, 4 * PARAMS, 2 * 4 * LAYER + 4 * PARAMS),
+        "reduce_bucket_size": 10**9}}}}, 2 * PARAMS, 2 * PARAMS, 6 * PARAMS, 4 * PARAMS + 4 * PARAMS),
+    # ... at most stage3_max_live_parameters when nothing is reused within the distance; with no prefetching
+    # a layer gathered and the next one (at least)
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3, "config": {"zero_optimization": {
+        "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 100_000}}}}, 2 * PARAMS, 2 * PARAMS,
+     6 * PARAMS, 4 * 100_000 + 4 * 4096),
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3, "config": {"zero_optimization": {
+        "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}}}, 2 * PARAMS, 2 * PARAMS,
+     6 * PARAMS, 2 * 4 * LAYER + 4 * 4096),
     # TP 2: every linear weight and the embedding / output halved, norms replicated; dp 1
     ({"strategy": "ddp", "tp_size": 2}, 4 * (2 * (LAYER - 128) // 2 + 2 * 128 + EMBED // 2 + 64 + EMBED // 2),
      4 * (2 * (LAYER - 128) // 2 + 2 * 128 + EMBED // 2 + 64 + EMBED // 2),
@@ -125,4 +134,142 @@ def test_plan_command(tmp_path):
     odd = run("--workers", "3")  # checked as the config would be on 3 ranks
     assert odd.returncode == 2 and "batch.global_batch 8 is not divisible by data-parallel size 3" in odd.stderr
     assert "--device 'B200'" in run("--device", "B200").stderr
-    assert "stages.data: a data stage; lmfleet plan covers pretraining" in run("--stage", "data").stderr
+    assert "stages.data: a data stage; lmfleet plan covers training stages" in run("--stage", "data").stderr
+
+
+def test_plan_without_data(tmp_path):
+    """With no packed data and no data stage, model.vocab_size and model.max_seq_len give the shapes."""
+    pretrain = {"data": str(tmp_path / "nowhere"), "model": MODEL, "batch": {"global_batch": 8, "micro_batch": 4},
+                "scaling": {"num_workers": 2}}
+    path = write_config(tmp_path / "c.yaml", {"name": "p", "output_dir": str(tmp_path / "out"),
+                                               "stages": {"pretrain": pretrain}})
+    run = lambda *a: subprocess.run([*lmfleet_cmd(), "plan", str(path), *a], capture_output=True, text=True)  # noqa: E731
+    (row,) = [json.loads(x) for x in run("--json").stdout.splitlines()]
+    assert row["params"] == PARAMS and row["seq_len"] == 32
+    bare = run("--set", "stages.pretrain.model.vocab_size=null")
+    assert bare.returncode == 2 and "set model.vocab_size (and model.max_seq_len" in bare.stderr
+
+
+# -- post-training --
+
+def posttrain_config(kind: str, **over):
+    from lmfleet.posttrain import config as pc
+    from lmfleet.posttrain.plan import RL
+
+    classes = {c.KIND: c for c in (pc.SFTStageConfig, pc.RewardStageConfig, pc.DPOStageConfig, pc.ORPOStageConfig,
+                                   pc.DistillStageConfig, pc.GRPOStageConfig)}
+    base = {"model": "m", "dataset": {"format": "python_functions"}, "scaling": {"num_workers": 2}}
+    if kind in RL:
+        base.update(reward_functions=[{"function": "lmfleet.posttrain.rewards:length", "args": {"max_words": 5}}])
+    else:
+        base.update(training={"max_length": 32}, batch={"micro_batch": 4})
+    if kind in ("sft", "dpo"):
+        base.update(eval={"generation": {"max_new_tokens": 8}})
+    return classes[kind].model_validate({**base, **over})
+
+
+M = ModelConfig.model_validate(MODEL)
+TOKENS = 4 * 32  # a micro-batch of 4 sequences of 32 tokens
+PER_LAYER = TOKENS * (7 * 64 + 2 * (4 + 2 * 2) * 16 + 4 * 176)  # as test_activations_and_logits
+
+
+def test_posttrain_sft_full_and_lora():
+    from lmfleet.posttrain.plan import plan_posttrain
+
+    plan = plan_posttrain("sft", posttrain_config("sft"), {"model": M})
+    (policy,) = plan.roles
+    m = policy.memory
+    assert (policy.params, m.weights, m.gradients, m.optimizer, m.gathered) == (
+        PARAMS, 4 * PARAMS, 4 * PARAMS, 8 * PARAMS, 4 * PARAMS)  # DDP, as pretraining
+    assert m.activations == 4 * 2 * PER_LAYER and m.logits == 3 * 4 * TOKENS * 512
+    assert plan.rank_peak == m.peak
+    # LoRA r 8 on every linear layer of the blocks (not the output): r x (in + out) per matrix.
+    lora = 8 * 2 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 176))  # 18,688
+    (policy,) = plan_posttrain("sft", posttrain_config("sft", peft={"r": 8}), {"model": M}).roles
+    m = policy.memory
+    assert policy.trainable == lora
+    assert (m.weights, m.gradients, m.optimizer, m.gathered) == (4 * PARAMS, 4 * lora, 8 * lora, 4 * lora)
+    only_qv = posttrain_config("sft", peft={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    assert plan_posttrain("sft", only_qv, {"model": M}).roles[0].trainable == 4 * 2 * ((64 + 64) + (64 + 32))
+
+
+def test_posttrain_roles_by_kind():
+    from lmfleet.posttrain.plan import plan_posttrain
+
+    # DPO under FSDP: policy and frozen reference both sharded over 2 ranks; pairs double the sequences.
+    plan = plan_posttrain("dpo", posttrain_config("dpo", parallel={"strategy": "fsdp"}), {"model": M})
+    policy, ref = plan.roles
+    assert plan.sequences_per_micro_batch == 8
+    assert (ref.name, ref.trained, ref.memory.weights, ref.memory.gradients, ref.memory.gathered) == (
+        "reference", False, 2 * PARAMS, 0, 2 * 4 * LAYER)
+    assert policy.memory.activations == 4 * 2 * 2 * PER_LAYER and ref.memory.logits == 2 * 4 * 2 * TOKENS * 512
+    assert plan.rank_peak == policy.memory.peak + ref.memory.peak
+    # With peft the reference is the policy with its adapters off: no second model.
+    assert [r.name for r in plan_posttrain("dpo", posttrain_config("dpo", peft={}), {"model": M}).roles] == ["policy"]
+    # ORPO has no reference; a reward model scores (d_model -> 1) instead of the output layer.
+    assert [r.name for r in plan_posttrain("orpo", posttrain_config("orpo"), {"model": M}).roles] == ["policy"]
+    (rm,) = plan_posttrain("reward", posttrain_config("reward"), {"model": M}).roles
+    assert rm.params == PARAMS - 512 * 64 + 64 and rm.memory.logits == 0
+    # ZeRO-2: the gradient bucket is d_model^2 (what HF fills in for "auto")
+    (z2,) = plan_posttrain("sft", posttrain_config("sft", parallel={"strategy": "deepspeed"}), {"model": M}).roles
+    assert (z2.memory.gradients, z2.memory.optimizer, z2.memory.gathered) == (2 * PARAMS, 6 * PARAMS, 4 * 4096)
+    # Distillation: the student trained, the teacher replicated on every rank.
+    student = M.model_copy(update={"n_layers": 1})
+    plan = plan_posttrain("distill", posttrain_config("distill"), {"model": M, "student": student})
+    trained, teacher = plan.roles
+    assert (trained.name, trained.params, teacher.name, teacher.memory.weights) == (
+        "student", PARAMS - LAYER, "teacher", 4 * PARAMS)
+
+
+def test_posttrain_rl_placements():
+    from lmfleet.posttrain.plan import plan_posttrain
+
+    grpo = {"grpo": {"rollout_batch": 8, "mini_batch": 4, "num_generations": 4, "kl_coef": 0.1},
+            "training": {"max_length": 32}, "generation": {"max_new_tokens": 8}, "reward_model": "rm"}
+    models = {"model": M, "reward_model": M}
+    plan = plan_posttrain("grpo", posttrain_config("grpo", **grpo), models)
+    assert [(r.name, r.where) for r in plan.roles] == [
+        ("policy", "training rank"), ("reference", "training rank"), ("reward model", "training rank")]
+    # The rollout of 8 x 4 / 2 = 16 sequences per worker: KV cache + log-probs, larger than a 2-sequence update.
+    kv = 2 * 2 * 2 * 16 * 16 * 32 * 4  # keys and values, 2 layers, 2 kv heads of 16, 16 sequences of 32 tokens
+    rollout = kv + 2 * 4 * 16 * 32 * 512
+    policy = plan.roles[0].memory
+    assert plan.rank_peak == sum(r.memory.peak for r in plan.roles) - policy.activations - policy.logits + rollout
+    assert plan.actor_peak is None and any("the rollout is this rank's peak" in n for n in plan.notes)
+    split = plan_posttrain("grpo", posttrain_config("grpo", **grpo, placement="split"), models)
+    assert [r.where for r in split.roles[1:]] == ["frozen-model actor"] * 2
+    assert split.actor_peak == 4 * PARAMS + 4 * (PARAMS - 512 * 64 + 64)
+    assert split.rank_peak == plan.rank_peak - split.actor_peak
+    # No KL, no reward model: the policy alone.
+    alone = posttrain_config("grpo", grpo={**grpo["grpo"], "kl_coef": 0}, training={"max_length": 32},
+                             generation={"max_new_tokens": 8})
+    assert [r.name for r in plan_posttrain("grpo", alone, {"model": M}).roles] == ["policy"]
+
+
+def test_plan_command_posttrain_pipeline(tmp_path):
+    """A pipeline planned before it runs: each stage's model from the stage it names (pretrain -> sft -> dpo,
+    a distill student from its teacher's config)."""
+    stages = {
+        "pretrain": {"data": str(tmp_path / "nowhere"), "model": MODEL, "batch": {"global_batch": 8, "micro_batch": 4},
+                     "scaling": {"num_workers": 2}},
+        "sft": {"model": "pretrain", **{k: v for k, v in posttrain_config("sft").model_dump().items() if k in
+                                         ("dataset", "training", "batch", "scaling", "eval")}},
+        "dpo": {"kind": "dpo", "model": "sft", "dataset": {"format": "python_functions"},
+                "eval": {"generation": {"max_new_tokens": 8}},
+                "training": {"max_length": 32}, "batch": {"micro_batch": 4}, "scaling": {"num_workers": 2}},
+        "distill": {"kind": "distill", "model": "sft", "student": {"n_layers": 1}, "dataset": {"format": "python_functions"},
+                    "training": {"max_length": 32}, "batch": {"micro_batch": 4}, "scaling": {"num_workers": 2}},
+    }
+    path = write_config(tmp_path / "c.yaml", {"name": "p", "output_dir": str(tmp_path / "out"), "stages": stages})
+    run = lambda *a: subprocess.run([*lmfleet_cmd(), "plan", str(path), *a], capture_output=True, text=True)  # noqa: E731
+    rows = {r["stage"]: r for r in map(json.loads, run("--json").stdout.splitlines())}
+    assert set(rows) == {"pretrain", "sft", "dpo", "distill"}
+    assert rows["sft"]["roles"][0]["params"] == PARAMS and rows["sft"]["kind"] == "sft"
+    assert [r["name"] for r in rows["dpo"]["roles"]] == ["policy", "reference"]
+    assert [r["params"] for r in rows["distill"]["roles"]] == [PARAMS - LAYER, PARAMS]
+    text = run("--stage", "dpo", "--device-memory", "1MiB")
+    assert text.returncode == 0, text.stderr
+    assert "reference (158,016 parameters, frozen; on each training rank)" in text.stdout
+    assert "warning: a training rank needs" in text.stdout
+    odd = run("--stage", "sft", "--workers", "3", "--set", "stages.sft.batch.global_batch=8")
+    assert odd.returncode == 2 and "sft with 3 ranks" in odd.stderr

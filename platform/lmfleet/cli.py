@@ -187,22 +187,25 @@ def _bytes(text: str) -> int:
 def plan(
     config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML.")],
     set_: SetOpt = None,
-    stage: Annotated[list[str] | None, typer.Option(help="Plan only these stages (default: every pretrain stage).")] = None,
+    stage: Annotated[list[str] | None, typer.Option(help="Plan only these stages (default: every training stage).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ranks (default: the stage's scaling.num_workers, the max).")] = None,
     device: Annotated[str | None, typer.Option(help="A GPU for the step time: H100, H200, A100, L4, A10.")] = None,
     mfu: Annotated[float, typer.Option(help="The MFU the step time assumes.")] = 0.4,
     device_memory: Annotated[str | None, typer.Option(help="Warn when a rank needs more, e.g. 80GiB.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per stage.")] = False,
 ) -> None:
-    """What a pretraining config costs, by arithmetic (no Ray, no model built): parameters, FLOPs and tokens,
-    memory per rank (weights, gradients, optimizer states, activations) under its strategy and mesh, and the
-    step time on a named device at an assumed MFU."""
+    """What a training config costs, by arithmetic (no Ray, no model built). Pretraining: parameters, FLOPs
+    and tokens, memory per rank (weights, gradients, optimizer states, activations) under its strategy and
+    mesh, and the step time on a named device at an assumed MFU. Post-training: the memory per rank of
+    every model the stage holds (trained, frozen reference, teacher, reward model)."""
     import json
 
     from lmfleet import runner
+    from lmfleet.posttrain.plan import plan_posttrain, posttrain_lines, role_models, with_workers
     from lmfleet.train.config import PEAK_FLOPS
     from lmfleet.train.plan import data_shapes, plan_lines, plan_pretrain, planned_config
 
+    untrained = {"data"}
     try:
         loaded = runner.load_run(config, set_)
         names = {s.name: s for s in loaded.stages}
@@ -211,26 +214,35 @@ def plan(
             raise UserError(f"{config}: --stage {', '.join(unknown)}: not a stage of this config")
         if device is not None and device not in PEAK_FLOPS:
             raise UserError(f"--device {device!r}: expected one of {', '.join(PEAK_FLOPS)}")
-        chosen = [names[n] for n in stage] if stage else [s for s in loaded.stages if s.kind == "pretrain"]
+        chosen = [names[n] for n in stage] if stage else [s for s in loaded.stages if s.kind not in untrained]
         if not chosen:
-            raise UserError(f"{config}: no pretrain stage to plan (lmfleet plan covers pretraining)")
+            raise UserError(f"{config}: no training stage to plan (lmfleet plan covers pretraining and post-training)")
+        run_dir = loaded.config.run_dir
         data = {s.name: s.config for s in loaded.stages if s.kind == "data"}
+        specs = {s.name: (s.kind, s.config) for s in loaded.stages}
+        limit = None if device_memory is None else _bytes(device_memory)
         out = []
         for spec in chosen:
-            if spec.kind != "pretrain":
-                raise UserError(f"stages.{spec.name}: a {spec.kind} stage; lmfleet plan covers pretraining")
-            cfg = planned_config(spec.config, loaded.config.run_dir, workers)
-            vocab, seq, source = data_shapes(cfg, data, loaded.config.run_dir)
-            result = plan_pretrain(cfg, vocab, seq, device=device, mfu=mfu,
-                                   device_memory=None if device_memory is None else _bytes(device_memory))
-            out.append((spec.name, source, result))
+            if spec.kind in untrained:
+                raise UserError(f"stages.{spec.name}: a {spec.kind} stage; lmfleet plan covers training stages")
+            if spec.kind == "pretrain":
+                cfg = planned_config(spec.config, run_dir, workers)
+                vocab, seq, source = data_shapes(cfg, data, run_dir)
+                result = plan_pretrain(cfg, vocab, seq, device=device, mfu=mfu, device_memory=limit)
+                out.append((spec.name, {"shapes_from": source}, result, plan_lines))
+            else:
+                cfg = with_workers(spec.config, workers)
+                result = plan_posttrain(spec.kind, cfg, role_models(spec.kind, cfg, specs, run_dir),
+                                        on_gpu=device is not None, device_memory=limit)
+                out.append((spec.name, {}, result, posttrain_lines))
     except UserError as err:
         _fail(err)
-    for name, source, result in out:
+    for name, where, result, lines in out:
         if json_:
-            typer.echo(json.dumps({"stage": name, "shapes_from": source, **result.as_dict()}))
+            typer.echo(json.dumps({"stage": name, **where, **result.as_dict()}))
         else:
-            typer.echo("\n".join([f"[{name}] vocab and seq_len from {source}", *plan_lines(result)]))
+            header = f"vocab and seq_len from {where['shapes_from']}" if where else "post-training"
+            typer.echo("\n".join([f"[{name}] {header}", *lines(result)]))
 
 
 def summarize(report: dict) -> str:

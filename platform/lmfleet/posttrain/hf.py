@@ -56,9 +56,13 @@ def training_args(cfg, out_dir: str, seed: int, use_gpu: bool, has_eval: bool, t
         # FSDP2, fully sharded, one unit per decoder layer (the model's _no_split_modules).
         args.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True})
     elif par.strategy == "deepspeed":
-        zero = {"stage": par.deepspeed.zero_stage}
+        # Buckets sized by the hidden size ("auto": HF fills in pretraining's values, lmfleet.train.config.
+        # DeepSpeedConfig.zero_optimization); DeepSpeed's own defaults hold every gradient of a model under
+        # 5e8 parameters in one bucket.
+        zero = {"stage": par.deepspeed.zero_stage, "reduce_bucket_size": "auto"}
         if par.deepspeed.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for model/
+            zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                        stage3_gather_16bit_weights_on_model_save=True)  # full weights for model/
         args["deepspeed"] = {
             "zero_optimization": zero, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

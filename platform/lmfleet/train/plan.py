@@ -77,7 +77,7 @@ def _elements(tensors: list[Tensor], tp: int) -> int:
     return sum(t.numel // tp if t.tp_dim is not None else t.numel for t in tensors)
 
 
-def _optimizer_elements(name: str, tensors: list[Tensor], tp: int) -> int:
+def optimizer_elements(name: str, tensors: list[Tensor], tp: int) -> int:
     if name in STATE_PER_PARAM:
         return STATE_PER_PARAM[name] * _elements(tensors, tp)
     total = 0  # adafactor: a row and a column second moment per matrix, a full one per vector
@@ -89,6 +89,77 @@ def _optimizer_elements(name: str, tensors: list[Tensor], tp: int) -> int:
             cols //= tp
         total += rows + cols
     return total
+
+
+# DeepSpeed's own defaults for the zero_optimization keys the plan reads that lmfleet does not set.
+DEEPSPEED_ZERO_DEFAULTS = {"stage3_max_reuse_distance": 10**9, "stage3_max_live_parameters": 10**9,
+                           "stage3_prefetch_bucket_size": 5 * 10**7}
+
+
+def zero3_kept_gathered(zo: dict, elements: int) -> int:
+    """Parameter elements ZeRO-3 (DeepSpeed 0.19) leaves gathered from a layer's forward to its backward:
+    a parameter is not released when its next use lies within stage3_max_reuse_distance elements of the
+    trace (the backward comes back to layer i after the forward of the layers after it and their backward:
+    about twice their parameters), nor when the prefetcher has scanned past its next use, which it does up
+    to stage3_max_live_parameters elements while prefetching is on. Measured (this rule's figure) on
+    benchmarks/plan_vs_measured.py's 105M-parameter model, 2 ranks, RSS at the last forward above the same
+    run with nothing kept: DeepSpeed's defaults (reuse 1e9, live 1e9) 403 MiB (402: the whole model);
+    reuse 1e9 with prefetch 0: the whole model too; reuse 0, live 3e7: 116 (114); reuse 2e7, live 1e6:
+    39 (38); reuse 0, prefetch 0: 0 (0)."""
+    live = zo["stage3_max_live_parameters"] if zo["stage3_prefetch_bucket_size"] > 0 else 0
+    return min(elements, max(zo["stage3_max_reuse_distance"] // 2, live))
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How the data-parallel ranks hold one model's states: `replicated` (none, DDP: a whole copy each),
+    `fsdp` (FSDP2: `reshard` after forward or not, the gathered copy in `gathered_bytes` per element) or
+    `deepspeed` (ZeRO: its `zero_optimization` section, DeepSpeed's defaults where a key is absent)."""
+
+    kind: str
+    dp: int
+    reshard: bool = True
+    gathered_bytes: int = 4
+    zero: dict | None = None
+
+
+def states(s: Sharding, elements: int, trainable: int, optimizer: int, largest_layer: int,
+           notes: list[str]) -> tuple[int, int, int, int]:
+    """Bytes on one rank of a model's weights, gradients, optimizer states and gathered / bucket buffers:
+    `elements` parameter elements before data-parallel sharding (a TP / pipeline rank's part), `trainable`
+    of them trained (gradients; 0: a frozen model), `optimizer` state elements, `largest_layer` the
+    elements of its largest layer. Notes what the user may want to change in `notes`."""
+    dp = s.dp
+    weights, grads, opt, gathered = 4 * elements, 4 * trainable, 4 * optimizer, 0
+    if s.kind == "fsdp" and dp > 1:
+        weights, grads, opt = weights // dp, grads // dp, opt // dp
+        if s.reshard:  # one layer unsharded at a time, the next one prefetched
+            gathered = 2 * s.gathered_bytes * largest_layer
+        else:  # parameters stay unsharded from forward to backward
+            gathered = s.gathered_bytes * elements + 4 * largest_layer * (trainable > 0)
+    elif s.kind == "deepspeed":
+        zo = {**DEEPSPEED_ZERO_DEFAULTS, **s.zero}
+        zero = zo["stage"]
+        opt //= dp if zero >= 1 else 1
+        grads //= dp if zero >= 2 else 1
+        if zero >= 1:  # every stage clones this rank's partition as fp32 master weights, even from fp32 ones
+            opt += 4 * trainable // dp
+        if zero == 3:
+            weights //= dp
+            kept = zero3_kept_gathered(zo, elements)
+            gathered = 4 * max(kept, 2 * largest_layer)  # at least a layer gathered and the next prefetched
+            if kept > 2 * largest_layer:
+                notes.append(
+                    f"ZeRO-3 keeps {size_text(4 * kept)} of parameters gathered from forward to backward "
+                    f"(stage3_max_reuse_distance {zo['stage3_max_reuse_distance']:.3g}, stage3_max_live_parameters "
+                    f"{zo['stage3_max_live_parameters']:.3g} elements): lower both in "
+                    "parallel.deepspeed.config.zero_optimization to gather them again in the backward "
+                    "(less memory, more communication)")
+        # gradients collected into a bucket before each reduce (lmfleet sizes it d_model^2 by default)
+        gathered += 4 * min(zo["reduce_bucket_size"], trainable)
+    elif s.kind == "replicated" and dp > 1:
+        gathered = 4 * trainable  # DDP's gradient buckets (a second copy of the gradients)
+    return weights, grads, opt, gathered
 
 
 @dataclass
@@ -169,34 +240,20 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
         if _elements(ts, tp) > worst_elems:
             worst, worst_elems = ts, _elements(ts, tp)
     largest_layer = max(_elements(groups[f"layers.{i}"], tp) for i in range(m.n_layers))
-    opt = _optimizer_elements(cfg.optimizer.name, worst, tp)
-    weights = grads = 4 * worst_elems
-    optimizer = 4 * opt
-    gathered, notes = 0, []
+    opt = optimizer_elements(cfg.optimizer.name, worst, tp)
+    notes: list[str] = []
     strategy = p.strategy
-    sharded = strategy == "fsdp" or (strategy == "ddp" and (tp > 1 or pp > 1))  # FSDP2 over dp (parallel.py)
-    # FSDP's gathered copy: param_dtype, or (None) bf16 on GPU (lmfleet.train.parallel)
-    gathered_bytes = 2 if (p.fsdp.param_dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else 4
-    if sharded and dp > 1:
-        weights, grads, optimizer = weights // dp, grads // dp, optimizer // dp
-        # ddp with tp / pp > 1 runs FSDP2 without resharding (lmfleet.train.parallel)
-        if strategy == "fsdp" and p.fsdp.reshard_after_forward:  # one layer unsharded at a time
-            gathered = 2 * gathered_bytes * largest_layer
-        else:  # parameters stay unsharded from forward to backward
-            gathered = gathered_bytes * worst_elems + 4 * largest_layer
+    if strategy == "fsdp" or (strategy == "ddp" and (tp > 1 or pp > 1)):  # FSDP2 over dp (parallel.py)
+        # ddp with tp / pp > 1 runs FSDP2 without resharding (lmfleet.train.parallel). The gathered copy:
+        # param_dtype, or (None) bf16 on GPU
+        gathered_bytes = 2 if (p.fsdp.param_dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else 4
+        sharding = Sharding("fsdp", dp, reshard=strategy == "fsdp" and p.fsdp.reshard_after_forward,
+                            gathered_bytes=gathered_bytes)
     elif strategy == "deepspeed":
-        zero = p.deepspeed.zero_stage
-        optimizer //= dp if zero >= 1 else 1
-        grads //= dp if zero >= 2 else 1
-        if 1 <= zero < 3:  # stages 1-2 clone this rank's partition as fp32 master weights, even from fp32 ones
-            optimizer += 4 * worst_elems // dp
-        if zero == 3:
-            weights //= dp
-            gathered = 2 * 4 * largest_layer  # a layer gathered, the next one prefetched
-        # gradients collected into a bucket before each reduce (lmfleet sizes it d_model^2 by default)
-        gathered += 4 * min(p.deepspeed.zero_optimization(m.d_model)["reduce_bucket_size"], worst_elems)
-    elif strategy == "ddp" and not sharded and dp > 1:
-        gathered = 4 * worst_elems  # DDP's gradient buckets (a second copy of the gradients)
+        sharding = Sharding("deepspeed", dp, zero=p.deepspeed.zero_optimization(m.d_model))
+    else:
+        sharding = Sharding("replicated", dp)
+    weights, grads, optimizer, gathered = states(sharding, worst_elems, worst_elems, opt, largest_layer, notes)
     if strategy == "deepspeed" and on_gpu:
         notes.append("DeepSpeed on GPU trains in bf16 with fp32 master weights: the plan counts fp32 weights and "
                      "gradients, so it overestimates them")
@@ -236,7 +293,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     return plan
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -261,10 +318,10 @@ def plan_lines(plan: Plan) -> list[str]:
         f"per rank ({plan.world} ranks, {plan.strategy}, mesh pp {mesh['pp']} x dp {mesh['dp']} x tp {mesh['tp']}; "
         f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}, "
         f"{plan.micro_batches_in_flight} micro-batch(es) in flight):",
-        f"  weights {_size(mem.weights)}, gradients {_size(mem.gradients)}, optimizer {_size(mem.optimizer)}, "
-        f"gathered / buckets {_size(mem.gathered)}",
-        f"  activations {_size(mem.activations)} (estimate), logits {_size(mem.logits)}",
-        f"  predicted peak {_size(mem.peak)}",
+        f"  weights {size_text(mem.weights)}, gradients {size_text(mem.gradients)}, optimizer {size_text(mem.optimizer)}, "
+        f"gathered / buckets {size_text(mem.gathered)}",
+        f"  activations {size_text(mem.activations)} (estimate), logits {size_text(mem.logits)}",
+        f"  predicted peak {size_text(mem.peak)}",
     ]
     if plan.device is not None:
         hours = plan.step_seconds * plan.total_tokens / plan.tokens_per_step / 3600
@@ -298,7 +355,8 @@ def planned_config(cfg: PretrainConfig, run_dir, world: int | None) -> PretrainC
 def data_shapes(cfg: PretrainConfig, data_stages: dict, run_dir) -> tuple[int, int, str]:
     """(vocab size, sequence length, where they came from) for planning `cfg`: its model.vocab_size, else
     the packed data's index when it exists, else the data stage of the same config that `cfg.data` names
-    (its tokenizer.vocab_size: an upper bound, BPE may learn fewer); InputError when none says."""
+    (its tokenizer.vocab_size: an upper bound, BPE may learn fewer), else model.vocab_size with
+    model.max_seq_len as the sequence length; InputError when none says."""
     from lmfleet import uri
     from lmfleet.errors import InputError
     from lmfleet.train.stage import packed_dir, read_index
@@ -314,9 +372,12 @@ def data_shapes(cfg: PretrainConfig, data_stages: dict, run_dir) -> tuple[int, i
         data = data_stages[cfg.data]
         vocab, seq = data.tokenizer.vocab_size, data.pack.seq_len
         source = f"data stage {cfg.data!r} (tokenizer.vocab_size, pack.seq_len)"
+    elif cfg.model.vocab_size is not None:  # sequences of model.max_seq_len: the longest the data may pack
+        vocab, seq = cfg.model.vocab_size, cfg.model.max_seq_len
+        return vocab, seq, "model.vocab_size and model.max_seq_len (no packed data yet)"
     else:
         raise InputError(f"pretrain.data {cfg.data!r}: no packed data yet and no data stage of that name in this "
-                         "config: set model.vocab_size to plan")
+                         "config: set model.vocab_size (and model.max_seq_len, the sequence length) to plan")
     if cfg.model.vocab_size is not None:
         vocab, source = cfg.model.vocab_size, f"model.vocab_size; seq_len from {source}"
     return vocab, seq, source
