@@ -1,5 +1,6 @@
 """`lmfleet plan`'s predicted peak memory per rank against the peak each rank measured in a real run, for a
-~100M-parameter model under each strategy on this machine's CPU. Target: within +-15% for each.
+~100M-parameter model under each strategy on this machine's CPU, then post-training it (SFT, with and
+without LoRA; DPO, whose frozen reference doubles the weights). Target: within +-15% for each.
 
     python benchmarks/plan_vs_measured.py [--data runs/quickstart/data] [--steps 3] [--only ddp,fsdp]
 
@@ -7,7 +8,7 @@ Without --data it first runs the data stage of jobs/quickstart.yaml (stdlib docs
 seq_len 256). Each case is one `lmfleet run` of a pretrain stage (a fresh Ray, fresh worker processes);
 measured = the stage report's `memory.peak_bytes_per_rank` (CPU: each rank's peak RSS above its RSS
 before it built the model; lmfleet.train.memory); predicted = `lmfleet plan CONFIG --json`'s
-`memory.peak` for the same config.
+`memory.peak` (post-training: `rank_peak`) for the same config.
 
 Each case runs twice, side by side: with glibc's default malloc, whose RSS also holds freed heap
 memory it keeps (fragmentation from the many 1-30 MB tensors a step allocates and frees), and with
@@ -40,6 +41,17 @@ CASES = {  # name: (parallel, workers)
     "deepspeed ZeRO-3": ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, 2),
     "tp 2": ({"strategy": "ddp", "tp_size": 2}, 2),
 }
+# Post-training of the same model (random weights, exported as a HF Llama dir) on python_functions records:
+# name: (kind, stage keys). One record per forward pass, 3 optimizer steps, 2 workers. The plan counts
+# sequences of training.max_length tokens: python_functions' records, 61-217 tokens (median ~72) with the
+# quickstart tokenizer, fill 64 (truncated).
+POST_LENGTH = 64
+NO_EVAL = {"samples": 0, "generation": {"max_new_tokens": 16}}
+POSTTRAIN = {
+    "sft (ddp)": ("sft", {"eval": NO_EVAL}),
+    "sft + LoRA r 16": ("sft", {"eval": NO_EVAL, "peft": {"r": 16}}),
+    "dpo (policy + reference)": ("dpo", {"eval": NO_EVAL}),
+}
 
 
 def stage(data: Path, parallel: dict, workers: int, steps: int) -> dict:
@@ -51,21 +63,48 @@ def stage(data: Path, parallel: dict, workers: int, steps: int) -> dict:
     }
 
 
-def run_case(name: str, data: Path, parallel: dict, workers: int, steps: int, work: Path,
-             env: dict) -> tuple[int, list[int]]:
+def posttrain_stage(model_dir: Path, kind: str, keys: dict, steps: int) -> dict:
+    return {"kind": kind, "model": str(model_dir), "dataset": {"format": "python_functions", "max_records": 64},
+            "training": {"max_steps": steps, "max_length": POST_LENGTH}, "batch": {"micro_batch": 1},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1}, "checkpoint": {"every": 10**6}, **keys}
+
+
+def hf_model(data: Path, work: Path) -> Path:
+    """MODEL with random weights as a HF Llama dir with the data's tokenizer: the post-training input."""
+    import torch
+
+    from lmfleet.model.config import ModelConfig
+    from lmfleet.model.export import export_model
+    from lmfleet.model.transformer import Transformer
+
+    index = json.loads((data / "packed" / "index.json").read_text())
+    cfg = ModelConfig(**MODEL, vocab_size=index["vocab_size"])
+    out = work / "hf_model"
+    torch.manual_seed(0)
+    export_model(Transformer(cfg).state_dict(), cfg, out, data / "tokenizer", eos_id=index["eos_id"],
+                 pad_id=index["pad_id"])
+    return out
+
+
+def run_case(name: str, stage_cfg: dict, work: Path, env: dict) -> tuple[int, list[int]]:
+    """(predicted peak, each rank's measured peak) of one stage run on a fresh local Ray."""
     slug = "".join(c if c.isalnum() else "_" for c in name) + ("_mmap" if "MALLOC_MMAP_THRESHOLD_" in env else "")
     path = work / f"{slug}.yaml"
-    path.write_text(yaml.safe_dump({"name": slug, "output_dir": str(work / slug),
-                                    "stages": {"pretrain": stage(data, parallel, workers, steps)}}, sort_keys=False))
-    plan = subprocess.run([sys.executable, "-m", "lmfleet.cli", "plan", str(path), "--json"],
-                          check=True, capture_output=True, text=True)
-    predicted = json.loads(plan.stdout)["memory"]["peak"]
+    kind = stage_cfg.get("kind", "pretrain")
+    path.write_text(yaml.safe_dump({"name": slug, "output_dir": str(work / slug), "stages": {kind: stage_cfg}},
+                                   sort_keys=False))
+    planned = subprocess.run([sys.executable, "-m", "lmfleet.cli", "plan", str(path), "--json"], capture_output=True,
+                             text=True)
+    if planned.returncode:
+        sys.exit(f"{name}: lmfleet plan failed:\n{planned.stderr[-3000:]}")
+    plan = json.loads(planned.stdout)
+    predicted = plan["memory"]["peak"] if kind == "pretrain" else plan["rank_peak"]
     # The workers inherit the environment through the local Ray that `lmfleet run` starts.
     done = subprocess.run([sys.executable, "-m", "lmfleet.cli", "run", str(path)], capture_output=True, text=True,
                           env=env)
     if done.returncode:
         sys.exit(f"{name}: lmfleet run failed:\n{done.stderr[-3000:]}")
-    report = json.loads((work / slug / "pretrain" / "report.json").read_text())
+    report = json.loads((work / slug / kind / "report.json").read_text())
     return predicted, report["memory"]["peak_bytes_per_rank"]
 
 
@@ -75,7 +114,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", help="comma-separated case names (default: all)")
     args = ap.parse_args()
-    cases = {k: v for k, v in CASES.items() if not args.only or k in args.only.split(",")}
+    wanted = lambda name: not args.only or name in args.only.split(",")  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = args.data
@@ -88,10 +127,15 @@ def main() -> None:
         print(f"{'case':42s} {'predicted':>10s} {'RSS':>9s} {'ratio':>6s} {'RSS, mmap':>10s} {'ratio':>6s}")
         worst = 0.0
         plain = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-        for name, (parallel, workers) in cases.items():
-            predicted, rss = run_case(name, data, parallel, workers, args.steps, work, plain)
-            _, mapped = run_case(name, data, parallel, workers, args.steps, work,
-                                 {**plain, "MALLOC_MMAP_THRESHOLD_": "131072"})
+        cases = {name: stage(data, parallel, workers, args.steps) for name, (parallel, workers) in CASES.items()
+                 if wanted(name)}
+        if any(wanted(name) for name in POSTTRAIN):
+            model_dir = hf_model(data, work)
+            cases.update({name: posttrain_stage(model_dir, kind, keys, args.steps)
+                          for name, (kind, keys) in POSTTRAIN.items() if wanted(name)})
+        for name, stage_cfg in cases.items():
+            predicted, rss = run_case(name, stage_cfg, work, plain)
+            _, mapped = run_case(name, stage_cfg, work, {**plain, "MALLOC_MMAP_THRESHOLD_": "131072"})
             worst = max(worst, abs(max(mapped) / predicted - 1))
             print(f"{name:42s} {predicted / 2**20:10.1f} {max(rss) / 2**20:9.1f} {max(rss) / predicted:6.3f} "
                   f"{max(mapped) / 2**20:10.1f} {max(mapped) / predicted:6.3f}", flush=True)

@@ -54,6 +54,13 @@ def test_sft_learns_answers(sft):
     assert "{% generation %}" in tok.chat_template
     model = load_causal_lm(out / "model")
     assert model.config.num_hidden_layers == 2
+    # Each worker's peak memory, measured from before it loaded the model: at least its fp32 weights,
+    # gradients and two AdamW states (DDP: all of them on every worker).
+    states = 4 * 4 * sum(p.numel() for p in model.parameters())
+    memory = report["memory"]
+    assert len(memory["peak_bytes_per_rank"]) == 2 and min(memory["peak_bytes_per_rank"]) > states, memory
+    assert all(i <= p for i, p in zip(memory["init_bytes_per_rank"], memory["peak_bytes_per_rank"], strict=True))
+    assert any(line.startswith("memory: peak") for line in report["summary"])
 
 
 def test_sft_loss_only_on_completions(base_lm):
@@ -161,6 +168,10 @@ def test_ppo_raises_reward_within_kl_bound(tmp_path, sft, reward):
     assert ev["win_rate"] > 0.5, ev  # under the reward model, against the SFT policy's answers
     assert ev["kl"] < 10.0, ev  # a bound on the drift: ~3x the configured kl_target
     assert (out / "model" / "config.json").exists()
+    # Colocated: each worker holds the policy's weights, gradients and two AdamW states, the reference (the
+    # policy's size) and the reward model, all fp32 as saved, at its peak.
+    size = lambda d: sum(f.stat().st_size for f in (d / "model").glob("*.safetensors"))  # noqa: E731
+    assert min(report["memory"]["peak_bytes_per_rank"]) > 5 * size(sft[1]) + size(reward[1]), report["memory"]
 
 
 def _kill_a_worker_once_checkpointed(storage, metrics, killed: list, every: int) -> None:

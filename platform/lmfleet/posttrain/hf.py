@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 import torch.distributed as dist
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
@@ -30,6 +31,7 @@ from lmfleet.posttrain.stage import PostTrainStage, StageInputs, first_last
 from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
+from lmfleet.train.memory import PeakMemory, gather_record, report_section, summary_line
 from lmfleet.uri import is_uri
 
 
@@ -169,6 +171,21 @@ def save_final(trainer, location: str, peft: PeftConfig | None, tokenizer, task:
         publish(out / name, child(location, name), move=True)
 
 
+def start_measure(cfg, use_gpu: bool) -> PeakMemory:
+    """This worker's peak memory from here (lmfleet.train.memory): the libraries a trainer loads on first use
+    (TRL, PEFT, DeepSpeed) are imported first, so the measure counts the models, their states and
+    activations, not code."""
+    import trl  # noqa: F401
+
+    if getattr(cfg, "peft", None) is not None:
+        import peft  # noqa: F401
+    if getattr(getattr(cfg, "parallel", None), "strategy", None) == "deepspeed":
+        import deepspeed  # noqa: F401
+    memory = PeakMemory(torch.device("cuda") if use_gpu else torch.device("cpu"))
+    memory.start()
+    return memory
+
+
 def _worker(config: dict) -> None:
     import datasets
     import transformers
@@ -188,7 +205,9 @@ def _worker(config: dict) -> None:
     # New weights (a reward model's score head, PEFT adapters) are drawn while the model is built, before
     # the HF Trainer seeds anything.
     transformers.set_seed(run.seed)
+    memory = start_measure(cfg, inputs.use_gpu)
     trainer, tokenizer = stage.build_trainer(cfg, local, args)
+    memory.mark("init")
     for callback in (ReportCheckpoints(), MetricsCallback(run.metrics, run.stage, run.tags), ApplyHyperparams()):
         trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)
@@ -197,6 +216,9 @@ def _worker(config: dict) -> None:
             trainer.train()
         else:
             trainer.train(resume_from_checkpoint=str(d / ReportCheckpoints.CHECKPOINT_NAME))
+    record = gather_record(memory)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        run.metrics.write(run.stage, **run.tags, **record)
     if run.export:
         save_final(trainer, inputs.out, getattr(cfg, "peft", None), tokenizer, stage.TASK)
     if is_uri(inputs.out):  # the scratch is in this node's cache; with a local stage dir the driver clears it
@@ -241,11 +263,15 @@ class HFStage(PostTrainStage):
         report = {"steps": max((h.get("step", 0) for h in logged), default=0),
                   "checkpoint": checkpoint_uri(result.checkpoint), **first_last(history, ("loss", *cls.TRACKED))}
         counts = records.counts()
+        memory = report_section(logged)
+        if memory:
+            report["memory"] = memory
         report["summary"] = [
             f"records: {counts['train']} train, {counts['val']} val, {counts['rejected']} quarantined "
             f"({ctx.uri('data', 'rejects.jsonl')})",
             f"trained {report['steps']} steps on {cfg.scaling.bounds[0]} worker(s) ({cfg.parallel.strategy}): "
             f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}" if history else "trained: no loss logged",
+            *summary_line(memory),
         ]
         return report
 

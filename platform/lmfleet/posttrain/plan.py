@@ -57,10 +57,18 @@ class PostTrainPlan:
         return {**asdict(self), "roles": roles}
 
 
+def _targets(cfg, m: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, out features, in features) of each matrix of a block that the `peft` block adapts."""
+    p = cfg.peft
+    wanted = None if p.target_modules == "all-linear" else {HF_LINEAR.get(t, t) for t in p.target_modules}
+    return [(t.name.split(".")[-2], *t.shape) for t in base.layer_tensors(m, 0)
+            if len(t.shape) == 2 and (wanted is None or t.name.split(".")[-2] in wanted)]
+
+
 def peft_trainable(cfg, m: ModelConfig) -> int:
     """Parameters the `peft` block trains on model `m` (LoRA: r x (in + out) per targeted matrix; IA3: one
     scale per output feature, per input feature on the FFN's down projection; prompt / P-tuning: the virtual
-    tokens' embeddings and, for P-tuning, its encoder MLP)."""
+    tokens' embeddings and, for P-tuning, its encoder MLP). PEFT's all-linear leaves the output layer out."""
     p = cfg.peft
     if p.method in ("prompt_tuning", "p_tuning"):
         prompt = p.num_virtual_tokens * m.d_model
@@ -68,18 +76,18 @@ def peft_trainable(cfg, m: ModelConfig) -> int:
             return prompt
         h = p.encoder_hidden_size  # PEFT's MLP encoder: d -> h -> h -> d with biases
         return prompt + (m.d_model * h + h) + (h * h + h) + (h * m.d_model + m.d_model)
-    wanted = None if p.target_modules == "all-linear" else {HF_LINEAR.get(t, t) for t in p.target_modules}
-    total = 0
-    for name, tensors in base.model_tensors(m).items():
-        if not name.startswith("layers."):
-            continue  # PEFT's all-linear leaves the output layer out; embeddings are no Linear
-        for t in tensors:
-            short = t.name.split(".")[-2]
-            if len(t.shape) != 2 or (wanted is not None and short not in wanted):
-                continue
-            out_f, in_f = t.shape
-            total += p.r * (in_f + out_f) if p.method == "lora" else (in_f if short == "w2" else out_f)
-    return total
+    per_layer = sum(p.r * (in_f + out_f) if p.method == "lora" else (in_f if name == "w2" else out_f)
+                    for name, out_f, in_f in _targets(cfg, m))
+    return m.n_layers * per_layer
+
+
+def lora_dropout_bytes(cfg, m: ModelConfig, tokens: int, act_bytes: int) -> int:
+    """What LoRA's dropout keeps for the backward pass, beyond the model's own activations: lora_A's input,
+    a dropped copy of each adapted matrix's input (and its mask, a byte an element), per layer."""
+    p = cfg.peft
+    if p is None or p.method != "lora" or p.dropout == 0:
+        return 0
+    return m.n_layers * tokens * sum(in_f for _, _, in_f in _targets(cfg, m)) * (act_bytes + 1)
 
 
 def _sharding(cfg, m: ModelConfig, world: int, on_gpu: bool) -> Sharding:
@@ -158,11 +166,13 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
     # gradient); a frozen model's forward of the same batch keeps only its logits (and their log-softmax).
     tokens = seqs * seq
     per_layer = base.activation_elements(policy, tokens, 1)
+    lora = lora_dropout_bytes(cfg, policy, tokens, act_bytes) if peft else 0
     if not rl and cfg.parallel.activation_checkpointing:
         act = policy.n_layers * tokens * policy.d_model + per_layer
+        lora //= policy.n_layers  # kept for the layer being recomputed only
     else:
         act = policy.n_layers * per_layer
-    trained.memory.activations = act * act_bytes
+    trained.memory.activations = act * act_bytes + lora
     trained.memory.logits = 0 if kind == "reward" else 3 * 4 * tokens * policy.vocab_size
     if not rl:  # (an RL stage's frozen passes are part of its rollout)
         for role in roles[1:]:

@@ -33,6 +33,7 @@ from lmfleet.posttrain.stage import PostTrainStage, StageInputs, quarantine_long
 from lmfleet.runlog import read_jsonl
 from lmfleet.runtime import ORDER, SAMPLING, SHUFFLE, WorkerRun, step_seed
 from lmfleet.storage import checkpoint_uri
+from lmfleet.train.memory import PeakMemory, gather_record, report_section, summary_line
 
 DRY_RUN_RECORDS = 4  # reward functions are called on this many records' reference answers before any work
 
@@ -355,8 +356,14 @@ class RLTrainer:
 
 def _worker(config: dict) -> None:
     run: WorkerRun = config["run"]
+    import ray.train.torch
+    import transformers  # noqa: F401  (loaded before the measure starts: code, not the models)
+
     cfg, inputs = run.cfg, run.inputs
+    memory = PeakMemory(ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu"))
+    memory.start()  # the policy (and colocated frozen models), optimizer states, rollouts, activations
     trainer = run.stage_class(cfg, inputs, run.seed)
+    memory.mark("init")
     for iteration in range(trainer.restore(), cfg.iterations):
         started = time.perf_counter()
         torch.manual_seed(step_seed(run.seed, iteration, trainer.rank, SAMPLING))
@@ -382,7 +389,9 @@ def _worker(config: dict) -> None:
             run.metrics.write(run.stage, **metrics)
         if (iteration + 1) % cfg.checkpoint.every == 0 or iteration + 1 == cfg.iterations:
             trainer.save(iteration + 1, metrics)
+    record = gather_record(memory)
     if trainer.rank == 0:
+        run.metrics.write(run.stage, **record)
         local = workdir(inputs.export, fresh=True)
         trainer.lm.save_pretrained(str(local))
         trainer.tok.padding_side = "right"  # left was for generation; the next stage trains on it
@@ -522,12 +531,16 @@ class RLStage(PostTrainStage):
         first, last = (history[0], history[-1]) if history else ({}, {})
         report = {"iterations": cfg.iterations, "first_score": first.get("score"), "final_score": last.get("score"),
                   "final_kl": last.get("kl"), "checkpoint": checkpoint_uri(result.checkpoint)}
+        memory = report_section(ctx.history("memory_per_rank"))
+        if memory:
+            report["memory"] = memory
         kl = f", KL {report['final_kl']:.3f}" if report["final_kl"] is not None else ""
         report["summary"] = [
             f"prompts: {len(records.train)} train, {len(records.val)} val, {records.counts()['rejected']} quarantined",
             f"{cfg.iterations} {cfg.KIND.upper()} iterations on {cfg.scaling.bounds[0]} worker(s), {cfg.group} "
             f"completion(s) per prompt: rollout reward {report['first_score']:.3f} -> {report['final_score']:.3f}{kl}"
             if history else "no iteration logged",
+            *summary_line(memory),
         ]
         return report
 

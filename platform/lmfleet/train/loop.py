@@ -29,7 +29,7 @@ from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_
 from lmfleet.train import checkpoint
 from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
-from lmfleet.train.memory import PeakMemory
+from lmfleet.train.memory import PeakMemory, gather_record
 from lmfleet.train.optim import apply_hyperparams, build_optimizer, lr_multiplier
 from lmfleet.train.parallel import (
     Layout,
@@ -350,14 +350,9 @@ def train_loop_per_worker(config: dict) -> None:
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             trainer.save(done, metrics)
-    mine = (trainer.memory.peak(), trainer.memory.marks["init"])
-    peaks = [mine]
-    if dist.is_initialized():
-        peaks = [None] * trainer.world
-        dist.all_gather_object(peaks, mine)
+    memory = gather_record(trainer.memory)
     if metrics_log:
-        metrics_log.write(run.stage, **run.tags, memory_per_rank=[p for p, _ in peaks],
-                          memory_init_per_rank=[i for _, i in peaks], memory_measure=trainer.memory.measure)
+        metrics_log.write(run.stage, **run.tags, **memory)
     sd = full_state_dict(trainer.model, trainer.layout, trainer.engine) if inputs.export else None
     if sd is not None:
         from lmfleet.model.export import export_model

@@ -26,6 +26,7 @@ from lmfleet.runlog import LineLog, MetricsLog
 from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.config import PretrainConfig
+from lmfleet.train.memory import report_section, summary_line
 
 
 def packed_dir(cfg: PretrainConfig, run_dir: Path | str | None) -> str:
@@ -169,12 +170,9 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
         "checkpoint": checkpoint_uri(result.checkpoint),
     }
-    measured = ctx.history("memory_per_rank")  # the last run's (a resumed run measures from its restart)
-    if measured:
-        report["memory"] = {"peak_bytes_per_rank": measured[-1]["memory_per_rank"],
-                            # once the model is in place, before the first step (sharded init: its share)
-                            "init_bytes_per_rank": measured[-1].get("memory_init_per_rank"),
-                            "measure": measured[-1]["memory_measure"]}
+    memory = report_section(ctx.history("memory_per_rank"))
+    if memory:
+        report["memory"] = memory
     export = outputs.read_json(outputs.child(ctx.out, "model", "export.json"))  # written by rank 0, on any node
     if export:
         report["export"] = {"path": ctx.uri("model"), **export}
@@ -185,10 +183,5 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         if report["val_loss"] is not None else "validation: no val split",
         f"throughput: {report['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * report['mfu']:.1f}%" if report["mfu"] else ""),
     ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
-    peaks = [b for b in report.get("memory", {}).get("peak_bytes_per_rank", []) if b is not None]
-    if peaks:
-        inits = [b for b in report["memory"]["init_bytes_per_rank"] or [] if b is not None]
-        report["summary"].append(f"memory: peak {max(peaks) / 2**20:.1f} MiB per rank (max over {len(peaks)}"
-                                 + (f"; {max(inits) / 2**20:.1f} MiB with the model in place" if inits else "")
-                                 + f"; {report['memory']['measure']})")
+    report["summary"] += summary_line(memory)
     return ctx.write_report(report)
