@@ -189,6 +189,11 @@ def test_posttrain_sft_full_and_lora():
     m = policy.memory
     assert policy.trainable == lora
     assert (m.weights, m.gradients, m.optimizer, m.gathered) == (4 * PARAMS, 4 * lora, 8 * lora, 4 * lora)
+    # Short sequences: DDP's start, the frozen weights twice while it broadcasts them, is the peak.
+    short = posttrain_config("sft", peft={"r": 8}, training={"max_length": 8}, batch={"micro_batch": 1},
+                             eval={"generation": {"max_new_tokens": 4}})
+    plan = plan_posttrain("sft", short, {"model": M})
+    assert plan.roles[0].memory.training < plan.rank_peak == plan.roles[0].memory.setup == 2 * 4 * PARAMS
     only_qv = posttrain_config("sft", peft={"r": 4, "target_modules": ["q_proj", "v_proj"]})
     assert plan_posttrain("sft", only_qv, {"model": M}).roles[0].trainable == 4 * 2 * ((64 + 64) + (64 + 32))
 

@@ -19,7 +19,7 @@ from lmfleet.errors import InputError
 from lmfleet.model.config import ModelConfig
 from lmfleet.train import plan as base
 from lmfleet.train.config import DeepSpeedConfig
-from lmfleet.train.plan import GiB, RankMemory, Sharding, Tensor, size_text, states
+from lmfleet.train.plan import GiB, RankMemory, Sharding, Tensor, ddp_setup, size_text, states
 
 PAIRED = {"reward", "dpo", "orpo", "simpo"}  # a record is two sequences (chosen, rejected) in one forward pass
 REFERENCE = {"dpo", "kto"}  # a frozen reference policy unless peft (the adapters switched off instead)
@@ -116,7 +116,9 @@ def _role(name: str, m: ModelConfig, sharding: Sharding, where: str, trainable: 
     else:
         opt = 2 * trainable  # AdamW on the adapters
     weights, grads, optimizer, gathered = states(sharding, params, trainable, opt, largest_layer, notes or [])
-    return Role(name, trainable > 0, params, trainable, where, RankMemory(weights, grads, optimizer, gathered, 0, 0))
+    setup = ddp_setup(sharding, weights) if trainable else 0  # frozen models are not wrapped in DDP
+    return Role(name, trainable > 0, params, trainable, where,
+                RankMemory(weights, grads, optimizer, gathered, 0, 0, setup))
 
 
 def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | None = None,
@@ -178,9 +180,13 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
         for role in roles[1:]:
             role.memory.logits = 2 * 4 * tokens * models["model"].vocab_size
     rank = [r for r in roles if r.where == "training rank"]
-    rank_peak = sum(r.memory.peak for r in rank)
-    if rollout > trained.memory.activations + trained.memory.logits:  # the rollout is the larger transient
-        rank_peak += rollout - trained.memory.activations - trained.memory.logits
+    # Training: every role's states, and the larger of an update's activations and the rollout. Before it,
+    # DDP's setup: the trained model's weights twice, the frozen ones loaded beside them.
+    update = trained.memory.activations + trained.memory.logits
+    training = sum(r.memory.training for r in rank) - update + max(update, rollout)
+    setup = trained.memory.setup + sum(r.memory.weights for r in rank if r is not trained)
+    rank_peak = max(training, setup)
+    if rollout > update:
         notes.append(f"the rollout is this rank's peak: {size_text(rollout)} for {per_worker} sampled sequences "
                      f"of up to {seq} tokens (KV cache and log-probs); lower rollout_batch or add workers")
     actors = [r for r in roles if r.where != "training rank"]
@@ -214,6 +220,8 @@ def posttrain_lines(plan: PostTrainPlan) -> list[str]:
             parts.append(f"activations {size_text(mem.activations)} (estimate)")
         if mem.logits:
             parts.append(f"logits {size_text(mem.logits)}")
+        if mem.setup:
+            parts.append(f"at DDP's start {size_text(mem.setup)} (the weights and their broadcast copy)")
         lines.append(f"  {r.name} ({r.params:,} parameters, {what}; on each {r.where}): {', '.join(parts)}")
     lines.append(f"  predicted peak per training rank {size_text(plan.rank_peak)}")
     if plan.actor_peak is not None:
