@@ -87,16 +87,17 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
 
 
 def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupted_fifo):
+    # Two trials, the lowest and the highest learning rate of the grid: at step 10 the worse copies the better.
     _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=EVERY, export=True,
-                         tune={"metric": "loss", "num_samples": 1, "space": LR_GRID,
-                               # at step 10 the bottom half copies the top half; synchronous, so
-                               # which trials exploit does not depend on which reached the interval first
+                         tune={"metric": "loss", "num_samples": 1, "space": {"optimizer.lr": {"grid": [3e-4, 1e-2]}},
+                               # synchronous, so which trial exploits does not depend on which
+                               # reached the interval first
                                "scheduler": {"kind": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5,
                                              "synch": True}})
     trials_dir = tmp_path / "pbt" / "pretrain" / "trials"
     # An exploit at the last step (PBT cannot know it is the last) leaves no step to compare.
     exploits = [(t["id"], e) for t in report["trials"] for e in t["exploits"] if e["step"] < STEPS]
-    assert len(exploits) >= 2, report["summary"]
+    assert len(exploits) >= 1, report["summary"]
     for receiver, e in exploits:
         # The loss of step s+1 is computed before that step's update: from the donor's checkpointed
         # weights on the same batch, whatever learning rate the receiver explores.
