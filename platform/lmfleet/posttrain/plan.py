@@ -186,7 +186,7 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
     training = sum(r.memory.training for r in rank) - update + max(update, rollout)
     setup = trained.memory.setup + sum(r.memory.weights for r in rank if r is not trained)
     rank_peak = max(training, setup)
-    if rollout > update:
+    if rollout > update and training >= setup:
         notes.append(f"the rollout is this rank's peak: {size_text(rollout)} for {per_worker} sampled sequences "
                      f"of up to {seq} tokens (KV cache and log-probs); lower rollout_batch or add workers")
     actors = [r for r in roles if r.where != "training rank"]
