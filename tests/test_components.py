@@ -57,6 +57,11 @@ def test_same_components_as_union_find(ray_local, name, a, b):
     assert counts["rounds"] <= 4 * int(np.log2(len(got)) + 1), counts
 
 
+def test_a_node_with_only_a_self_loop_is_its_own_component(ray_local):
+    a, b = np.array([5, 9, 7, 7], np.uint64), np.array([9, 5, 7, 7], np.uint64)
+    assert _distributed(ray_local, a, b)[0] == _reference(a, b) == {5: 5, 9: 5, 7: 7}
+
+
 def test_no_edges(ray_local):
     got, counts = _distributed(ray_local, np.array([], np.uint64), np.array([], np.uint64))
     assert got == {} and counts["edges"] == 0

@@ -215,6 +215,12 @@ def test_posttrain_roles_by_kind():
     assert [r.name for r in plan_posttrain("orpo", posttrain_config("orpo"), {"model": M}).roles] == ["policy"]
     (rm,) = plan_posttrain("reward", posttrain_config("reward"), {"model": M}).roles
     assert rm.params == PARAMS - 512 * 64 + 64 and rm.memory.logits == 0
+    # ZeRO-3 keeps DeepSpeed's gathering defaults in post-training (no key to lower): said once for both models
+    z3 = plan_posttrain("dpo", posttrain_config("dpo", parallel={"strategy": "deepspeed", "deepspeed": {
+        "zero_stage": 3}}), {"model": M})
+    assert [n for n in z3.notes if "ZeRO-3 keeps" in n] == [
+        "ZeRO-3 keeps 617.25 KiB of parameters gathered from forward to backward (stage3_max_reuse_distance "
+        "1e+09, stage3_max_live_parameters 1e+09 elements), DeepSpeed's defaults, which this stage keeps"]
     # ZeRO-2: the gradient bucket is d_model^2 (what HF fills in for "auto")
     (z2,) = plan_posttrain("sft", posttrain_config("sft", parallel={"strategy": "deepspeed"}), {"model": M}).roles
     assert (z2.memory.gradients, z2.memory.optimizer, z2.memory.gathered) == (2 * PARAMS, 6 * PARAMS, 4 * 4096)
@@ -243,8 +249,11 @@ def test_posttrain_rl_placements():
     assert plan.actor_peak is None and any("the rollout is this rank's peak" in n for n in plan.notes)
     split = plan_posttrain("grpo", posttrain_config("grpo", **grpo, placement="split"), models)
     assert [r.where for r in split.roles[1:]] == ["frozen-model actor"] * 2
-    assert split.actor_peak == 4 * PARAMS + 4 * (PARAMS - 512 * 64 + 64)
-    assert split.rank_peak == plan.rank_peak - split.actor_peak
+    frozen = 4 * PARAMS + 4 * (PARAMS - 512 * 64 + 64)  # the reference and the reward model (a score head)
+    assert split.actor_peak == frozen + 2 * 4 * 16 * 32 * 512  # + the reference's log-probs of a worker's rollout
+    assert split.rank_peak == plan.rank_peak - frozen
+    # The RL workers train in fp32 even on GPUs: the same bytes.
+    assert plan_posttrain("grpo", posttrain_config("grpo", **grpo), models, on_gpu=True).rank_peak == plan.rank_peak
     # No KL, no reward model: the policy alone.
     alone = posttrain_config("grpo", grpo={**grpo["grpo"], "kl_coef": 0}, training={"max_length": 32},
                              generation={"max_new_tokens": 8})
@@ -272,6 +281,8 @@ def test_plan_command_posttrain_pipeline(tmp_path):
     assert rows["sft"]["roles"][0]["params"] == PARAMS and rows["sft"]["kind"] == "sft"
     assert [r["name"] for r in rows["dpo"]["roles"]] == ["policy", "reference"]
     assert [r["params"] for r in rows["distill"]["roles"]] == [PARAMS - LAYER, PARAMS]
+    loop = run("--set", "stages.sft.model=dpo")  # sft <- dpo <- sft
+    assert loop.returncode == 2 and "name each other in a loop" in loop.stderr, loop.stderr
     text = run("--stage", "dpo", "--device-memory", "1MiB")
     assert text.returncode == 0, text.stderr
     assert "reference (158,016 parameters, frozen; on each training rank)" in text.stdout

@@ -109,6 +109,15 @@ def _or_empty(table: pa.Table | None) -> pa.Table:
     return EDGES.empty_table() if table is None else table
 
 
+def _self_rows(table: pa.Table | None) -> pa.Table:
+    """(x, x) for every endpoint x of the input edges: each node labels itself unless its component labels
+    it lower, so a node whose only edges are self-loops (dropped by the rounds) keeps its own label."""
+    if table is None or not table.num_rows:
+        return EDGES.empty_table()
+    nodes = np.unique(np.concatenate([table["a"].to_numpy(), table["b"].to_numpy()]))
+    return _edges(nodes, nodes)
+
+
 def _labels(table: pa.Table) -> pa.Table:
     """Each node's component label from a star forest (edges between a component's smallest node and each
     other member, listed both ways): the smaller end of its edges (a centre labels itself)."""
@@ -144,6 +153,8 @@ def connected_components(edge_refs: list, partitions: int) -> tuple[list, dict]:
     if rounds > MAX_ROUNDS:
         raise RuntimeError(f"connected components did not converge in {MAX_ROUNDS} rounds")
     # The last round changed nothing: `blocks` (its input) is the star forest. Label each node once: a
-    # shuffle by node id (every edge listed both ways) so each node's rows meet in one task.
-    labels = hash_shuffle(blocks, _partition, _labels, partitions, prepare=_both_ways)
+    # shuffle by node id (every edge listed both ways, and every input node with itself) so each node's
+    # rows meet in one task.
+    labels = hash_shuffle(blocks + map_blocks(list(edge_refs), _self_rows), _partition, _labels, partitions,
+                          prepare=_both_ways)
     return labels, {"rounds": rounds, "edges": edges}

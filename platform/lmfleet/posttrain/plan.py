@@ -97,7 +97,7 @@ def _sharding(cfg, m: ModelConfig, world: int, on_gpu: bool) -> Sharding:
         return Sharding("fsdp", world, reshard=True, gathered_bytes=2 if bf16 else 4)
     if par.strategy == "deepspeed":  # the bucket sizes HF fills in for "auto" (lmfleet.posttrain.hf)
         return Sharding("deepspeed", world, zero=DeepSpeedConfig(zero_stage=par.deepspeed.zero_stage)
-                        .zero_optimization(m.d_model))
+                        .zero_optimization(m.d_model), zero_keys=None)
     return Sharding("replicated", world)
 
 
@@ -115,7 +115,8 @@ def _role(name: str, m: ModelConfig, sharding: Sharding, where: str, trainable: 
         trainable, opt = params, base.optimizer_elements("adamw", tensors, 1)
     else:
         opt = 2 * trainable  # AdamW on the adapters
-    weights, grads, optimizer, gathered = states(sharding, params, trainable, opt, largest_layer, notes or [])
+    weights, grads, optimizer, gathered = states(sharding, params, trainable, opt, largest_layer,
+                                                notes if notes is not None else [])
     setup = ddp_setup(sharding, weights) if trainable else 0  # frozen models are not wrapped in DDP
     return Role(name, trainable > 0, params, trainable, where,
                 RankMemory(weights, grads, optimizer, gathered, 0, 0, setup))
@@ -128,11 +129,11 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
     distill, "student" (the model it trains). `on_gpu`: bf16 activations (and FSDP's gathered copy), as
     training on GPUs; else fp32, as on CPUs."""
     world = world or cfg.scaling.bounds[0]
-    act_bytes = 2 if on_gpu else 4
+    rl = kind in RL
+    act_bytes = 2 if on_gpu and not rl else 4  # the RL workers train an fp32 policy without autocast
     seq = cfg.training.max_length
     notes: list[str] = []
     policy = models["student" if kind == "distill" else "model"]
-    rl = kind in RL
     sharding = Sharding("replicated", world) if rl else _sharding(cfg, policy, world, on_gpu)
     peft = getattr(cfg, "peft", None)
     trained_name = {"reward": "reward model", "distill": "student"}.get(kind, "policy")
@@ -191,6 +192,8 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
                      f"of up to {seq} tokens (KV cache and log-probs); lower rollout_batch or add workers")
     actors = [r for r in roles if r.where != "training rank"]
     actor_peak = sum(r.memory.peak for r in actors) if actors else None
+    if any(r.name == "reference" for r in actors):  # its log-probs pass over a worker's whole rollout
+        actor_peak += 2 * 4 * per_worker * seq * models["model"].vocab_size
     if on_gpu and (kind not in RL):
         notes.append("bf16 on GPU with fp32 master weights: the plan counts fp32 weights and gradients, so it "
                      "overestimates them")
@@ -201,7 +204,7 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
                      "turn on parallel.activation_checkpointing, lower batch.micro_batch, use peft"
                      + (" or placement: split" if rl else ""))
     return PostTrainPlan(kind, world, "ddp" if rl else cfg.parallel.strategy, seq, seqs, roles, rank_peak,
-                         actor_peak, device_memory, notes)
+                         actor_peak, device_memory, list(dict.fromkeys(notes)))  # (a note per role said once)
 
 
 def posttrain_lines(plan: PostTrainPlan) -> list[str]:
@@ -229,7 +232,7 @@ def posttrain_lines(plan: PostTrainPlan) -> list[str]:
     return lines + [f"warning: {n}" for n in plan.notes]
 
 
-def stage_model(ref: str, key: str, stages: dict, run_dir) -> ModelConfig:
+def stage_model(ref: str, key: str, stages: dict, run_dir, seen: frozenset = frozenset()) -> ModelConfig:
     """The ModelConfig of the model `ref` names (config key `key`): a stage of this config (`stages`: name ->
     (kind, config)) by what it will write, so a pipeline plans before it runs; else the dir's config.json."""
     from lmfleet.model.hf_config import checkpoint_model_config, model_dir
@@ -237,23 +240,26 @@ def stage_model(ref: str, key: str, stages: dict, run_dir) -> ModelConfig:
 
     if ref not in stages:
         return checkpoint_model_config(str(model_dir(ref, run_dir)), key)
+    if ref in seen:
+        raise InputError(f"{key} {ref!r}: the stages' models name each other in a loop ({', '.join(sorted(seen))})")
+    seen = seen | {ref}
     kind, cfg = stages[ref]
     if kind == "pretrain":
         cfg = planned_config(cfg, run_dir, None)
         vocab, _, _ = data_shapes(cfg, {n: c for n, (k, c) in stages.items() if k == "data"}, run_dir)
         return cfg.model.model_copy(update={"vocab_size": vocab})
     if kind == "distill":
-        return student_model(cfg, stages, run_dir)
+        return student_model(cfg, stages, run_dir, seen)
     if kind == "data":
         raise InputError(f"{key} {ref!r}: a data stage has no model")
-    return stage_model(cfg.model, f"{ref}.model", stages, run_dir)  # fine-tuning keeps the architecture
+    return stage_model(cfg.model, f"{ref}.model", stages, run_dir, seen)  # fine-tuning keeps the architecture
 
 
-def student_model(cfg, stages: dict, run_dir) -> ModelConfig:
+def student_model(cfg, stages: dict, run_dir, seen: frozenset = frozenset()) -> ModelConfig:
     """A distill stage's student: `student_model`, or the teacher's config with `student`'s sizes."""
     if cfg.student_model is not None:
-        return stage_model(cfg.student_model, "distill.student_model", stages, run_dir)
-    teacher = stage_model(cfg.model, "distill.model", stages, run_dir)
+        return stage_model(cfg.student_model, "distill.student_model", stages, run_dir, seen)
+    teacher = stage_model(cfg.model, "distill.model", stages, run_dir, seen)
     return teacher.model_copy(update={k: v for k, v in cfg.student.model_dump().items() if v is not None})
 
 

@@ -357,7 +357,6 @@ class RLTrainer:
 def _worker(config: dict) -> None:
     run: WorkerRun = config["run"]
     import ray.train.torch
-    import transformers  # noqa: F401  (loaded before the measure starts: code, not the models)
 
     cfg, inputs = run.cfg, run.inputs
     memory = PeakMemory(ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu"))

@@ -121,6 +121,7 @@ class Sharding:
     reshard: bool = True
     gathered_bytes: int = 4
     zero: dict | None = None
+    zero_keys: str | None = "parallel.deepspeed.config.zero_optimization"  # where a user sets them (None: nowhere)
 
 
 def states(s: Sharding, elements: int, trainable: int, optimizer: int, largest_layer: int,
@@ -152,9 +153,9 @@ def states(s: Sharding, elements: int, trainable: int, optimizer: int, largest_l
                 notes.append(
                     f"ZeRO-3 keeps {size_text(4 * kept)} of parameters gathered from forward to backward "
                     f"(stage3_max_reuse_distance {zo['stage3_max_reuse_distance']:.3g}, stage3_max_live_parameters "
-                    f"{zo['stage3_max_live_parameters']:.3g} elements): lower both in "
-                    "parallel.deepspeed.config.zero_optimization to gather them again in the backward "
-                    "(less memory, more communication)")
+                    f"{zo['stage3_max_live_parameters']:.3g} elements)" + (
+                        f": lower both in {s.zero_keys} to gather them again in the backward (less memory, more "
+                        "communication)" if s.zero_keys else ", DeepSpeed's defaults, which this stage keeps"))
         # gradients collected into a bucket before each reduce (lmfleet sizes it d_model^2 by default)
         gathered += 4 * min(zo["reduce_bucket_size"], trainable)
     elif s.kind == "replicated" and dp > 1:
