@@ -355,9 +355,9 @@ class RLTrainer:
 
 
 def _worker(config: dict) -> None:
-    run: WorkerRun = config["run"]
     import ray.train.torch
 
+    run: WorkerRun = config["run"]
     cfg, inputs = run.cfg, run.inputs
     memory = PeakMemory(ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu"))
     memory.start()  # the policy (and colocated frozen models), optimizer states, rollouts, activations
