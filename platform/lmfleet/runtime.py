@@ -104,3 +104,14 @@ def latest_checkpoint(init=None) -> Iterator[Path | None]:
         return
     with ckpt.as_directory() as d:
         yield Path(d)
+
+
+def worker_device(use_gpu: bool):
+    """A Ray Train worker's torch device: its GPU (Ray Train assigns one per worker) or the CPU."""
+    import torch
+
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")

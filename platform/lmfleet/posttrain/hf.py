@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 import torch.distributed as dist
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
@@ -29,7 +28,7 @@ from lmfleet.posttrain.inputs import MODEL_KEYS
 from lmfleet.posttrain.models import load_tokenizer
 from lmfleet.posttrain.stage import PostTrainStage, StageInputs, first_last
 from lmfleet.runlog import MetricsLog, read_jsonl
-from lmfleet.runtime import WorkerRun
+from lmfleet.runtime import WorkerRun, worker_device
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.memory import PeakMemory, gather_record, report_section, summary_line
 from lmfleet.uri import is_uri
@@ -176,13 +175,11 @@ def start_measure(cfg, use_gpu: bool) -> PeakMemory:
     TRL and transformers load most of their modules lazily, so on CPU the trainer's and the model's code
     pages still count (in the "model in place" figure: 66-74 MiB per worker, model included, in the
     demo's SFT and reward stages); on GPU code never does."""
-    import ray.train.torch
-
     if getattr(cfg, "peft", None) is not None:
         import peft  # noqa: F401
     if getattr(getattr(cfg, "parallel", None), "strategy", None) == "deepspeed":
         import deepspeed  # noqa: F401
-    memory = PeakMemory(ray.train.torch.get_device() if use_gpu else torch.device("cpu"))
+    memory = PeakMemory(worker_device(use_gpu))
     memory.start()
     return memory
 

@@ -31,7 +31,7 @@ from lmfleet.posttrain.config import PREFERENCE_FORMATS, _RLStage
 from lmfleet.posttrain.records import Records, prompt_of
 from lmfleet.posttrain.stage import PostTrainStage, StageInputs, quarantine_long_prompts
 from lmfleet.runlog import read_jsonl
-from lmfleet.runtime import ORDER, SAMPLING, SHUFFLE, WorkerRun, step_seed
+from lmfleet.runtime import ORDER, SAMPLING, SHUFFLE, WorkerRun, step_seed, worker_device
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train.memory import PeakMemory, gather_record, report_section, summary_line
 
@@ -186,7 +186,7 @@ class RLTrainer:
         self.cfg, self.hp, self.seed = cfg, cfg.algorithm, seed
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu")
+        self.device = worker_device(inputs.use_gpu)
         model = inputs.local("model")
         self.tok = load_tokenizer(Path(model))
         self.tok.padding_side = "left"
@@ -355,11 +355,9 @@ class RLTrainer:
 
 
 def _worker(config: dict) -> None:
-    import ray.train.torch
-
     run: WorkerRun = config["run"]
     cfg, inputs = run.cfg, run.inputs
-    memory = PeakMemory(ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu"))
+    memory = PeakMemory(worker_device(inputs.use_gpu))
     memory.start()  # the policy (and colocated frozen models), optimizer states, rollouts, activations
     trainer = run.stage_class(cfg, inputs, run.seed)
     memory.mark("init")

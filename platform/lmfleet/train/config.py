@@ -89,6 +89,18 @@ class ParallelConfig(StrictModel):
     activation_checkpointing: bool = False
     compile: bool = False
 
+    def fsdp_over_dp(self, dp: int) -> bool:
+        """Whether the data-parallel ranks hold the model through FSDP2 (lmfleet.train.parallel): `fsdp`, and
+        `ddp` with tp or pp > 1 on more than one dp rank (FSDP2 is DTensor-aware; with dp 1 there is nothing
+        to replicate over, and it would only add a second, unsharded copy of weights and gradients)."""
+        return self.strategy == "fsdp" or (self.strategy == "ddp" and (self.tp_size > 1 or self.pp_size > 1) and dp > 1)
+
+    @property
+    def fsdp_reshards(self) -> bool:
+        """FSDP2 frees each layer's gathered parameters after its forward: `fsdp` as configured; `ddp` with
+        tp / pp uses FSDP2 to replicate, so the parameters stay whole."""
+        return self.strategy == "fsdp" and self.fsdp.reshard_after_forward
+
 
 def stage_layers(n_layers: int, pp: int, stage: int) -> range:
     """The layers of pipeline stage `stage` of `pp`: an even split, earlier stages take the remainder

@@ -25,7 +25,7 @@ from lmfleet.data.packing import PackedDataset
 from lmfleet.model.export import load_weights, parameter_shapes
 from lmfleet.model.transformer import initial_value
 from lmfleet.outputs import publish, workdir
-from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed
+from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed, worker_device
 from lmfleet.train import checkpoint
 from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
@@ -81,7 +81,7 @@ class Trainer:
         self.cfg, self.seed = cfg, seed
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device() if inputs.use_gpu else torch.device("cpu")
+        self.device = worker_device(inputs.use_gpu)
         self.layout: Layout = build_layout(cfg.parallel, self.device)
         packed = local_copy(inputs.packed, "pretrain.data")  # itself when local
         self.train_ds = PackedDataset(packed, "train")

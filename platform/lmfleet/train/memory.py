@@ -73,10 +73,11 @@ def gather_record(memory: PeakMemory) -> dict:
     record a stage report reads back (`report_section`)."""
     import torch.distributed as dist
 
-    peaks = [(memory.peak(), memory.marks.get("init"))]
+    mine = (memory.peak(), memory.marks.get("init"))
+    peaks = [mine]
     if dist.is_initialized():
         peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, (memory.peak(), memory.marks.get("init")))
+        dist.all_gather_object(peaks, mine)
     return {"memory_per_rank": [p for p, _ in peaks], "memory_init_per_rank": [i for _, i in peaks],
             "memory_measure": memory.measure}
 

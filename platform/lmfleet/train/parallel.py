@@ -164,10 +164,8 @@ def parallelize(model: Transformer, cfg: ParallelConfig, layout: Layout, values:
     if cfg.compile:
         for block in model.layers.values():
             block.compile()
-    # ddp with tp / pp > 1: FSDP2 (DTensor-aware) replicates over dp; with dp 1 there is nothing to replicate
-    # over, and FSDP2 would only add a second, unsharded copy of the weights and gradients.
-    if cfg.strategy == "fsdp" or (cfg.strategy == "ddp" and (layout.tp > 1 or layout.pp > 1) and layout.dp > 1):
-        _apply_fsdp(model, cfg, layout, reshard=cfg.fsdp.reshard_after_forward if cfg.strategy == "fsdp" else False)
+    if cfg.fsdp_over_dp(layout.dp):
+        _apply_fsdp(model, cfg, layout, reshard=cfg.fsdp_reshards)
     if values is not None:
         materialize(model, layout.device, values)
     if cfg.strategy == "ddp" and layout.world > 1 and layout.tp == layout.pp == 1:

@@ -258,12 +258,10 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     opt = optimizer_elements(cfg.optimizer.name, worst, tp)
     notes: list[str] = []
     strategy = p.strategy
-    if strategy == "fsdp" or (strategy == "ddp" and (tp > 1 or pp > 1)):  # FSDP2 over dp (parallel.py)
-        # ddp with tp / pp > 1 runs FSDP2 without resharding (lmfleet.train.parallel). The gathered copy:
-        # param_dtype, or (None) bf16 on GPU
+    if p.fsdp_over_dp(dp):
+        # The gathered copy: param_dtype, or (None) bf16 on GPU (lmfleet.train.parallel)
         gathered_bytes = 2 if (p.fsdp.param_dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else 4
-        sharding = Sharding("fsdp", dp, reshard=strategy == "fsdp" and p.fsdp.reshard_after_forward,
-                            gathered_bytes=gathered_bytes)
+        sharding = Sharding("fsdp", dp, reshard=p.fsdp_reshards, gathered_bytes=gathered_bytes)
     elif strategy == "deepspeed":
         sharding = Sharding("deepspeed", dp, zero=p.deepspeed.zero_optimization(m.d_model))
     else:
