@@ -236,8 +236,8 @@ def test_a_reward_function_that_fails_in_a_worker_is_a_clear_error(tmp_path, sft
 
 
 def _rl_config(kind: str, sft, reward) -> dict:
-    """A short RL run on 2 workers, checkpointed every 4 iterations. PPO adapts its KL coefficient (state
-    that must survive a restart); GRPO adds a reward function to the reward model and the KL to its loss."""
+    """A short RL run on 2 workers, checkpointed every 4 iterations (GRPO: 8). PPO adapts its KL coefficient
+    (state that must survive a restart); GRPO adds a reward function to the reward model and the KL to its loss."""
     common = dict(model=str(sft[1] / "model"), reward_model=str(reward[1] / "model"),
                   dataset={**ALPACA, "max_records": 64}, training={"max_length": 128}, optimizer={"lr": 1e-3},
                   generation={"max_new_tokens": 8}, checkpoint={"every": 4},
@@ -246,7 +246,10 @@ def _rl_config(kind: str, sft, reward) -> dict:
     if kind == "ppo":
         return {**common, "iterations": 30, "ppo": {"rollout_batch": 8, "mini_batch": 4, "kl_target": 0.5,
                                                  "kl_horizon": 100}}
-    return {**common, "iterations": 20,  # GRPO's iterations are shorter (~0.3 s)
+    # GRPO's iterations are shorter (0.1-0.3 s): a checkpoint every 8 leaves the controller (it registers a
+    # checkpoint at its next poll, every 0.5 s here) time to register one before the next is reported; every 4
+    # at 0.1 s raced it (the kill never came).
+    return {**common, "iterations": 20, "checkpoint": {"every": 8},
             "grpo": {"rollout_batch": 4, "mini_batch": 8, "num_generations": 2, "kl_coef": 0.05},
             "reward_functions": THE}
 
@@ -290,6 +293,7 @@ def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, grpo_colo
     checkpoint and the run reproduces the uninterrupted one (same rollout scores, KL and KL coefficient at
     every iteration)."""
     config = _rl_config(kind, sft, reward)
+    every = config["checkpoint"]["every"]
     if kind == "ppo":
         posttrain(tmp_path, kind, name="uninterrupted", **config)
         want = _by_iteration(tmp_path / "uninterrupted")[1]
@@ -297,7 +301,7 @@ def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, grpo_colo
         want = grpo_colocated
     killed: list = []
     watcher = threading.Thread(target=_kill_a_worker_once_checkpointed,
-                               args=(tmp_path / "faulty" / kind / "ray", tmp_path / "faulty" / "metrics.jsonl", killed, 4))
+                               args=(tmp_path / "faulty" / kind / "ray", tmp_path / "faulty" / "metrics.jsonl", killed, every))
     watcher.start()
     posttrain(tmp_path, kind, name="faulty", **config)
     watcher.join()
@@ -306,7 +310,7 @@ def test_rl_resumes_exactly_after_a_worker_dies(tmp_path, sft, reward, grpo_colo
     iterations = config["iterations"]
     restart = next(i for i in range(1, len(order)) if order[i] <= order[i - 1])
     resumed_at = order[restart]
-    assert resumed_at > 1 and (resumed_at - 1) % 4 == 0, order  # right after a checkpoint, not from scratch
+    assert resumed_at > 1 and (resumed_at - 1) % every == 0, order  # right after a checkpoint, not from scratch
     assert order[restart:] == list(range(resumed_at, iterations + 1))
     for i in range(1, iterations + 1):
         assert got[i]["score"] == pytest.approx(want[i]["score"], abs=1e-5), i
