@@ -125,6 +125,10 @@ def ray_head(num_cpus: int, dashboard: bool = False, worker_types: dict | None =
     port, dash = free_port(), free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # jobs run this env's lmfleet
+    # A SIGKILLed node is declared dead after 3 failed GCS health checks a second apart (Ray's defaults:
+    # 5 x 3 s); a live raylet still has the default 10 s to answer each.
+    env.setdefault("RAY_health_check_period_ms", "1000")
+    env.setdefault("RAY_health_check_failure_threshold", "3")
     common = [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
     head = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             f"--dashboard-agent-listen-port={free_port()}"] if dashboard else ["--include-dashboard=false"]
