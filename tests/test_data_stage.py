@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from lmfleet.data import minhash
 from lmfleet.data.config import NormalizeConfig
 from lmfleet.data.minhash import normalize_for_hash
 from lmfleet.data.packing import PackedDataset
@@ -180,6 +181,32 @@ def test_near_dup_recall_and_precision_vs_exact_jaccard(corpus, result):
     assert clear_recall >= 0.95 and recall >= 0.7
     assert precision >= 0.8 and near_precision == 1.0
     assert report["lsh"]["bands"] * report["lsh"]["rows"] <= 128
+
+
+def test_clusters_are_the_components_of_the_pairs_by_the_representative_rule(result):
+    """The clusters, found in Ray tasks (large-star / small-star rounds, never on the driver), are the
+    connected components of the verified pairs by the union-find reference; each is named after its
+    member first by source order, then id; every other document is its own cluster."""
+    report, out = result
+    pairs = pq.read_table(out / "pairs.parquet")
+    assert len(pairs) >= 19 and min(pairs["similarity"].to_pylist()) >= THRESHOLD
+    rows = pq.read_table(out / "clusters.parquet").to_pylist()
+    source = {r["id"]: r["source"] for r in rows}
+    order = {"web": 0, "alpaca": 1, "plays": 2}  # the config's source order
+    ids = sorted({*pairs["id_a"].to_pylist(), *pairs["id_b"].to_pylist()})
+    index = {x: i for i, x in enumerate(ids)}
+    labels = minhash.connected_components(len(ids), np.array([index[x] for x in pairs["id_a"].to_pylist()]),
+                                          np.array([index[x] for x in pairs["id_b"].to_pylist()]))
+    want = {}
+    for label in set(labels.tolist()):
+        members = [ids[i] for i in np.flatnonzero(labels == label)]
+        want.update(dict.fromkeys(members, min(members, key=lambda x: (order[source[x]], x))))
+    assert {r["id"]: r["cluster_id"] for r in rows if r["id"] in index} == want
+    assert all(r["cluster_id"] == r["id"] for r in rows if r["id"] not in index)
+    clusters = len(set(labels.tolist()))
+    assert report["clusters"] == clusters and report["near_duplicates_removed"] == len(ids) - clusters
+    assert report["lsh"]["verified_edges"] == len(pairs) <= report["lsh"]["candidate_pairs"]
+    assert report["lsh"]["clustering_rounds"] >= 2
 
 
 def test_kept_ids_deterministic_for_a_seed(corpus, result, tmp_path):

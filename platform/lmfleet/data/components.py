@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from lmfleet.data.shuffle import hash_shuffle, map_blocks
+from lmfleet.data.shuffle import bucket_of, hash_shuffle, map_blocks
 
 EDGES = pa.schema([("a", pa.uint64()), ("b", pa.uint64())])  # a node and a neighbour
 LABELS = pa.schema([("uid", pa.uint64()), ("label", pa.uint64())])
@@ -33,7 +33,7 @@ MAX_ROUNDS = 200  # far beyond log(n) rounds for any corpus; a guard against a b
 
 
 def _partition(table: pa.Table, partitions: int) -> np.ndarray:
-    return ((table["a"].to_numpy().astype(np.uint64) * _MIX) >> np.uint64(40)).astype(np.int64) % partitions
+    return bucket_of(table["a"].to_numpy(), partitions)
 
 
 def _edges(a: np.ndarray, b: np.ndarray) -> pa.Table:
@@ -133,7 +133,7 @@ def _labels(table: pa.Table) -> pa.Table:
 
 def connected_components(edge_refs: list, partitions: int) -> tuple[list, dict]:
     """Refs of (uid, label) tables, one row per node of the graph (label: the smallest uid of its
-    component), and counts {"rounds", "edges"}. `edge_refs`: refs of Arrow tables (a, b) of uint64 node
+    component), partition i holding the uids u with `bucket_of(u) == i`, and counts {"rounds", "edges"}. `edge_refs`: refs of Arrow tables (a, b) of uint64 node
     ids (undirected; repeats and self-loops allowed)."""
     import ray
 

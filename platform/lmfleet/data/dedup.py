@@ -1,9 +1,9 @@
 """Exact and MinHash-LSH near-duplicate removal on Ray Data.
 
 Both steps hash-partition keys into `partitions` buckets (`lmfleet.data.shuffle`: Ray tasks), so every
-row sharing a key (content hash, LSH band hash) meets in one task; only keys and ids are shuffled and no
-text goes to the driver. The driver sees the removed uids of exact dedup and the candidate edges (pairs
-of 64-bit doc ids) for the connected components of near dedup.
+row sharing a key (content hash, LSH band hash) meets in one task; only keys, ids and (for verification)
+the candidates' signatures are shuffled. The driver sees counts only: the removed uids, the pairs and the
+clusters stay in Ray's object store, so its memory does not grow with the corpus.
 
 Representative rule (exact and near): within a group of duplicates keep the document of the source
 listed first in the config, then the smallest `id` (string order). It is deterministic and lets the
@@ -17,17 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from lmfleet.data import minhash
+from lmfleet.data import components, minhash
 from lmfleet.data.config import DedupConfig
-from lmfleet.data.shuffle import gather, hash_shuffle, map_blocks
+from lmfleet.data.shuffle import bucket_of, combine, hash_shuffle, join_partitions, map_blocks, resolve
 
 _KEY_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _bucket_of(values: np.ndarray, partitions: int) -> np.ndarray:
-    """Partition index of 64-bit keys; a multiplicative mix so structured keys spread evenly."""
-    return ((values.astype(np.uint64) * _KEY_MIX) >> np.uint64(40)).astype(np.int64) % partitions
 
 
 def _rank_sorted(table: pa.Table, key: str) -> pa.Table:
@@ -43,9 +39,6 @@ def _first_of_runs(keys: np.ndarray) -> np.ndarray:
 # ---- exact dedup -------------------------------------------------------------------------------
 
 
-_UIDS = pa.schema([("uid", pa.uint64())])
-
-
 def _hash_keys(table: pa.Table) -> pa.Table:
     """What exact dedup shuffles: the content hash and the ranking columns, not the text."""
     return table.select(["content_hash", "source_index", "id", "uid"])
@@ -54,7 +47,7 @@ def _hash_keys(table: pa.Table) -> pa.Table:
 def _hash_partition(table: pa.Table, partitions: int) -> np.ndarray:
     """Partition of each row from a 64-bit prefix of its content hash."""
     prefix = np.array([int(h[:16], 16) for h in table["content_hash"].to_pylist()], dtype=np.uint64)
-    return _bucket_of(prefix, partitions)
+    return bucket_of(prefix, partitions)
 
 
 def _duplicate_uids(table: pa.Table) -> pa.Table:
@@ -64,12 +57,16 @@ def _duplicate_uids(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(~first)).select(["uid"])
 
 
+def _sorted_uids(*tables: pa.Table | None) -> np.ndarray:
+    return np.sort(np.concatenate([np.zeros(0, np.uint64), *(t["uid"].to_numpy() for t in tables if t is not None)]))
+
+
 def exact_dedup(ds, partitions: int):
     """One row per distinct normalized text (content_hash), chosen by the representative rule; rows keep
-    their order. Only hash keys and ids are shuffled; the removed uids come to the driver (8 bytes each)."""
-    removed = gather(hash_shuffle(ds.to_arrow_refs(), _hash_partition, _duplicate_uids, partitions,
-                                  prepare=_hash_keys), _UIDS)
-    return drop_uids(ds, np.sort(removed["uid"].to_numpy()))
+    their order. Only hash keys and ids are shuffled; the removed uids (8 bytes each) are one object the
+    filtering tasks read, never on the driver."""
+    removed = hash_shuffle(ds.to_arrow_refs(), _hash_partition, _duplicate_uids, partitions, prepare=_hash_keys)
+    return drop_uids(ds, combine(removed, _sorted_uids))
 
 
 # ---- near dedup --------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def _band_rows(table: pa.Table, p: LshParams) -> pa.Table:
 
 
 def _band_partition(table: pa.Table, partitions: int) -> np.ndarray:
-    return _bucket_of(table["band_key"].to_numpy(), partitions)
+    return bucket_of(table["band_key"].to_numpy(), partitions)
 
 
 def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
@@ -130,9 +127,9 @@ def _signature_schema(p: LshParams) -> pa.Schema:
     return pa.schema([("uid", pa.uint64()), ("sig", pa.list_(pa.uint32(), p.num_perm))])
 
 
-def _candidate_signatures(table: pa.Table, p: LshParams, uids: np.ndarray) -> pa.Table:
-    """(uid, signature) of the documents of `table` among `uids` (sorted)."""
-    table = table.filter(pa.array(np.isin(table["uid"].to_numpy(), uids)))
+def _candidate_signatures(table: pa.Table, p: LshParams, uids) -> pa.Table:
+    """(uid, signature) of the documents of `table` among `uids` (sorted; or a ref of them)."""
+    table = table.filter(pa.array(np.isin(table["uid"].to_numpy(), resolve(uids))))
     sigs = _signatures(table, p) if len(table) else np.zeros((0, p.num_perm), np.uint32)
     return pa.table({"uid": table["uid"], "sig": pa.FixedSizeListArray.from_arrays(
         pa.array(sigs.reshape(-1), pa.uint32()), p.num_perm)}, schema=_signature_schema(p))
@@ -173,97 +170,204 @@ EDGE_SCHEMA = pa.schema(
 )
 
 
-def candidate_edges(ds, params: LshParams, partitions: int) -> pa.Table:
-    """All (verified) near-duplicate edges, deduplicated, as a small table on the driver.
+def _pair_partition(table: pa.Table, partitions: int) -> np.ndarray:
+    u, v = table["u_uid"].to_numpy(), table["v_uid"].to_numpy()
+    with np.errstate(over="ignore"):
+        return bucket_of(np.minimum(u, v) ^ (np.maximum(u, v) * _KEY_MIX), partitions)
 
-    The band shuffle carries only ids (~40 bytes a row). Carrying each document's signature in every
-    band row, as this did before, shuffled bands x 512 bytes per document: 808 MB for a 57 MB corpus
-    (112k documents, 14 bands), and near dedup took 21.5 s on 2 CPUs against 12.7 s without it.
-    Verification then computes the signatures of the candidate documents alone (a few % of the corpus)
-    in one pass and compares each pair's on the driver.
-    """
-    blocks = ds.to_arrow_refs()
-    edges = gather(hash_shuffle(blocks, _band_partition, functools.partial(_bucket_edges, p=params), partitions,
-                                prepare=functools.partial(_band_rows, p=params)), EDGE_SCHEMA)
-    # The same pair may collide in several bands.
-    pairs = np.stack([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()], axis=1)
-    pairs.sort(axis=1)
-    _, first = np.unique(pairs, axis=0, return_index=True)
-    edges = edges.take(pa.array(np.sort(first)))
-    if not params.verify or len(edges) == 0:
-        return edges
-    u, v = edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()
-    wanted = np.unique(np.concatenate([u, v]))
-    found = gather(map_blocks(blocks, functools.partial(_candidate_signatures, p=params, uids=wanted)),
-                   _signature_schema(params))
-    order = np.argsort(found["uid"].to_numpy())
-    sig_uids = found["uid"].to_numpy()[order]
-    sigs = found["sig"].combine_chunks().flatten().to_numpy().reshape(len(found), params.num_perm)[order]
-    similarity = (sigs[np.searchsorted(sig_uids, u)] == sigs[np.searchsorted(sig_uids, v)]).mean(axis=1)
-    keep = similarity >= params.threshold
+
+def _unique_pairs(table: pa.Table) -> pa.Table:
+    """Each candidate pair once (the same pair may collide in several bands), in first-seen order."""
+    u, v = table["u_uid"].to_numpy(), table["v_uid"].to_numpy()
+    _, first = np.unique(np.stack([np.minimum(u, v), np.maximum(u, v)], axis=1), axis=0, return_index=True)
+    return table.take(pa.array(np.sort(first)))
+
+
+def _by(column: str) -> functools.partial:
+    """The partition function of a shuffle by a uid column (`bucket_of`: partitions meet in joins)."""
+    return functools.partial(_column_partition, column=column)
+
+
+def _column_partition(table: pa.Table, partitions: int, column: str) -> np.ndarray:
+    return bucket_of(table[column].to_numpy(), partitions)
+
+
+def _endpoints(table: pa.Table | None) -> np.ndarray:
+    if table is None:
+        return np.zeros(0, np.uint64)
+    return np.unique(np.concatenate([table["u_uid"].to_numpy(), table["v_uid"].to_numpy()]))
+
+
+def _union(*arrays: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate([np.zeros(0, np.uint64), *arrays]))
+
+
+def _sorted_by_uid(table: pa.Table) -> pa.Table:
+    return table.sort_by("uid")
+
+
+def _with_signature(edges: pa.Table | None, sigs: pa.Table | None, side: str) -> pa.Table | None:
+    """`edges` (partitioned by `side`_uid) with `side`_sig: the signature of that end, from `sigs` (uid,
+    sig; the same partition, sorted by uid, holding every candidate's)."""
+    if edges is None:
+        return None
+    at = np.searchsorted(sigs["uid"].to_numpy(), edges[f"{side}_uid"].to_numpy())
+    return edges.append_column(f"{side}_sig", sigs["sig"].take(pa.array(at, pa.int64())))
+
+
+def _verified(edges: pa.Table | None, p: LshParams) -> pa.Table | None:
+    """The pairs whose signatures agree in at least `threshold` of their positions (the estimated Jaccard,
+    now in `similarity`), without the signatures."""
+    if edges is None:
+        return None
+    n = len(edges)
+    u = edges["u_sig"].combine_chunks().flatten().to_numpy().reshape(n, p.num_perm)
+    v = edges["v_sig"].combine_chunks().flatten().to_numpy().reshape(n, p.num_perm)
+    similarity = (u == v).mean(axis=1) if n else np.zeros(0)
+    edges = edges.drop_columns(["u_sig", "v_sig"])
     edges = edges.set_column(edges.schema.get_field_index("similarity"), "similarity", pa.array(similarity))
-    return edges.filter(pa.array(keep))
+    return edges.filter(pa.array(similarity >= p.threshold))
+
+
+def _graph_edges(table: pa.Table | None) -> pa.Table:
+    if table is None:
+        return components.EDGES.empty_table()
+    return pa.table({"a": table["u_uid"], "b": table["v_uid"]}, schema=components.EDGES)
+
+
+_NODES = pa.schema([("uid", pa.uint64()), ("source_index", pa.int32()), ("id", pa.string())])
+
+
+def _edge_nodes(table: pa.Table) -> pa.Table:
+    """(uid, source_index, id) of both ends of each edge."""
+    return pa.concat_tables([
+        pa.table({name: table[f"{side}_{name}"] for name in _NODES.names}, schema=_NODES) for side in ("u", "v")])
+
+
+def _unique_nodes(table: pa.Table) -> pa.Table:
+    _, first = np.unique(table["uid"].to_numpy(), return_index=True)
+    return table.take(pa.array(first))
+
+
+def _labelled(nodes: pa.Table | None, labels: pa.Table | None) -> pa.Table | None:
+    """Each node with its component's label (both partitioned by uid: every node of one is in the other)."""
+    if nodes is None:
+        return None
+    labels = labels.sort_by("uid")
+    at = np.searchsorted(labels["uid"].to_numpy(), nodes["uid"].to_numpy())
+    return nodes.append_column("label", labels["label"].take(pa.array(at, pa.int64())))
+
+
+MEMBERS = pa.schema([("uid", pa.uint64()), ("cluster_id", pa.string()), ("removed", pa.bool_())])
+
+
+def _representatives(table: pa.Table) -> pa.Table:
+    """Every member of the clusters in `table` (all of a cluster's nodes meet here, shuffled by label) with
+    its cluster_id: the id of the member first by the representative rule (source order, then id), kept;
+    the others removed."""
+    table = table.sort_by([("label", "ascending"), ("source_index", "ascending"), ("id", "ascending")])
+    first = _first_of_runs(table["label"].to_numpy())
+    head = np.flatnonzero(first)[np.cumsum(first) - 1]  # each row's cluster's first row
+    return pa.table({"uid": table["uid"], "cluster_id": table["id"].take(pa.array(head)),
+                     "removed": pa.array(~first)}, schema=MEMBERS)
+
+
+def _rows(table: pa.Table | None) -> int:
+    return 0 if table is None else table.num_rows
+
+
+def _cluster_counts(table: pa.Table | None) -> tuple[int, int]:
+    """(clusters, removed members) of a `_representatives` table."""
+    if table is None:
+        return 0, 0
+    removed = int(np.count_nonzero(table["removed"].to_numpy(zero_copy_only=False)))
+    return table.num_rows - removed, removed
+
+
+def _all_members(*tables: pa.Table | None) -> pa.Table:
+    return pa.concat_tables([MEMBERS.empty_table(), *(t for t in tables if t is not None)]).sort_by("uid")
+
+
+def _removed_uids(members: pa.Table) -> np.ndarray:
+    return members.filter(members["removed"])["uid"].to_numpy()  # sorted: members are
 
 
 @dataclass
-class Clusters:
-    """Near-duplicate clusters (size >= 2) found from edges on the driver."""
+class NearDuplicates:
+    """What near dedup found, held in Ray's object store (the driver has refs and counts only)."""
 
-    member_uids: np.ndarray  # uint64, sorted
-    representative_ids: list[str]  # cluster_id (= id of the kept representative), aligned with member_uids
-    removed_uids: np.ndarray  # uint64, sorted: members that are not their cluster's representative
-    num_clusters: int
-
-
-def clusters_from_edges(edges: pa.Table) -> Clusters:
-    uids = np.concatenate([edges["u_uid"].to_numpy(), edges["v_uid"].to_numpy()]).astype(np.uint64)
-    src = np.concatenate([edges["u_source_index"].to_numpy(), edges["v_source_index"].to_numpy()])
-    ids = edges["u_id"].to_pylist() + edges["v_id"].to_pylist()
-    nodes, first, inverse = np.unique(uids, return_index=True, return_inverse=True)
-    if len(nodes) == 0:
-        empty = np.array([], dtype=np.uint64)
-        return Clusters(empty, [], empty, 0)
-    n_edges = len(edges)
-    labels = minhash.connected_components(len(nodes), inverse[:n_edges], inverse[n_edges:])
-    node_src = src[first]
-    node_ids = [ids[i] for i in first]
-    # Representative: smallest (source_index, id) per component.
-    order = sorted(range(len(nodes)), key=lambda k: (labels[k], node_src[k], node_ids[k]))
-    rep_of_label: dict[int, int] = {}
-    for k in order:
-        rep_of_label.setdefault(int(labels[k]), k)
-    reps = np.array([rep_of_label[int(label)] for label in labels])
-    removed = nodes[reps != np.arange(len(nodes))]
-    return Clusters(nodes, [node_ids[r] for r in reps], np.sort(removed), len(rep_of_label))
+    pairs: list  # refs of EDGE_SCHEMA tables (or None): each pair once, similarity null if not verified
+    members: object  # ref of one MEMBERS table, sorted by uid: every document in a cluster of two or more
+    removed: object  # ref of a sorted uint64 array: the members that are not their cluster's representative
+    counts: dict  # candidate_pairs, verified_pairs, clusters, removed, rounds
 
 
-def _assign_clusters(table: pa.Table, member_uids: np.ndarray, representative_ids: list[str]) -> pa.Table:
+def near_duplicates(ds, params: LshParams, partitions: int) -> NearDuplicates:
+    """MinHash-LSH near duplicates of `ds` and their clusters, computed in Ray tasks.
+
+    1. Band rows (uid, band hash; ~40 bytes a row, no signature) shuffled by band: documents sharing a
+       band hash meet and become candidate pairs; the pairs are then shuffled by pair to drop repeats.
+       (Carrying each document's signature in every band row, as this did before, shuffled bands x 512
+       bytes per document: 808 MB for a 57 MB corpus of 112k documents, 14 bands.)
+    2. Verification: the candidates' uids go to every document block, which computes the signatures of
+       its candidates alone (a few % of the corpus), shuffled by uid; the pairs meet the signature of each
+       end in two joins by uid and keep an estimated Jaccard >= threshold.
+    3. Connected components of the verified pairs (lmfleet.data.components), then each component's
+       members meet in a shuffle by label, where the representative rule picks the one kept.
+    Only counts reach the driver; the candidates' uids (8 bytes each) and the clusters' members are single
+    objects the tasks read from the object store.
+    """
+    import ray
+
+    blocks = ds.to_arrow_refs()
+    bucketed = hash_shuffle(blocks, _band_partition, functools.partial(_bucket_edges, p=params), partitions,
+                            prepare=functools.partial(_band_rows, p=params))
+    pairs = hash_shuffle(bucketed, _pair_partition, _unique_pairs, partitions)
+    counts = {"candidate_pairs": sum(ray.get(map_blocks(pairs, _rows)))}
+    if params.verify and counts["candidate_pairs"]:
+        wanted = combine(map_blocks(pairs, _endpoints), _union)
+        sigs = hash_shuffle(blocks, _by("uid"), _sorted_by_uid, partitions,
+                            prepare=functools.partial(_candidate_signatures, p=params, uids=wanted))
+        for side in ("u", "v"):
+            pairs = join_partitions(hash_shuffle(pairs, _by(f"{side}_uid"), _identity, partitions), sigs,
+                                    functools.partial(_with_signature, side=side))
+        pairs = map_blocks(pairs, functools.partial(_verified, p=params))
+    counts["verified_pairs"] = sum(ray.get(map_blocks(pairs, _rows)))
+    labels, cc = components.connected_components(map_blocks(pairs, _graph_edges), partitions)
+    nodes = hash_shuffle(pairs, _by("uid"), _unique_nodes, partitions, prepare=_edge_nodes)
+    clustered = hash_shuffle(join_partitions(nodes, labels, _labelled), _by("label"), _representatives,
+                             partitions)
+    per_partition = ray.get(map_blocks(clustered, _cluster_counts))
+    members = combine(clustered, _all_members)
+    counts.update(clusters=sum(c for c, _ in per_partition), removed=sum(r for _, r in per_partition),
+                  rounds=cc["rounds"])
+    return NearDuplicates(pairs, members, combine([members], _removed_uids), counts)
+
+
+def _identity(table: pa.Table) -> pa.Table:
+    return table
+
+
+def _assign_clusters(table: pa.Table, members) -> pa.Table:
+    members = resolve(members)
+    member_uids = members["uid"].to_numpy()
     uid = table["uid"].to_numpy()
-    pos = np.searchsorted(member_uids, uid)
-    pos_c = np.minimum(pos, max(len(member_uids) - 1, 0))
-    hit = (pos < len(member_uids)) & (member_uids[pos_c] == uid) if len(member_uids) else np.zeros(len(uid), bool)
-    ids = table["id"].to_pylist()
-    cluster = [representative_ids[p] if h else i for p, h, i in zip(pos_c, hit, ids, strict=True)]
-    return table.append_column("cluster_id", pa.array(cluster, pa.string()))
+    pos = np.minimum(np.searchsorted(member_uids, uid), max(len(member_uids) - 1, 0))
+    hit = member_uids[pos] == uid if len(member_uids) else np.zeros(len(uid), bool)
+    cluster = members["cluster_id"].take(pa.array(pos)) if len(member_uids) else table["id"]
+    return table.append_column("cluster_id", pc.if_else(pa.array(hit), cluster, table["id"]))
 
 
-def with_cluster_ids(ds, clusters: Clusters):
-    """Adds `cluster_id` (the representative's id; a document's own id when it has no near-duplicate)."""
-    return ds.map_batches(
-        _assign_clusters, batch_format="pyarrow",
-        fn_kwargs={"member_uids": clusters.member_uids, "representative_ids": clusters.representative_ids},
-    )
+def with_cluster_ids(ds, members):
+    """Adds `cluster_id` (the representative's id; a document's own id when it has no near-duplicate).
+    `members`: a ref of NearDuplicates.members."""
+    return ds.map_batches(_assign_clusters, batch_format="pyarrow", fn_kwargs={"members": members})
 
 
-def _drop_uids(table: pa.Table, removed_uids: np.ndarray) -> pa.Table:
-    return table.filter(pa.array(~np.isin(table["uid"].to_numpy(), removed_uids)))
+def _drop_uids(table: pa.Table, removed_uids) -> pa.Table:
+    return table.filter(pa.array(~np.isin(table["uid"].to_numpy(), resolve(removed_uids))))
 
 
-def drop_uids(ds, removed_uids: np.ndarray):
-    """`ds` without the rows whose uid is in `removed_uids` (sorted)."""
+def drop_uids(ds, removed_uids):
+    """`ds` without the rows whose uid is in `removed_uids` (a sorted uint64 array, or a ref of one)."""
     return ds.map_batches(_drop_uids, batch_format="pyarrow", fn_kwargs={"removed_uids": removed_uids})
-
-
-def drop_removed(ds, clusters: Clusters):
-    """The documents that survive near-dedup: every cluster's representative and all singletons."""
-    return drop_uids(ds, clusters.removed_uids)

@@ -6,6 +6,7 @@ key columns alone (2 MB), against 0.1 s for the same hash partitioning as tasks 
 three such calls, so on the benchmark corpus they were most of the steps' time that a second CPU
 cannot shorten. The tasks below take a dataset's blocks (`Dataset.to_arrow_refs()`), keep their order
 (so outputs are deterministic) and return object refs: `ray.get` them, or `ray.data.from_arrow_refs`.
+A None in place of a table (a partition no row went to) is read as an empty one.
 """
 
 from __future__ import annotations
@@ -15,15 +16,25 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
+_MIX = np.uint64(0x9E3779B97F4A7C15)
 
-def _concat(tables: tuple[pa.Table, ...]) -> pa.Table | None:
+
+def bucket_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """Partition index of 64-bit keys (uids, hashes); a multiplicative mix so structured keys spread evenly.
+    Every shuffle by uid uses it, so partition i of one holds the same uids as partition i of another
+    (`join_partitions`)."""
+    with np.errstate(over="ignore"):
+        return ((keys.astype(np.uint64) * _MIX) >> np.uint64(40)).astype(np.int64) % partitions
+
+
+def _concat(tables: tuple[pa.Table | None, ...]) -> pa.Table | None:
     """The tables with rows, in order (an empty block may lack the schema); None if there are none."""
-    full = [t for t in tables if t.num_rows]
+    full = [t for t in tables if t is not None and t.num_rows]
     return pa.concat_tables(full) if full else None
 
 
-def _split(table: pa.Table, prepare: Callable | None, partition: Callable, partitions: int):
-    if not table.num_rows:  # nothing to prepare (an empty block may even lack columns)
+def _split(table: pa.Table | None, prepare: Callable | None, partition: Callable, partitions: int):
+    if table is None or not table.num_rows:  # nothing to prepare (an empty block may even lack columns)
         return [table] * partitions if partitions > 1 else table
     table = prepare(table) if prepare else table
     part = partition(table, partitions)
@@ -65,8 +76,33 @@ def map_blocks(blocks: list, fn: Callable) -> list:
     return [task.remote(fn, b) for b in blocks]
 
 
-def _apply(fn: Callable, table: pa.Table):
-    return fn(table)
+def join_partitions(left: list, right: list, fn: Callable) -> list:
+    """Refs of fn(left[i], right[i]) (a task each): two shuffles' outputs partitioned alike (`bucket_of` of
+    the same key) meet partition by partition, as a join."""
+    import ray
+
+    assert len(left) == len(right), (len(left), len(right))
+    task = ray.remote(num_cpus=1)(_apply)
+    return [task.remote(fn, a, b) for a, b in zip(left, right, strict=True)]
+
+
+def combine(refs: list, fn: Callable):
+    """A ref of fn(*values of refs), computed in one task: what a driver would gather, kept off the driver."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_apply).remote(fn, *refs)
+
+
+def _apply(fn: Callable, *tables):
+    return fn(*tables)
+
+
+def resolve(value):
+    """The value behind an object ref handed to a task inside another argument (a functools.partial, a Ray
+    Data fn_kwargs): Ray resolves only refs passed as arguments themselves. Anything else as it is."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def gather(refs: list, schema: pa.Schema) -> pa.Table:

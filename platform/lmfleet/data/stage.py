@@ -4,7 +4,8 @@ Outputs (in the stage dir, a path or URI: Ray Data and the packing tasks write t
   rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record
   kept/             Parquet: id, source, text (normalized), meta (other fields as JSON) of surviving docs
   clusters.parquet  Parquet dir: id, source, cluster_id for every doc that survived exact dedup
-  pairs.parquet     the near-duplicate pairs found: id_a, id_b, estimated Jaccard (null if not verified)
+  pairs.parquet     Parquet dir: the near-duplicate pairs found: id_a, id_b, estimated Jaccard (null if
+                    not verified)
   tokenizer/        HF tokenizer dir (AutoTokenizer.from_pretrained loads it)
   packed/           index.json + token/position shards (see lmfleet.data.packing)
   report.json       counts per step and source, seconds per step
@@ -125,6 +126,36 @@ def _write_parquet(ds, path: Path | str, columns: list[str]) -> None:
         pq.write_table(schema.empty_table(), f"{inner}/empty.parquet", filesystem=filesys)
 
 
+PAIRS_SCHEMA = pa.schema([("id_a", pa.string()), ("id_b", pa.string()), ("similarity", pa.float64())])
+
+
+def _pair_rows(table: pa.Table | None) -> pa.Table | None:
+    if table is None:
+        return None
+    return table.select(["u_id", "v_id", "similarity"]).rename_columns(PAIRS_SCHEMA.names)
+
+
+def _write_table(table: pa.Table | None, path: str, schema: pa.Schema) -> None:
+    filesys, inner = filesystem(path, "output_dir")
+    pq.write_table(schema.empty_table() if table is None else table.cast(schema), inner, filesystem=filesys)
+
+
+def _write_tables(refs: list, path: str, schema: pa.Schema) -> None:
+    """The tables behind `refs` as one Parquet dir (a file each, in order, written by tasks where they
+    are; an empty one if there are none): nothing passes through the driver."""
+    import ray
+
+    filesys, inner = filesystem(path, "output_dir")
+    filesys.create_dir(inner)
+    write = ray.remote(num_cpus=1)(_write_table)
+    ray.get([write.remote(ref, f"{path.rstrip('/')}/part-{i:05d}.parquet", schema)
+             for i, ref in enumerate(refs or [None])])
+
+
+def _own_cluster(table: pa.Table) -> pa.Table:
+    return table.append_column("cluster_id", table["id"])
+
+
 def _is_reject(table: pa.Table, want: bool) -> pa.Table:
     return table.filter(pc.is_valid(table["reject_reason"]) if want else pc.is_null(table["reject_reason"]))
 
@@ -174,21 +205,27 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
 
     with ctx.step("near_dedup"):
         params = dedup.LshParams.from_config(cfg.dedup, ctx.seed) if cfg.dedup.near else None
-        edges = dedup.candidate_edges(unique, params, partitions) if params else dedup.EDGE_SCHEMA.empty_table()
-        clusters = dedup.clusters_from_edges(edges)
-        pq.write_table(edges.select(["u_id", "v_id", "similarity"]).rename_columns(["id_a", "id_b", "similarity"]),
-                       out / "pairs.parquet")
-        clustered = dedup.with_cluster_ids(unique, clusters)
+        found = dedup.near_duplicates(unique, params, partitions) if params else None
+        _write_tables([] if found is None else map_blocks(found.pairs, _pair_rows), str(ctx.uri("pairs.parquet")),
+                      PAIRS_SCHEMA)
+        if found is None:
+            clustered = unique.map_batches(_own_cluster, batch_format="pyarrow")
+            kept = unique
+        else:
+            clustered = dedup.with_cluster_ids(unique, found.members)
+            kept = dedup.drop_uids(unique, found.removed)
         _write_parquet(clustered, ctx.uri("clusters.parquet"), ["id", "source", "cluster_id"])
-        kept = dedup.drop_removed(clustered, clusters).select_columns(OUTPUT_COLUMNS + ["uid"]).materialize()
+        kept = kept.select_columns(OUTPUT_COLUMNS + ["uid"]).materialize()
         _write_parquet(kept, ctx.uri("kept"), OUTPUT_COLUMNS)
+        counts = found.counts if found else {}
         report.update(
-            near_duplicates_removed=len(clusters.removed_uids),
-            clusters=clusters.num_clusters,
+            near_duplicates_removed=counts.get("removed", 0),
+            clusters=counts.get("clusters", 0),
             docs_kept=kept.count(),
             lsh=None if params is None else {
                 "num_perm": params.num_perm, "ngram": params.ngram, "bands": params.bands, "rows": params.rows,
-                "threshold": params.threshold, "verified_edges": len(edges)},
+                "threshold": params.threshold, "candidate_pairs": counts["candidate_pairs"],
+                "verified_edges": counts["verified_pairs"], "clustering_rounds": counts["rounds"]},
         )
         report["outputs"].update(kept=ctx.uri("kept"), clusters=ctx.uri("clusters.parquet"),
                                  pairs=ctx.uri("pairs.parquet"))
