@@ -1,6 +1,7 @@
 """`lmfleet plan`'s predicted peak memory per rank against the peak each rank measured in a real run, for a
 ~100M-parameter model under each strategy on this machine's CPU, then post-training it (SFT, with and
-without LoRA; DPO, whose frozen reference doubles the weights). Target: within +-15% for each.
+without LoRA; DPO, whose frozen reference doubles the weights) and SFT of a vocab-heavy model, whose
+loss's logits weigh as much as its states. Target: within +-15% for each.
 
     python benchmarks/plan_vs_measured.py [--data runs/quickstart/data] [--steps 3] [--only ddp,fsdp]
 
@@ -51,7 +52,12 @@ POSTTRAIN = {
     "sft (ddp)": ("sft", {"eval": NO_EVAL}),
     "sft + LoRA r 16": ("sft", {"eval": NO_EVAL, "peft": {"r": 16}}),
     "dpo (policy + reference)": ("dpo", {"eval": NO_EVAL}),
+    # Vocab-heavy: the loss's logits (TRL's fused LM head: ~8 tiles of the micro-batch's 1,024 tokens x 32,768
+    # columns on CPU) about as large as the 59M-parameter model's weights, gradients and AdamW states.
+    "sft, vocab 32768, micro-batch 16": ("sft", {"eval": NO_EVAL, "batch": {"micro_batch": 16}}),
 }
+# The vocab-heavy case's model: its vocab beyond the tokenizer's (ids the data never uses still cost logits).
+VOCAB_HEAVY = {"n_layers": 8, "d_model": 512, "n_heads": 8, "max_seq_len": 256, "vocab_size": 32768}
 
 
 def stage(data: Path, parallel: dict, workers: int, steps: int) -> dict:
@@ -69,8 +75,9 @@ def posttrain_stage(model_dir: Path, kind: str, keys: dict, steps: int) -> dict:
             "scaling": {"num_workers": 2, "cpus_per_worker": 1}, "checkpoint": {"every": 10**6}, **keys}
 
 
-def hf_model(data: Path, work: Path) -> Path:
-    """MODEL with random weights as a HF Llama dir with the data's tokenizer: the post-training input."""
+def hf_model(data: Path, work: Path, model: dict | None = None) -> Path:
+    """MODEL (or `model`) with random weights as a HF Llama dir with the data's tokenizer: the post-training
+    input. Vocab: the tokenizer's unless `model` sets one."""
     import torch
 
     from lmfleet.model.config import ModelConfig
@@ -78,8 +85,8 @@ def hf_model(data: Path, work: Path) -> Path:
     from lmfleet.model.transformer import Transformer
 
     index = json.loads((data / "packed" / "index.json").read_text())
-    cfg = ModelConfig(**MODEL, vocab_size=index["vocab_size"])
-    out = work / "hf_model"
+    cfg = ModelConfig(**{"vocab_size": index["vocab_size"], **(model or MODEL)})
+    out = work / f"hf_model_{cfg.vocab_size}_{cfg.d_model}"
     torch.manual_seed(0)
     export_model(Transformer(cfg).state_dict(), cfg, out, data / "tokenizer", eos_id=index["eos_id"],
                  pad_id=index["pad_id"])
@@ -129,10 +136,10 @@ def main() -> None:
         plain = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
         cases = {name: stage(data, parallel, workers, args.steps) for name, (parallel, workers) in CASES.items()
                  if wanted(name)}
-        if any(wanted(name) for name in POSTTRAIN):
-            model_dir = hf_model(data, work)
-            cases.update({name: posttrain_stage(model_dir, kind, keys, args.steps)
-                          for name, (kind, keys) in POSTTRAIN.items() if wanted(name)})
+        for name, (kind, keys) in POSTTRAIN.items():
+            if wanted(name):
+                model_dir = hf_model(data, work, VOCAB_HEAVY if "vocab" in name else None)
+                cases[name] = posttrain_stage(model_dir, kind, keys, args.steps)
         for name, stage_cfg in cases.items():
             predicted, rss = run_case(name, stage_cfg, work, plain)
             _, mapped = run_case(name, stage_cfg, work, {**plain, "MALLOC_MMAP_THRESHOLD_": "131072"})

@@ -181,7 +181,8 @@ def test_posttrain_sft_full_and_lora():
     m = policy.memory
     assert (policy.params, m.weights, m.gradients, m.optimizer, m.gathered) == (
         PARAMS, 4 * PARAMS, 4 * PARAMS, 8 * PARAMS, 4 * PARAMS)  # DDP, as pretraining
-    assert m.activations == 4 * 2 * PER_LAYER and m.logits == 3 * 4 * TOKENS * 512
+    # TRL's fused LM head: ~8 tiles (here the whole 128 x 512 logits) and the head's fp32 weight gradient.
+    assert m.activations == 4 * 2 * PER_LAYER and m.logits == 8 * 4 * TOKENS * 512 + 4 * 512 * 64
     assert plan.rank_peak == m.peak
     # LoRA r 8 on every linear layer of the blocks (not the output): r x (in + out) per matrix.
     lora = 8 * 2 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 176))  # 18,688
@@ -198,6 +199,23 @@ def test_posttrain_sft_full_and_lora():
     assert plan_posttrain("sft", only_qv, {"model": M}).roles[0].trainable == 4 * 2 * ((64 + 64) + (64 + 32))
 
 
+def test_posttrain_logits_by_how_each_trainer_holds_them():
+    """TRL's fused LM head (SFT, DPO, KTO) holds tiles of at most 4096 tokens x 32768 vocab columns (8 at
+    once on CPU, 1 on GPU), so its logits stop growing with the batch and the vocab; the others hold whole
+    logits, a measured number of copies per token."""
+    from lmfleet.posttrain.plan import logits_bytes
+
+    big = M.model_copy(update={"vocab_size": 128_256, "d_model": 64})
+    head = 4 * 128_256 * 64  # the head's fp32 weight gradient
+    assert logits_bytes("sft", 16 * 2048, big, on_gpu=False) == 8 * 4 * 4096 * 32768 + head
+    assert logits_bytes("sft", 16 * 2048, big, on_gpu=True) == 4 * 4096 * 32768 + head
+    assert logits_bytes("kto", 100, M, on_gpu=False) == 8 * 4 * 100 * 512 + 4 * 512 * 64
+    assert logits_bytes("sft", 100, M, on_gpu=False, head_trained=False) == 8 * 4 * 100 * 512  # peft
+    assert logits_bytes("orpo", 16 * 2048, big, on_gpu=False) == int(3.5 * 4 * 16 * 2048 * 128_256)
+    assert logits_bytes("simpo", 100, M, False) == logits_bytes("distill", 100, M, False) == 3 * 4 * 100 * 512
+    assert logits_bytes("reward", 100, M, False) == 0
+
+
 def test_posttrain_roles_by_kind():
     from lmfleet.posttrain.plan import plan_posttrain
 
@@ -207,7 +225,8 @@ def test_posttrain_roles_by_kind():
     assert plan.sequences_per_micro_batch == 8
     assert (ref.name, ref.trained, ref.memory.weights, ref.memory.gradients, ref.memory.gathered) == (
         "reference", False, 2 * PARAMS, 0, 2 * 4 * LAYER)
-    assert policy.memory.activations == 4 * 2 * 2 * PER_LAYER and ref.memory.logits == 2 * 4 * 2 * TOKENS * 512
+    assert policy.memory.activations == 4 * 2 * 2 * PER_LAYER and ref.memory.logits == 0  # (its tiles pass)
+    assert policy.memory.logits == 8 * 4 * 2 * TOKENS * 512 + 4 * 512 * 64
     assert plan.rank_peak == policy.memory.peak + ref.memory.peak
     # With peft the reference is the policy with its adapters off: no second model.
     assert [r.name for r in plan_posttrain("dpo", posttrain_config("dpo", peft={}), {"model": M}).roles] == ["policy"]

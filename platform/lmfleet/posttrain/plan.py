@@ -7,7 +7,8 @@ base frozen and only the adapters trained) and the frozen ones it reads from (DP
 model). Each role's states follow the stage's strategy as pretraining's do (lmfleet.train.plan.states);
 a distillation teacher and an RL stage's models are replicated per worker (lmfleet.posttrain.distill,
 lmfleet.posttrain.rl). Activations are counted for one micro-batch of `training.max_length`-token sequences
-(pairs: chosen and rejected, two per record); an RL stage also counts its rollout: the KV cache of
+(pairs: chosen and rejected, two per record), with the loss's logits as each trainer holds them (whole, or
+TRL's fused LM head's tiles: `logits_bytes`); an RL stage also counts its rollout: the KV cache of
 `generation` and the log-probs pass over every sampled sequence of the worker at once.
 """
 
@@ -24,6 +25,23 @@ from lmfleet.train.plan import GiB, RankMemory, Sharding, Tensor, ddp_setup, siz
 PAIRED = {"reward", "dpo", "orpo", "simpo"}  # a record is two sequences (chosen, rejected) in one forward pass
 REFERENCE = {"dpo", "kto"}  # a frozen reference policy unless peft (the adapters switched off instead)
 RL = {"ppo", "grpo", "rloo"}
+# The loss's logits-sized tensors at a step's peak, measured on CPU (fp32, 1 worker, MALLOC_MMAP_THRESHOLD_;
+# each kind's peak at vocab 4096 and 32768, 4 sequences of 64 tokens, the growth less the plan's other
+# vocab-sized terms). TRL 1.16's SFT, DPO and KTO trainers compute log-probs with its fused LM head
+# (trl.trainer.utils.add_fused_lm_head): tile by tile, at most 4096 tokens x 32768 vocab columns, never the
+# whole logits. On CPU the tile's fold runs in torch and holds ~8 tile-sized fp32 temporaries at once (SFT
+# 8.7 and KTO 8.2 with its head's fp32 weight gradient, below, 0.5 of them; a standalone TRL SFT step at 6,144
+# tokens grew by 7.8 tiles of 4,096 tokens from vocab 4096 to 16384, not by 7.8 x 6,144: the tiling holds);
+# on GPU a Triton kernel folds the tile in place: one tile (read from TRL's kernel; no GPU measured here).
+# Its backward allocates the head's weight gradient in fp32 (vocab x d_model) beside the parameter's.
+FUSED = {"sft", "dpo", "kto"}
+FUSED_TILE = (4096, 32768)  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE, trl's _CHUNKED_LOGPROB_CHUNK_SIZE
+FUSED_TILE_COPIES = {False: 8, True: 1}  # on GPU?
+# The others hold whole logits: per token of the micro-batch (pairs: both sequences), measured as above.
+# ORPO 3.5 (7.0 for the pair: its NLL term on the chosen answer adds one), SimPO 3.0 (6.01), distillation
+# 3.0 for the student's and the teacher's together (2.95); the RL stages' update 3 (logits, log-softmax,
+# gradient; not measured by vocab).
+LOGITS_COPIES = {"orpo": 3.5, "simpo": 3.0, "distill": 3.0, "ppo": 3, "grpo": 3, "rloo": 3}
 # HF Llama module names of PEFT's target_modules -> lmfleet's (lmfleet.model.export maps the weights so).
 HF_LINEAR = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1", "down_proj": "w2",
              "up_proj": "w3"}
@@ -122,6 +140,18 @@ def _role(name: str, m: ModelConfig, sharding: Sharding, where: str, trainable: 
                 RankMemory(weights, grads, optimizer, gathered, 0, 0, setup))
 
 
+def logits_bytes(kind: str, tokens: int, m: ModelConfig, on_gpu: bool, head_trained: bool = True) -> int:
+    """Bytes of the logits-sized tensors a `kind` step holds at once for a forward pass over `tokens` (a
+    micro-batch's sequences, pairs counted both) of model `m` (FUSED, LOGITS_COPIES). `head_trained`: False
+    under peft (the output layer frozen: no weight gradient)."""
+    if kind == "reward":  # a score head, no vocab
+        return 0
+    if kind in FUSED:
+        tile = min(tokens, FUSED_TILE[0]) * min(m.vocab_size, FUSED_TILE[1]) * 4
+        return FUSED_TILE_COPIES[on_gpu] * tile + (4 * m.vocab_size * m.d_model if head_trained else 0)
+    return int(LOGITS_COPIES[kind] * 4 * tokens * m.vocab_size)
+
+
 def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | None = None,
                    on_gpu: bool = False, device_memory: int | None = None) -> PostTrainPlan:
     """The plan of post-training stage `cfg` (of `kind`) on `world` ranks (default: its scaling's minimum),
@@ -165,8 +195,7 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
         if kind == "distill":  # the teacher is moved to each worker's device as it is (replicated)
             roles.append(_role("teacher", models["model"], Sharding("replicated", 1), "training rank", trainable=0))
 
-    # Activations of the trained model for one micro-batch, with its loss in fp32 (logits, log-softmax,
-    # gradient); a frozen model's forward of the same batch keeps only its logits (and their log-softmax).
+    # Activations of the trained model for one micro-batch, and its loss's logits (`logits_bytes`).
     tokens = seqs * seq
     per_layer = base.activation_elements(policy, tokens, 1)
     lora = lora_dropout_bytes(cfg, policy, tokens, act_bytes) if peft else 0
@@ -176,10 +205,8 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
     else:
         act = policy.n_layers * per_layer
     trained.memory.activations = act * act_bytes + lora
-    trained.memory.logits = 0 if kind == "reward" else 3 * 4 * tokens * policy.vocab_size
-    if not rl:  # (an RL stage's frozen passes are part of its rollout)
-        for role in roles[1:]:
-            role.memory.logits = 2 * 4 * tokens * models["model"].vocab_size
+    # (the frozen models' passes: in the fused tiles, the distillation count and an RL stage's rollout)
+    trained.memory.logits = logits_bytes(kind, tokens, policy, on_gpu, head_trained=not peft)
     rank = [r for r in roles if r.where == "training rank"]
     # Training: every role's states, and the larger of an update's activations and the rollout. Before it,
     # DDP's setup: the trained model's weights twice, the frozen ones loaded beside them.
