@@ -54,7 +54,7 @@ POSTTRAIN = {
     "dpo (policy + reference)": ("dpo", {"eval": NO_EVAL}),
     # Vocab-heavy: the loss's logits (TRL's fused LM head: ~8 tiles of the micro-batch's 1,024 tokens x 32,768
     # columns on CPU) about as large as the 59M-parameter model's weights, gradients and AdamW states.
-    "sft, vocab 32768, micro-batch 16": ("sft", {"eval": NO_EVAL, "batch": {"micro_batch": 16}}),
+    "sft (vocab 32768; micro-batch 16)": ("sft", {"eval": NO_EVAL, "batch": {"micro_batch": 16}}),
 }
 # The vocab-heavy case's model: its vocab beyond the tokenizer's (ids the data never uses still cost logits).
 VOCAB_HEAVY = {"n_layers": 8, "d_model": 512, "n_heads": 8, "max_seq_len": 256, "vocab_size": 32768}
