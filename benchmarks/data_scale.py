@@ -13,8 +13,9 @@ Runs (each a fresh `lmfleet run` with its own embedded Ray):
     files, and one core (the run and everything it starts pinned to it, ray.num_cpus=1) vs all: a Ray
     CPU is then a core, which it is not otherwise (the driver, Ray's daemons and library threads use
     every core whatever num_cpus says).
-Prints per-step seconds of every run and three ratios: docs/s at the largest vs the compare scale
-(target: flat, >= 0.9), one file vs eight (target >= 0.9), all CPUs vs one (target >= 1.6).
+Prints per-step seconds of every run and four ratios: docs/s at the largest vs the compare scale
+(target: flat, >= 0.9), the driver's peak RSS there (target: flat, <= 1.10: dedup's pairs and clusters
+never reach it), one file vs eight (target >= 0.9), all CPUs vs one (target >= 1.6).
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def main() -> None:
     rate = {s: r["docs"] / sum(r["steps"].values()) for s, r in results.items()}
     big = max(results)
     print(f"\ndocs/s {big}x / {args.compare_scale}x: {rate[big] / rate[args.compare_scale]:.2f} (target >= 0.9)")
+    print(f"driver peak RSS {big}x / {args.compare_scale}x: "
+          f"{results[big]['rss_mb'] / results[args.compare_scale]['rss_mb']:.2f} (target <= 1.10: flat)")
     print(f"one file / eight files (docs/s): {(one['docs'] / sum(one['steps'].values())) / rate[args.compare_scale]:.2f}"
           " (target >= 0.9)")
     print(f"{cpus} CPUs / 1 CPU (docs/s): {rate[args.compare_scale] / (single['docs'] / sum(single['steps'].values())):.2f}"

@@ -45,6 +45,15 @@ def test_wrong_type_and_range_name_value_and_expectation(tmp_path):
     msg = str(err.value)
     assert "stages.data.dedup.num_perm: got 'many'" in msg and "integer" in msg
     assert "stages.data.dedup.threshold: got 1.5" in msg and "less than 1" in msg
+    with pytest.raises(ConfigError, match=r"stages\.data\.dedup\.verify: got 'maybe'.*'exact', 'estimate' or 'none'"):
+        load_run(write_config(tmp_path / "v.yaml", _with(dedup={"verify": "maybe"})))
+
+
+def test_dedup_verify_modes_and_the_old_booleans(tmp_path):
+    for given, mode in ((True, "exact"), (False, "none"), ("estimate", "estimate"), (None, "exact")):
+        dedup = {} if given is None else {"verify": given}
+        path = write_config(tmp_path / "c.yaml", _with(dedup=dedup))
+        assert load_run(path).stages[0].config.dedup.verify == mode
 
 
 def test_cross_field_checks(tmp_path):

@@ -43,6 +43,7 @@ def _run(tmp_path, name: str, paths: list[str], split_bytes: int | None) -> tupl
         "sources": [{"name": "web", "format": "jsonl", "paths": paths, "id_field": "id"}],
         "read": {"split_bytes": split_bytes},
         "filter": {"max_chars": 100_000},
+        "dedup": {"verify": "estimate"},  # (the data stage tests verify exactly, the default)
         "tokenizer": {"vocab_size": 400},
         "pack": {"seq_len": 64, "val_fraction": 0.05, "samples_per_shard": 256}}}})
     report = run(load_run(config))["stages"]["data"]

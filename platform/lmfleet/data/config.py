@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmfleet.config import StrictModel
 
@@ -69,12 +69,20 @@ class DedupConfig(StrictModel):
     false_positive_weight: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Weight of LSH false positives vs negatives when choosing bands; default 0.1 with "
-        "verify (verification drops false positives, so banding favours recall), 0.5 without.",
+        "verification (it drops false positives, so banding favours recall), 0.5 with verify: none.",
     )
-    verify: bool = Field(True, description="Drop candidate pairs whose estimated Jaccard < threshold.")
+    verify: Literal["exact", "estimate", "none"] = Field(
+        "exact", description="How a candidate pair is checked before it links two documents: exact (the "
+        "Jaccard of their hashed shingle sets, computed where the pair meets), estimate (the fraction of equal "
+        "signature positions), none (every LSH candidate links). true / false read as exact / none.")
     max_bucket_pairs: int = Field(
         64, ge=2, description="Buckets larger than this link to their first doc instead of all pairs."
     )
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify_from_bool(cls, value):
+        return {True: "exact", False: "none"}[value] if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _bands_fit(self):

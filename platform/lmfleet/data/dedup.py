@@ -2,8 +2,8 @@
 
 Both steps hash-partition keys into `partitions` buckets (`lmfleet.data.shuffle`: Ray tasks), so every
 row sharing a key (content hash, LSH band hash) meets in one task; only keys, ids and (for verification)
-the candidates' signatures are shuffled. The driver sees counts only: the removed uids, the pairs and the
-clusters stay in Ray's object store, so its memory does not grow with the corpus.
+the candidates' shingle hashes or signatures are shuffled. The driver sees counts only: the removed uids,
+the pairs and the clusters stay in Ray's object store, so its memory does not grow with the corpus.
 
 Representative rule (exact and near): within a group of duplicates keep the document of the source
 listed first in the config, then the smallest `id` (string order). It is deterministic and lets the
@@ -80,7 +80,7 @@ class LshParams:
     bands: int
     rows: int
     threshold: float
-    verify: bool
+    verify: str  # exact, estimate, none
     max_bucket_pairs: int
     seed: int
 
@@ -88,7 +88,7 @@ class LshParams:
     def from_config(cls, cfg: DedupConfig, seed: int) -> LshParams:
         fp = cfg.false_positive_weight
         if fp is None:
-            fp = 0.1 if cfg.verify else 0.5
+            fp = 0.1 if cfg.verify != "none" else 0.5
         b, r = cfg.bands or minhash.optimal_bands(cfg.threshold, cfg.num_perm, fp, 1.0 - fp)
         return cls(cfg.num_perm, cfg.ngram, cfg.char_ngrams, b, r, cfg.threshold, cfg.verify,
                    cfg.max_bucket_pairs, seed)
@@ -96,7 +96,7 @@ class LshParams:
 
 def _band_rows(table: pa.Table, p: LshParams) -> pa.Table:
     """One row per (document, band): the band's hash and who the document is (no signature: verification
-    fetches the signatures of candidate documents afterwards, see `candidate_edges`). Signatures are
+    computes what it compares for candidate documents afterwards, see `near_duplicates`). Signatures are
     computed 2,000 documents at a time (512 bytes each at 128 perms)."""
     out = []
     for start in range(0, len(table), 2000):
@@ -123,16 +123,38 @@ def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
     )
 
 
-def _signature_schema(p: LshParams) -> pa.Schema:
-    return pa.schema([("uid", pa.uint64()), ("sig", pa.list_(pa.uint32(), p.num_perm))])
+def _feature_schema(p: LshParams) -> pa.Schema:
+    """What verification compares: the signature (estimate) or the distinct shingle hashes (exact)."""
+    feature = pa.list_(pa.uint32(), p.num_perm) if p.verify == "estimate" else pa.list_(pa.uint64())
+    return pa.schema([("uid", pa.uint64()), ("feature", feature)])
 
 
-def _candidate_signatures(table: pa.Table, p: LshParams, uids) -> pa.Table:
-    """(uid, signature) of the documents of `table` among `uids` (sorted; or a ref of them)."""
+def _candidate_features(table: pa.Table, p: LshParams, uids) -> pa.Table:
+    """(uid, feature) of the documents of `table` among `uids` (sorted; or a ref of them)."""
     table = table.filter(pa.array(np.isin(table["uid"].to_numpy(), resolve(uids))))
-    sigs = _signatures(table, p) if len(table) else np.zeros((0, p.num_perm), np.uint32)
-    return pa.table({"uid": table["uid"], "sig": pa.FixedSizeListArray.from_arrays(
-        pa.array(sigs.reshape(-1), pa.uint32()), p.num_perm)}, schema=_signature_schema(p))
+    schema = _feature_schema(p)
+    if p.verify == "estimate":
+        sigs = _signatures(table, p) if len(table) else np.zeros((0, p.num_perm), np.uint32)
+        feature = pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint32()), p.num_perm)
+    else:
+        sets = minhash.shingle_sets(table["text"].to_pylist(), ngram=p.ngram, seed=p.seed,
+                                    char_ngrams=p.char_ngrams)
+        feature = pa.array(sets, schema.field("feature").type)
+    return pa.table({"uid": table["uid"], "feature": feature}, schema=schema)
+
+
+def _exact_jaccard(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
+    """|A & B| / |A | B| of the sorted, distinct hash lists of each row (0 for two empty ones)."""
+    a, b = a.combine_chunks(), b.combine_chunks()
+    a_off, b_off = a.offsets.to_numpy(), b.offsets.to_numpy()
+    a_val, b_val = a.values.to_numpy(), b.values.to_numpy()
+    out = np.zeros(len(a))
+    for i in range(len(a)):
+        x, y = a_val[a_off[i]:a_off[i + 1]], b_val[b_off[i]:b_off[i + 1]]
+        both = np.intersect1d(x, y, assume_unique=True).size
+        union = len(x) + len(y) - both
+        out[i] = both / union if union else 0.0
+    return out
 
 
 def _bucket_edges(table: pa.Table, p: LshParams) -> pa.Table:
@@ -206,25 +228,28 @@ def _sorted_by_uid(table: pa.Table) -> pa.Table:
     return table.sort_by("uid")
 
 
-def _with_signature(edges: pa.Table | None, sigs: pa.Table | None, side: str) -> pa.Table | None:
-    """`edges` (partitioned by `side`_uid) with `side`_sig: the signature of that end, from `sigs` (uid,
-    sig; the same partition, sorted by uid, holding every candidate's)."""
+def _with_feature(edges: pa.Table | None, features: pa.Table | None, side: str) -> pa.Table | None:
+    """`edges` (partitioned by `side`_uid) with `side`_feature: that end's, from `features` (uid, feature;
+    the same partition, sorted by uid, holding every candidate's)."""
     if edges is None:
         return None
-    at = np.searchsorted(sigs["uid"].to_numpy(), edges[f"{side}_uid"].to_numpy())
-    return edges.append_column(f"{side}_sig", sigs["sig"].take(pa.array(at, pa.int64())))
+    at = np.searchsorted(features["uid"].to_numpy(), edges[f"{side}_uid"].to_numpy())
+    return edges.append_column(f"{side}_feature", features["feature"].take(pa.array(at, pa.int64())))
 
 
 def _verified(edges: pa.Table | None, p: LshParams) -> pa.Table | None:
-    """The pairs whose signatures agree in at least `threshold` of their positions (the estimated Jaccard,
-    now in `similarity`), without the signatures."""
+    """The pairs whose Jaccard (exact, or estimated by the signatures' agreement) is >= threshold, with it
+    in `similarity`, without the features."""
     if edges is None:
         return None
     n = len(edges)
-    u = edges["u_sig"].combine_chunks().flatten().to_numpy().reshape(n, p.num_perm)
-    v = edges["v_sig"].combine_chunks().flatten().to_numpy().reshape(n, p.num_perm)
-    similarity = (u == v).mean(axis=1) if n else np.zeros(0)
-    edges = edges.drop_columns(["u_sig", "v_sig"])
+    if p.verify == "estimate":
+        u = edges["u_feature"].combine_chunks().flatten().to_numpy().reshape(n, p.num_perm)
+        v = edges["v_feature"].combine_chunks().flatten().to_numpy().reshape(n, p.num_perm)
+        similarity = (u == v).mean(axis=1) if n else np.zeros(0)
+    else:
+        similarity = _exact_jaccard(edges["u_feature"], edges["v_feature"])
+    edges = edges.drop_columns(["u_feature", "v_feature"])
     edges = edges.set_column(edges.schema.get_field_index("similarity"), "similarity", pa.array(similarity))
     return edges.filter(pa.array(similarity >= p.threshold))
 
@@ -309,9 +334,10 @@ def near_duplicates(ds, params: LshParams, partitions: int) -> NearDuplicates:
        band hash meet and become candidate pairs; the pairs are then shuffled by pair to drop repeats.
        (Carrying each document's signature in every band row, as this did before, shuffled bands x 512
        bytes per document: 808 MB for a 57 MB corpus of 112k documents, 14 bands.)
-    2. Verification: the candidates' uids go to every document block, which computes the signatures of
-       its candidates alone (a few % of the corpus), shuffled by uid; the pairs meet the signature of each
-       end in two joins by uid and keep an estimated Jaccard >= threshold.
+    2. Verification: the candidates' uids go to every document block, which computes what it compares for
+       its candidates alone (a few % of the corpus): their distinct shingle hashes (verify: exact) or
+       signatures (estimate), shuffled by uid; the pairs meet each end's in two joins by uid and keep a
+       Jaccard >= threshold (with exact: |A & B| / |A | B| of the hashed shingle sets).
     3. Connected components of the verified pairs (lmfleet.data.components), then each component's
        members meet in a shuffle by label, where the representative rule picks the one kept.
     Only counts reach the driver; the candidates' uids (8 bytes each) and the clusters' members are single
@@ -324,13 +350,13 @@ def near_duplicates(ds, params: LshParams, partitions: int) -> NearDuplicates:
                             prepare=functools.partial(_band_rows, p=params))
     pairs = hash_shuffle(bucketed, _pair_partition, _unique_pairs, partitions)
     counts = {"candidate_pairs": sum(ray.get(map_blocks(pairs, _rows)))}
-    if params.verify and counts["candidate_pairs"]:
+    if params.verify != "none" and counts["candidate_pairs"]:
         wanted = combine(map_blocks(pairs, _endpoints), _union)
-        sigs = hash_shuffle(blocks, _by("uid"), _sorted_by_uid, partitions,
-                            prepare=functools.partial(_candidate_signatures, p=params, uids=wanted))
+        features = hash_shuffle(blocks, _by("uid"), _sorted_by_uid, partitions,
+                                prepare=functools.partial(_candidate_features, p=params, uids=wanted))
         for side in ("u", "v"):
-            pairs = join_partitions(hash_shuffle(pairs, _by(f"{side}_uid"), _identity, partitions), sigs,
-                                    functools.partial(_with_signature, side=side))
+            pairs = join_partitions(hash_shuffle(pairs, _by(f"{side}_uid"), _identity, partitions), features,
+                                    functools.partial(_with_feature, side=side))
         pairs = map_blocks(pairs, functools.partial(_verified, p=params))
     counts["verified_pairs"] = sum(ray.get(map_blocks(pairs, _rows)))
     labels, cc = components.connected_components(map_blocks(pairs, _graph_edges), partitions)

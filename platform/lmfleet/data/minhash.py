@@ -450,12 +450,7 @@ def minhash_signatures(
         raise ValueError("num_perm must be >= 1")
     if not 1 <= ngram <= _MAX_NGRAM:
         raise ValueError(f"ngram must be in [1, {_MAX_NGRAM}]")
-    docs = list(texts)
-    is_ascii = np.array(list(map(str.isascii, docs)), dtype=np.bool_)
-    for i in np.flatnonzero(~is_ascii).tolist():
-        docs[i] = _prenormalize(docs[i])
-    if char_ngrams:
-        docs = [" ".join(d.split()) for d in docs]  # lowercasing never changes what is whitespace
+    docs, is_ascii = _prepared(texts, char_ngrams)
     seed_key = _rand64(0x5EED, seed)
     lengths = np.array(list(map(len, docs)), dtype=np.int64) + 1
     out = np.empty((len(docs), num_perm), dtype=np.uint32)
@@ -476,6 +471,40 @@ def minhash_signatures(
                 v, d = np.concatenate(parts_v), np.concatenate(parts_d)
                 out[group[done:lo]] = _one_permutation(v, d, lo - done, num_perm, seed_key)
                 done, parts_v, parts_d = lo, [], []
+    return out
+
+
+def _prepared(texts: Iterable[str], char_ngrams: bool) -> tuple[list[str], np.ndarray]:
+    """The texts as shingling reads them, and which are ASCII."""
+    docs = list(texts)
+    is_ascii = np.array(list(map(str.isascii, docs)), dtype=np.bool_)
+    for i in np.flatnonzero(~is_ascii).tolist():
+        docs[i] = _prenormalize(docs[i])
+    if char_ngrams:
+        docs = [" ".join(d.split()) for d in docs]  # lowercasing never changes what is whitespace
+    return docs, is_ascii
+
+
+def shingle_sets(texts: Iterable[str], *, ngram: int = 5, seed: int = 1, char_ngrams: bool = False,
+                 batch_chars: int = 1 << 18) -> list[np.ndarray]:
+    """Each text's distinct shingle hashes, sorted uint64: the shingles (and 64-bit hashes) its signature is
+    built from, so |A & B| / |A | B| of two is their exact Jaccard (up to 64-bit collisions: ~n^2 / 2^65
+    for n shingles)."""
+    docs, _ = _prepared(texts, char_ngrams)
+    seed_key = _rand64(0x5EED, seed)
+    out: list[np.ndarray] = []
+    lo = 0
+    while lo < len(docs):
+        hi, chars = lo, 0
+        while hi < len(docs) and (hi == lo or chars + len(docs[hi]) <= batch_chars):
+            chars += len(docs[hi]) + 1
+            hi += 1
+        v, d = _batch_shingles(docs[lo:hi], ngram, seed_key, char_ngrams)
+        order = np.lexsort((v, d))
+        v, d = v[order], d[order]
+        bounds = np.searchsorted(d, np.arange(hi - lo + 1))
+        out.extend(np.unique(v[bounds[i]:bounds[i + 1]]) for i in range(hi - lo))
+        lo = hi
     return out
 
 
