@@ -81,7 +81,6 @@ def join_partitions(left: list, right: list, fn: Callable) -> list:
     the same key) meet partition by partition, as a join."""
     import ray
 
-    assert len(left) == len(right), (len(left), len(right))
     task = ray.remote(num_cpus=1)(_apply)
     return [task.remote(fn, a, b) for a, b in zip(left, right, strict=True)]
 
