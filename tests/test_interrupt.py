@@ -73,7 +73,7 @@ def test_ctrl_c_of_pretraining_resumes_from_its_checkpoint(tmp_path, packed):
 
 
 def test_ctrl_c_of_sft_resumes_from_its_checkpoint(tmp_path, base_lm):
-    steps, every = 30, 5  # ~1 s a step: a checkpoint is registered long before the end
+    steps, every = 30, 5
     stage = {"kind": "sft", "model": str(base_lm),
              "dataset": {"paths": [str(shared("alpaca_5000.json"))], "max_records": 400, "val_fraction": 0.0},
              "training": {"max_length": 128, "max_steps": steps}, "batch": {"micro_batch": 8}, "log_every": 1,
