@@ -245,6 +245,33 @@ def plan(
             typer.echo("\n".join([f"[{name}] {header}", *lines(result)]))
 
 
+data_app = typer.Typer(no_args_is_help=True, help="A data stage's outputs.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[str, typer.Argument(help="A data stage's output dir, or a run dir holding one (path or URI).")],
+    reason: Annotated[str | None, typer.Option(help="Show documents rejected for this reason (default: counts only).")] = None,
+    limit: Annotated[int, typer.Option(help="How many to show.")] = 5,
+    chars: Annotated[int, typer.Option(help="Characters of each document shown.")] = 300,
+) -> None:
+    """What the data stage quarantined: counts per reason, and a few documents of one reason with where
+    they came from and why (the rejects/ Parquet of the stage)."""
+    from lmfleet.data.inspect import rejected
+
+    try:
+        counts, rows = rejected(path, reason, limit)
+    except UserError as err:
+        _fail(err)
+    typer.echo("rejected: " + (", ".join(f"{k} {n}" for k, n in counts.items()) or "none"))
+    for r in rows:
+        found = "".join(f" {k}={r[k]}" for k in ("pii", "contaminated_by") if r.get(k))
+        raw = (r["raw"] or "").replace("\n", " ")
+        typer.echo(f"\n[{r['reject_reason']}] {r['id']} ({r['source']}, {r['location']}){found}\n  "
+                   + (raw[:chars] + (" ..." if len(raw) > chars else "")))
+
+
 def summarize(report: dict) -> str:
     """A short human summary of a run report; each stage may provide its own `summary` lines."""
     lines = [f"run {report['name']}: {report['status']} in {report.get('seconds', 0):.1f} s -> {report['run_dir']}"]

@@ -48,9 +48,69 @@ class ReadConfig(StrictModel):
     )
 
 
+class GopherQualityConfig(StrictModel):
+    """Gopher's quality rules (Rae et al. 2021; lmfleet.data.quality.gopher): a document outside any bound is
+    quarantined with the rule's reason. Null turns a rule off."""
+
+    min_words: int | None = Field(50, ge=0, description="gopher_few_words")
+    max_words: int | None = Field(100_000, ge=1, description="gopher_many_words")
+    min_mean_word_length: float | None = Field(3.0, ge=0, description="gopher_short_words (characters)")
+    max_mean_word_length: float | None = Field(10.0, ge=0, description="gopher_long_words (characters)")
+    max_symbol_word_ratio: float | None = Field(0.1, ge=0, description="gopher_symbols: '#' or ellipses per word")
+    max_bullet_lines: float | None = Field(0.9, ge=0, le=1, description="gopher_bullet_lines: fraction of lines")
+    max_ellipsis_lines: float | None = Field(0.3, ge=0, le=1, description="gopher_ellipsis_lines: fraction of lines")
+    min_alpha_words: float | None = Field(0.8, ge=0, le=1,
+                                          description="gopher_non_alpha: fraction of words with a letter")
+    min_stop_words: int | None = Field(2, ge=0, description="gopher_stop_words: how many of stop_words")
+    stop_words: list[str] = ["the", "be", "to", "of", "and", "that", "have", "with"]
+
+
+class RepetitionConfig(StrictModel):
+    """Gopher's repetition rules (lmfleet.data.quality.repetition): fractions of a document that repeat.
+    Null (or an n missing from a map) turns a rule off."""
+
+    max_duplicate_lines: float | None = Field(0.3, ge=0, le=1, description="repetition_lines")
+    max_duplicate_paragraphs: float | None = Field(0.3, ge=0, le=1, description="repetition_paragraphs")
+    max_duplicate_line_chars: float | None = Field(0.2, ge=0, le=1, description="repetition_line_chars")
+    max_duplicate_paragraph_chars: float | None = Field(0.2, ge=0, le=1,
+                                                        description="repetition_paragraph_chars")
+    max_top_ngram_chars: dict[int, float] = Field(
+        {2: 0.2, 3: 0.18, 4: 0.16}, description="repetition_top_{n}gram: characters in the most frequent n-gram")
+    max_duplicate_ngram_chars: dict[int, float] = Field(
+        {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="repetition_duplicate_{n}gram: characters in n-grams that occur more than once")
+
+
+class LanguageConfig(StrictModel):
+    """Keep documents in these languages (lmfleet.data.language, Lingua): others are quarantined as
+    language_<code>, those it cannot tell as language_uncertain."""
+
+    languages: list[str] = Field(["en"], min_length=1, description="ISO 639-1 codes, e.g. [en, de].")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Below it: language_uncertain.")
+    max_chars: int = Field(2000, ge=1, description="Characters of each document the decision reads.")
+
+    @field_validator("languages")
+    @classmethod
+    def _known(cls, codes: list[str]) -> list[str]:
+        from lingua import Language
+
+        known = sorted(lang.iso_code_639_1.name.lower() for lang in Language.all())
+        unknown = [c for c in codes if c.lower() not in known]
+        if unknown:
+            raise ValueError(f"{unknown}: not ISO 639-1 codes of languages Lingua identifies ({', '.join(known)})")
+        return [c.lower() for c in codes]
+
+
 class FilterConfig(StrictModel):
     min_chars: int = Field(1, ge=1, description="Shorter documents (after normalization) are rejected.")
     max_chars: int = Field(1_000_000, ge=1, description="Longer documents are rejected, not truncated.")
+    pii: Literal["off", "mask", "drop"] = Field(
+        "off", description="E-mail addresses, IP addresses and phone numbers (lmfleet.data.pii): mask each "
+        "(<email>, <ip>, <phone>), drop the documents holding any (quarantined: reason pii), or off. Counts "
+        "per kind in the report.")
+    gopher: GopherQualityConfig | None = Field(None, description="Gopher's quality rules ({} for the defaults).")
+    repetition: RepetitionConfig | None = Field(None, description="Gopher's repetition rules ({} for the defaults).")
+    language: LanguageConfig | None = Field(None, description="Language identification ({} keeps English).")
 
 
 class NormalizeConfig(StrictModel):
@@ -91,6 +151,15 @@ class DedupConfig(StrictModel):
             if b < 1 or r < 1 or b * r > self.num_perm:
                 raise ValueError(f"bands {self.bands}: need b, r >= 1 and b*r <= num_perm ({self.num_perm})")
         return self
+
+
+class DecontaminateConfig(StrictModel):
+    """Quarantine training documents that share a word n-gram with an evaluation document (reason
+    `contaminated`; counts per evaluation file in the report). lmfleet.data.decontaminate."""
+
+    paths: list[str] = Field(..., min_length=1, description="Evaluation files, dirs or globs (paths or URIs): "
+                             "JSONL / JSON records (all string values of a record are one document) or text.")
+    ngram: int = Field(13, ge=1, le=64, description="Tokens per n-gram (13: GPT-3's decontamination).")
 
 
 class MixingConfig(StrictModel):
@@ -150,6 +219,7 @@ class DataConfig(StrictModel):
     filter: FilterConfig = FilterConfig()
     normalize: NormalizeConfig = NormalizeConfig()
     dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig | None = None
     mixing: MixingConfig = MixingConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig | None = PackConfig()

@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lmfleet import uri
+from lmfleet.data import decontaminate, language, pii, quality
 from lmfleet.data.config import FilterConfig, NormalizeConfig, SourceConfig
 from lmfleet.errors import InputError
 
@@ -45,7 +46,15 @@ ROW_SCHEMA = pa.schema(
         ("raw", pa.string()),
         ("content_hash", pa.string()),
         ("uid", pa.uint64()),
+        ("pii", pa.string()),  # JSON {kind: matches} when filter.pii found any (masked or dropped), else null
+        ("contaminated_by", pa.string()),  # JSON list of the evaluation files a `contaminated` reject matched
     ]
+)
+QUALITY_REASONS = (
+    "gopher_few_words", "gopher_many_words", "gopher_short_words", "gopher_long_words", "gopher_symbols",
+    "gopher_bullet_lines", "gopher_ellipsis_lines", "gopher_non_alpha", "gopher_stop_words",
+    "repetition_lines", "repetition_line_chars", "repetition_paragraphs", "repetition_paragraph_chars",
+    "repetition_top_{n}gram", "repetition_duplicate_{n}gram",
 )
 REJECT_REASONS = (
     "invalid_json",
@@ -59,6 +68,10 @@ REJECT_REASONS = (
     "empty_text",
     "too_short",
     "too_long",
+    *QUALITY_REASONS,  # filter.gopher, filter.repetition (lmfleet.data.quality)
+    "language_{code}", "language_uncertain",  # filter.language (lmfleet.data.language)
+    "pii",  # filter.pii: drop
+    "contaminated",  # shares an n-gram with an evaluation document (decontaminate)
 )
 RAW_PREFIX = 2000  # chars of a rejected record kept in rejects/, enough to see what was wrong
 ROWS_PER_BATCH = 5000
@@ -254,16 +267,19 @@ def doc_uid(source: str, doc_id: str) -> int:
 class RecordBuilder:
     """Turns raw records of one source into schema rows, classifying bad ones."""
 
-    def __init__(self, src: SourceConfig, source_index: int, norm: NormalizeConfig, filt: FilterConfig):
-        self.src, self.source_index, self.norm, self.filt = src, source_index, norm, filt
+    def __init__(self, src: SourceConfig, source_index: int, norm: NormalizeConfig, filt: FilterConfig,
+                 evals: decontaminate.EvalNgrams | None = None):
+        self.src, self.source_index, self.norm, self.filt, self.evals = src, source_index, norm, filt, evals
         self.rows: list[dict] = []
 
-    def reject(self, location: str, reason: str, raw: str | bytes, doc_id: str | None = None) -> None:
+    def reject(self, location: str, reason: str, raw: str | bytes, doc_id: str | None = None,
+               pii_found: str | None = None) -> None:
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace")
         self.rows.append(
             {"id": printable(doc_id or location), "source": self.src.name, "source_index": self.source_index,
-             "location": printable(location), "reject_reason": reason, "raw": printable(raw[:RAW_PREFIX])}
+             "location": printable(location), "reject_reason": reason, "raw": printable(raw[:RAW_PREFIX]),
+             "pii": pii_found}
         )
 
     def record(self, location: str, default_id: str, obj: dict) -> None:
@@ -295,18 +311,44 @@ class RecordBuilder:
         meta_json = _dump(meta or {})
         if not reason and not (valid_unicode(norm) and valid_unicode(meta_json)):
             reason = "invalid_unicode"
+        if not reason and self.filt.gopher is not None:
+            reason = quality.gopher(norm, self.filt.gopher)
+        if not reason and self.filt.repetition is not None:
+            reason = quality.repetition(norm, self.filt.repetition)
+        if not reason and self.filt.language is not None:
+            reason = language.check(norm, self.filt.language)
+        found = None
+        if not reason and self.filt.pii != "off":
+            masked, counts = pii.scan(norm, mask=self.filt.pii == "mask")
+            if counts:
+                found = json.dumps(counts, sort_keys=True)
+                reason, norm = ("pii", norm) if self.filt.pii == "drop" else (None, masked)
         if reason:
-            return self.reject(location, reason, text, doc_id)
+            return self.reject(location, reason, text, doc_id, found)
         self.rows.append(
             {"id": printable(doc_id), "source": self.src.name, "source_index": self.source_index, "text": norm,
              "meta": meta_json, "location": printable(location), "content_hash": content_hash(norm),
-             "uid": doc_uid(self.src.name, printable(key or doc_id))}
+             "uid": doc_uid(self.src.name, printable(key or doc_id)), "pii": found}
         )
 
     def flush(self, force: bool = False) -> Iterator[pa.Table]:
         if self.rows and (force or len(self.rows) >= ROWS_PER_BATCH):
+            if self.evals is not None:
+                self._decontaminate()
             yield pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA)
             self.rows = []
+
+    def _decontaminate(self) -> None:
+        """The documents of this batch that share an n-gram with an evaluation file, as rejects (all the
+        batch's texts hashed at once)."""
+        docs = [i for i, r in enumerate(self.rows) if r.get("text") is not None]
+        found = decontaminate.contaminated([self.rows[i]["text"] for i in docs], self.evals)
+        for i, files in zip(docs, found, strict=True):
+            if files:
+                r = self.rows[i]
+                self.rows[i] = {"id": r["id"], "source": r["source"], "source_index": r["source_index"],
+                                "location": r["location"], "reject_reason": "contaminated",
+                                "raw": r["text"][:RAW_PREFIX], "contaminated_by": json.dumps(files)}
 
 
 def _dump(obj) -> str:
@@ -448,12 +490,14 @@ def scan_text_range(path: str, start: int, end: int) -> dict:
     return {**tally, "valid": True}
 
 
-def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig) -> Iterator[pa.Table]:
+def read_file(task: dict, norm: NormalizeConfig, filt: FilterConfig,
+              evals: decontaminate.EvalNgrams | None = None) -> Iterator[pa.Table]:
     """Yield row tables for one input file, one byte range of it (task keys start, end, first_line) or
     one HF dataset dir. A file that turns out damaged part-way keeps the records read before the damage
-    and adds one `damaged_file` reject naming the file and error."""
+    and adds one `damaged_file` reject naming the file and error. `evals`: quarantine the documents that
+    share an n-gram with these (lmfleet.data.decontaminate)."""
     src = SourceConfig.model_validate_json(task["source"])
-    rb = RecordBuilder(src, task["source_index"], norm, filt)
+    rb = RecordBuilder(src, task["source_index"], norm, filt, evals)
     path = task["path"]
     try:
         if "first_block" in task:

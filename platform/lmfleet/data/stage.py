@@ -1,7 +1,8 @@
 """The data stage on Ray Data: read -> quarantine -> exact dedup -> near dedup -> tokenizer -> mix -> pack.
 
 Outputs (in the stage dir, a path or URI: Ray Data and the packing tasks write there from any node):
-  rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record
+  rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record; pii
+                    (kinds found, filter.pii: drop) and contaminated_by (evaluation files matched)
   kept/             Parquet: id, source, text (normalized), meta (other fields as JSON) of surviving docs
   clusters.parquet  Parquet dir: id, source, cluster_id for every doc that survived exact dedup
   pairs.parquet     Parquet dir: the near-duplicate pairs found: id_a, id_b, estimated Jaccard (null if
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 import os
 import posixpath
@@ -27,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lmfleet.data import dedup, mixing, packing
-from lmfleet.data.config import DataConfig
+from lmfleet.data import decontaminate, dedup, mixing, packing, pii
+from lmfleet.data.config import DataConfig, SourceConfig
 from lmfleet.data.read import (
     ROW_SCHEMA,
     check_hf_split,
@@ -36,8 +38,9 @@ from lmfleet.data.read import (
     named_paths,
     plan_reads,
     read_file,
+    with_compressions,
 )
-from lmfleet.data.shuffle import gather, hash_shuffle, map_blocks
+from lmfleet.data.shuffle import gather, hash_shuffle, map_blocks, resolve
 from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
@@ -64,7 +67,19 @@ def check_inputs(cfg: DataConfig, upstream: set[str] = frozenset(), run_dir: Pat
     if cfg.tokenizer.path is not None:
         check_tokenizer_dir(cfg.tokenizer.path)
         inputs.append(Input("tokenizer.path", (Path(cfg.tokenizer.path),)))
+    if cfg.decontaminate is not None:
+        src = _eval_source(cfg)
+        inputs.append(Input("decontaminate.paths", tuple(named_paths(src)), tuple(_eval_files(src))))
     return inputs
+
+
+def _eval_source(cfg: DataConfig) -> SourceConfig:
+    """The evaluation files to decontaminate against, named as a source so they are found as inputs are."""
+    return SourceConfig(name="decontaminate", format="jsonl", paths=cfg.decontaminate.paths)
+
+
+def _eval_files(src: SourceConfig) -> list[FileRef]:
+    return expand_paths(src, with_compressions(decontaminate.SUFFIXES))
 
 
 def _cluster_cpus() -> int:
@@ -98,6 +113,56 @@ def _sum_by(blocks: list, key: str, chars: bool = False, rejects: bool | None = 
     return dict(out)
 
 
+def _eval_ngrams(cfg: DataConfig) -> decontaminate.EvalNgrams:
+    """The evaluation files' n-grams, read on the driver (they are small)."""
+    return decontaminate.load(cfg.decontaminate, _eval_files(_eval_source(cfg)))
+
+
+EXAMPLES = 3  # ids per reject reason in the report (`lmfleet data inspect` shows the documents)
+
+
+def _first_ids(table: pa.Table) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if table.num_rows:
+        rejects = _is_reject(table, True)
+        for reason, doc_id in zip(rejects["reject_reason"].to_pylist(), rejects["id"].to_pylist(), strict=True):
+            ids = out.setdefault(reason, [])
+            if len(ids) < EXAMPLES:
+                ids.append(doc_id)
+    return out
+
+
+def _examples(blocks: list) -> dict[str, list[str]]:
+    """The first few rejected ids of each reason, in read order."""
+    import ray
+
+    out: dict[str, list[str]] = {}
+    for part in ray.get(map_blocks(blocks, _first_ids)):
+        for reason, ids in part.items():
+            out.setdefault(reason, []).extend(ids)
+    return {reason: ids[:EXAMPLES] for reason, ids in sorted(out.items())}
+
+
+def _pii_tally(table: pa.Table) -> Counter:
+    out: Counter = Counter()
+    if table.num_rows:  # (an empty block may lack columns)
+        for found in table["pii"].drop_null().to_pylist():
+            out.update(json.loads(found))
+            out["documents"] += 1
+    return out
+
+
+def _pii_counts(blocks: list) -> dict:
+    """{documents: with any match, matches: {kind: count}} over every row (masked ones and dropped ones)."""
+    import ray
+
+    total: Counter = Counter()
+    for part in ray.get(map_blocks(blocks, _pii_tally)):
+        total.update(part)
+    documents = total.pop("documents", 0)
+    return {"documents": documents, "matches": {kind: total.get(kind, 0) for kind in pii.KINDS}}
+
+
 def _ray_all(fn, args: list[tuple]) -> list:
     """fn(*a) for each a in args as Ray tasks (the first passes over split files: ~1 GB/s a core for
     newline counts, against ~50 MB/s for parsing)."""
@@ -107,8 +172,9 @@ def _ray_all(fn, args: list[tuple]) -> list:
     return ray.get([remote.remote(*a) for a in args])
 
 
-def _read_batch(table: pa.Table, norm, filt) -> pa.Table:
-    out = [t for task in table.to_pylist() for t in read_file(task, norm, filt)]
+def _read_batch(table: pa.Table, norm, filt, evals=None) -> pa.Table:
+    evals = resolve(evals)  # (a ref of decontaminate.EvalNgrams: one copy in the object store)
+    out = [t for task in table.to_pylist() for t in read_file(task, norm, filt, evals)]
     return pa.concat_tables([ROW_SCHEMA.empty_table(), *out])
 
 
@@ -175,26 +241,39 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         if len(empty) == sum(map(len, files.values())):
             raise InputError(f"every input file is empty: {', '.join(sorted(empty))}")
         tasks, report["read"] = plan_reads(cfg.sources, files, cfg.read.split_bytes, _ray_all)
+        evals = None if cfg.decontaminate is None else ray.put(_eval_ngrams(cfg))
         records = (
             ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
             .map_batches(_read_batch, batch_size=1, batch_format="pyarrow",
-                         fn_kwargs={"norm": cfg.normalize, "filt": cfg.filter})
+                         fn_kwargs={"norm": cfg.normalize, "filt": cfg.filter, "evals": evals})
             .materialize()
         )
         rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
-        _write_parquet(rejects, ctx.uri("rejects"), ["id", "source", "location", "reject_reason", "raw"])
+        _write_parquet(rejects, ctx.uri("rejects"), ["id", "source", "location", "reject_reason", "raw", "pii",
+                                                    "contaminated_by"])
         blocks = records.to_arrow_refs()
         reasons = _sum_by(blocks, "reject_reason", rejects=True)
         docs_in_by_source = _sum_by(blocks, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
-            ["reject_reason", "raw"]
+            ["reject_reason", "raw", "pii", "contaminated_by"]
         ).materialize()
         n_in, n_valid = sum(docs_in_by_source.values()), valid.count()
         if n_valid == 0:
             raise InputError(f"no valid documents among {n_in} records (rejects: {dict(reasons)}; see "
                              f"{ctx.uri('rejects')}); check text_field and the filter settings")
         report.update(files=sum(map(len, files.values())), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
-                      rejects=dict(sorted(reasons.items())), valid_docs=n_valid)
+                      rejects=dict(sorted(reasons.items())), reject_examples=_examples(blocks), valid_docs=n_valid)
+        if cfg.filter.pii != "off":
+            report["pii"] = {"action": cfg.filter.pii, **_pii_counts(blocks)}
+        if cfg.decontaminate is not None:
+            by_file = _sum_by(blocks, "contaminated_by", rejects=True)
+            by_file.pop(None, None)
+            counts = Counter()
+            for files, n in by_file.items():
+                for name in json.loads(files):
+                    counts[name] += n
+            report["decontamination"] = {"ngram": cfg.decontaminate.ngram, "documents": reasons.get("contaminated", 0),
+                                         "by_eval_file": dict(sorted(counts.items()))}
         report["outputs"]["rejects"] = ctx.uri("rejects")
 
     partitions = max(cpus, math.ceil((valid.size_bytes() or 1) / 128e6))
@@ -224,7 +303,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             docs_kept=kept.count(),
             lsh=None if params is None else {
                 "num_perm": params.num_perm, "ngram": params.ngram, "bands": params.bands, "rows": params.rows,
-                "threshold": params.threshold, "candidate_pairs": counts["candidate_pairs"],
+                "threshold": params.threshold, "verify": params.verify, "candidate_pairs": counts["candidate_pairs"],
                 "verified_edges": counts["verified_pairs"], "clustering_rounds": counts["rounds"]},
         )
         report["outputs"].update(kept=ctx.uri("kept"), clusters=ctx.uri("clusters.parquet"),
@@ -360,10 +439,16 @@ def _summary(r: dict) -> list[str]:
             f"{r['read']['tasks']} read tasks"] if r["read"]["split_files"] else []),
         *([f"read: {n} file(s) over read.split_bytes read by one task: {why}" for why, n in
            Counter(u["why"] for u in r["read"]["unsplittable"]).items()]),
+        *([f"personal data ({r['pii']['action']}): {r['pii']['documents']} documents; "
+           + ", ".join(f"{k} {v}" for k, v in r["pii"]["matches"].items())] if "pii" in r else []),
+        *([f"decontaminated ({r['decontamination']['ngram']}-grams): {r['decontamination']['documents']} documents"
+           + "".join(f"; {f} {n}" for f, n in r["decontamination"]["by_eval_file"].items())]
+          if "decontamination" in r else []),
         f"exact duplicates removed: {r['exact_duplicates_removed']}",
         f"near duplicates removed: {r['near_duplicates_removed']} in {r['clusters']} clusters"
         + (f" (MinHash {r['lsh']['num_perm']} perms, {r['lsh']['bands']}x{r['lsh']['rows']} bands, "
-           f"threshold {r['lsh']['threshold']})" if r.get("lsh") else ""),
+           f"threshold {r['lsh']['threshold']}, verify {r['lsh']['verify']}; {r['lsh']['candidate_pairs']} "
+           f"candidate pairs, {r['lsh']['verified_edges']} kept)" if r.get("lsh") else ""),
         f"documents kept: {r['docs_kept']}",
         f"tokenizer: vocab {r['tokenizer']['vocab_size']} at {r['tokenizer']['path']}",
     ]
