@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from lmfleet.data.shuffle import bucket_of, hash_shuffle, map_blocks
+from lmfleet.data.shuffle import by_column, hash_shuffle, map_blocks
 
 EDGES = pa.schema([("a", pa.uint64()), ("b", pa.uint64())])  # a node and a neighbour
 LABELS = pa.schema([("uid", pa.uint64()), ("label", pa.uint64())])
@@ -32,8 +32,7 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 MAX_ROUNDS = 200  # far beyond log(n) rounds for any corpus; a guard against a bug, not a setting
 
 
-def _partition(table: pa.Table, partitions: int) -> np.ndarray:
-    return bucket_of(table["a"].to_numpy(), partitions)
+_partition = by_column("a")  # (labels come out partitioned by uid as every shuffle by uid)
 
 
 def _edges(a: np.ndarray, b: np.ndarray) -> pa.Table:

@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 
 from lmfleet.data import components, minhash
 from lmfleet.data.config import DedupConfig
-from lmfleet.data.shuffle import bucket_of, combine, hash_shuffle, join_partitions, map_blocks, resolve
+from lmfleet.data.shuffle import (
+    bucket_of,
+    by_column,
+    combine,
+    hash_shuffle,
+    join_partitions,
+    map_blocks,
+    resolve,
+)
 
 _KEY_MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -113,10 +121,6 @@ def _band_rows(table: pa.Table, p: LshParams) -> pa.Table:
     return pa.concat_tables(out)
 
 
-def _band_partition(table: pa.Table, partitions: int) -> np.ndarray:
-    return bucket_of(table["band_key"].to_numpy(), partitions)
-
-
 def _signatures(table: pa.Table, p: LshParams) -> np.ndarray:
     return minhash.minhash_signatures(
         table["text"].to_pylist(), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed, char_ngrams=p.char_ngrams
@@ -205,15 +209,6 @@ def _unique_pairs(table: pa.Table) -> pa.Table:
     return table.take(pa.array(np.sort(first)))
 
 
-def _by(column: str) -> functools.partial:
-    """The partition function of a shuffle by a uid column (`bucket_of`: partitions meet in joins)."""
-    return functools.partial(_column_partition, column=column)
-
-
-def _column_partition(table: pa.Table, partitions: int, column: str) -> np.ndarray:
-    return bucket_of(table[column].to_numpy(), partitions)
-
-
 def _endpoints(table: pa.Table | None) -> np.ndarray:
     if table is None:
         return np.zeros(0, np.uint64)
@@ -228,13 +223,19 @@ def _sorted_by_uid(table: pa.Table) -> pa.Table:
     return table.sort_by("uid")
 
 
+def _looked_up(by_uid: pa.Table, column: str, uids: pa.ChunkedArray) -> pa.ChunkedArray:
+    """`column` of the rows of `by_uid` (sorted by uid, holding every one of `uids`) for `uids`: a join of
+    two tables partitioned alike by uid."""
+    at = np.searchsorted(by_uid["uid"].to_numpy(), uids.to_numpy())
+    return by_uid[column].take(pa.array(at, pa.int64()))
+
+
 def _with_feature(edges: pa.Table | None, features: pa.Table | None, side: str) -> pa.Table | None:
     """`edges` (partitioned by `side`_uid) with `side`_feature: that end's, from `features` (uid, feature;
     the same partition, sorted by uid, holding every candidate's)."""
     if edges is None:
         return None
-    at = np.searchsorted(features["uid"].to_numpy(), edges[f"{side}_uid"].to_numpy())
-    return edges.append_column(f"{side}_feature", features["feature"].take(pa.array(at, pa.int64())))
+    return edges.append_column(f"{side}_feature", _looked_up(features, "feature", edges[f"{side}_uid"]))
 
 
 def _verified(edges: pa.Table | None, p: LshParams) -> pa.Table | None:
@@ -278,9 +279,7 @@ def _labelled(nodes: pa.Table | None, labels: pa.Table | None) -> pa.Table | Non
     """Each node with its component's label (both partitioned by uid: every node of one is in the other)."""
     if nodes is None:
         return None
-    labels = labels.sort_by("uid")
-    at = np.searchsorted(labels["uid"].to_numpy(), nodes["uid"].to_numpy())
-    return nodes.append_column("label", labels["label"].take(pa.array(at, pa.int64())))
+    return nodes.append_column("label", _looked_up(labels.sort_by("uid"), "label", nodes["uid"]))
 
 
 MEMBERS = pa.schema([("uid", pa.uint64()), ("cluster_id", pa.string()), ("removed", pa.bool_())])
@@ -346,22 +345,22 @@ def near_duplicates(ds, params: LshParams, partitions: int) -> NearDuplicates:
     import ray
 
     blocks = ds.to_arrow_refs()
-    bucketed = hash_shuffle(blocks, _band_partition, functools.partial(_bucket_edges, p=params), partitions,
+    bucketed = hash_shuffle(blocks, by_column("band_key"), functools.partial(_bucket_edges, p=params), partitions,
                             prepare=functools.partial(_band_rows, p=params))
     pairs = hash_shuffle(bucketed, _pair_partition, _unique_pairs, partitions)
     counts = {"candidate_pairs": sum(ray.get(map_blocks(pairs, _rows)))}
     if params.verify != "none" and counts["candidate_pairs"]:
         wanted = combine(map_blocks(pairs, _endpoints), _union)
-        features = hash_shuffle(blocks, _by("uid"), _sorted_by_uid, partitions,
+        features = hash_shuffle(blocks, by_column("uid"), _sorted_by_uid, partitions,
                                 prepare=functools.partial(_candidate_features, p=params, uids=wanted))
         for side in ("u", "v"):
-            pairs = join_partitions(hash_shuffle(pairs, _by(f"{side}_uid"), _identity, partitions), features,
+            pairs = join_partitions(hash_shuffle(pairs, by_column(f"{side}_uid"), _identity, partitions), features,
                                     functools.partial(_with_feature, side=side))
         pairs = map_blocks(pairs, functools.partial(_verified, p=params))
     counts["verified_pairs"] = sum(ray.get(map_blocks(pairs, _rows)))
     labels, cc = components.connected_components(map_blocks(pairs, _graph_edges), partitions)
-    nodes = hash_shuffle(pairs, _by("uid"), _unique_nodes, partitions, prepare=_edge_nodes)
-    clustered = hash_shuffle(join_partitions(nodes, labels, _labelled), _by("label"), _representatives,
+    nodes = hash_shuffle(pairs, by_column("uid"), _unique_nodes, partitions, prepare=_edge_nodes)
+    clustered = hash_shuffle(join_partitions(nodes, labels, _labelled), by_column("label"), _representatives,
                              partitions)
     per_partition = ray.get(map_blocks(clustered, _cluster_counts))
     members = combine(clustered, _all_members)

@@ -11,6 +11,7 @@ A None in place of a table (a partition no row went to) is read as an empty one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -25,6 +26,16 @@ def bucket_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     (`join_partitions`)."""
     with np.errstate(over="ignore"):
         return ((keys.astype(np.uint64) * _MIX) >> np.uint64(40)).astype(np.int64) % partitions
+
+
+def by_column(column: str) -> functools.partial:
+    """The partition function of a shuffle by a 64-bit key column (`bucket_of`: two shuffles by the same
+    kind of key meet in `join_partitions`)."""
+    return functools.partial(_column_partition, column=column)
+
+
+def _column_partition(table: pa.Table, partitions: int, column: str) -> np.ndarray:
+    return bucket_of(table[column].to_numpy(), partitions)
 
 
 def _concat(tables: tuple[pa.Table | None, ...]) -> pa.Table | None:
