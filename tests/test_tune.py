@@ -95,6 +95,8 @@ def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupte
                                "scheduler": {"kind": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5,
                                              "synch": True}})
     trials_dir = tmp_path / "pbt" / "pretrain" / "trials"
+    # Each trial a row of its own, whichever copied whom last (a CI run once named both after the donor).
+    assert sorted(t["id"] for t in report["trials"]) == sorted(p.name for p in trials_dir.iterdir())
     # An exploit at the last step (PBT cannot know it is the last) leaves no step to compare.
     exploits = [(t["id"], e) for t in report["trials"] for e in t["exploits"] if e["step"] < STEPS]
     assert len(exploits) >= 1, report["summary"]

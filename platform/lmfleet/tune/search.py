@@ -111,6 +111,11 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     trial_log.write(stage, event="completed", attempt=attempt)  # not stopped by the scheduler
 
 
+def _trial_dirname(trial) -> str:
+    """Tune's dir of a trial is named by its id, as its trials/<id> (how results are told apart)."""
+    return trial.trial_id
+
+
 def _scheduler(t: TuneConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -194,6 +199,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
             tune_config=tune.TuneConfig(
                 metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(t),
                 search_alg=_searcher(t, ctx.seed, _max_concurrent(t, cfg.scaling)), reuse_actors=False,
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name="search", storage_path=ctx.storage, stop=stopper, verbose=1,
@@ -256,14 +262,19 @@ def _finite(x) -> bool:
 def _trial_row(result, t: TuneConfig, dists: dict, trials_dir: Path) -> dict:
     m = result.metrics or {}
     history = result.metrics_dataframe
-    # The trial's own reports name it; its last metrics may be the donor's (PBT copies them on an exploit).
-    if history is not None and "trial_id" in history and len(history):
-        trial_id = history["trial_id"].iloc[-1]
-    else:
-        trial_id = m.get("trial_id") or Path(result.path).name
+    # Neither Tune's last metrics nor its history name the trial for sure: an exploit copies the donor's
+    # metrics into the receiver, and its restart replaces the receiver's result.json by the copy last synced
+    # to storage (Ray 2.60 `_restore_from_remote`: empty in a CI run, so a last-step receiver had no rows).
+    # The trial dir is named by the id (`_trial_dirname`); a search started before that uses its history.
+    trial_id = Path(result.path).name
+    if not (trials_dir / trial_id).is_dir() and history is not None and "trial_id" in history and len(history):
+        trial_id = history["trial_id"].iloc[0]
     events = read_jsonl(trials_dir / trial_id / "metrics.jsonl")
     attempts = attempt_records(events)
-    values = [] if history is None or t.metric not in history else [v for v in history[t.metric] if _finite(v)]
+    # The metric as the trial's own log has it (every logged step), else as Tune has it.
+    values = [e[t.metric] for _, steps in attempts for e in steps if _finite(e.get(t.metric))]
+    if not values and history is not None and t.metric in history:
+        values = [v for v in history[t.metric] if _finite(v)]
     return {
         "id": trial_id,
         "step": m.get("step"),
