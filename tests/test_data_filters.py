@@ -1,4 +1,4 @@
-"""Document filters of the data stage: personal data (lmfleet.data.pii: what the patterns catch and leave;
+"""Document filters of the data stage (the rules themselves: test_quality.py): personal data (lmfleet.data.pii: what the patterns catch and leave;
 masked, or the documents quarantined, counted per kind) and benchmark decontamination
 (lmfleet.data.decontaminate: evaluation text planted in the corpus -> exactly those documents quarantined,
 counted per evaluation file)."""
@@ -47,6 +47,9 @@ def test_an_address_with_digits_is_an_email_not_a_phone():
 DOCS = ["Contact me at jane@example.org about the boat.", "Our office line is (555) 123-4567, call anytime.",
         "The router sits at 10.1.2.3 on the lab network.", "A plain sentence about the sea and its tides.",
         "Another plain line, with the number 42 in it.", "Both: bob@example.com and +1 555 987 6543 here."]
+
+
+FERRY = "The ferry left the harbour at noon with forty passengers."
 
 
 def test_drop_quarantines_the_documents_with_any(tmp_path):
@@ -103,35 +106,45 @@ def test_the_data_stage_filters_and_counts(tmp_path, ray_local):
     """filter.pii: mask, filter.repetition and decontaminate in one run: masked texts kept, planted
     documents quarantined with their reasons, counted, a few ids of each in the report."""
     path = tmp_path / "docs.jsonl"
-    docs = _corpus(tmp_path) + ["Buy now and save.\nBuy now and save.\nBuy now and save.\nLimited offer."]
+    docs = _corpus(tmp_path) + ["Buy now and save.\nBuy now and save.\nBuy now and save.\nLimited offer.",
+                                FERRY + "\nPlease enable JavaScript to see the timetable.\nThis site uses cookies.",
+                                "Lorem ipsum dolor sit amet, consectetur adipiscing elit."]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    # C4's line rules with the rules that one-line documents break off (terminal punctuation, words per line,
+    # sentences): JavaScript and cookie lines leave the ferry document, lorem ipsum quarantines its own.
+    c4 = {"terminal_punctuation": False, "min_words_per_line": None, "min_sentences": None}
     cfg = {"name": "filters", "output_dir": str(tmp_path / "run"), "stages": {"data": {
         "sources": [{"name": "web", "format": "jsonl", "paths": [str(path)]}],
-        "filter": {"pii": "mask", "repetition": {}},
+        "filter": {"pii": "mask", "repetition": {}, "c4": c4},
         "decontaminate": {"paths": [str(_eval_files(tmp_path))]},
         "dedup": {"near": False}, "tokenizer": {"vocab_size": 300}, "pack": None}}}
     report = run(load_run(write_config(tmp_path / "c.yaml", cfg)))["stages"]["data"]
     assert report["pii"] == {"action": "mask", "documents": 4, "matches": {"email": 2, "ip": 1, "phone": 2}}
     assert report["decontamination"] == {"ngram": 13, "documents": 3,
                                          "by_eval_file": {"quiz.jsonl.gz": 2, "reading.txt": 2}}
-    assert report["rejects"] == {"contaminated": 3, "repetition_lines": 1}
-    assert report["reject_examples"] == {"contaminated": ["web/docs.jsonl:7", "web/docs.jsonl:8", "web/docs.jsonl:10"],
+    assert report["c4"] == {"documents_edited": 1, "lines_removed": {
+        "no_terminal_punctuation": 0, "short_line": 0, "long_word": 0, "javascript": 1, "policy": 1}}
+    assert report["rejects"] == {"c4_lorem_ipsum": 1, "contaminated": 3, "repetition_lines": 1}
+    assert report["reject_examples"] == {"c4_lorem_ipsum": ["web/docs.jsonl:13"],
+                                         "contaminated": ["web/docs.jsonl:7", "web/docs.jsonl:8", "web/docs.jsonl:10"],
                                          "repetition_lines": ["web/docs.jsonl:11"]}
+    assert "C4 line rules: 1 kept documents edited; lines removed: no_terminal_punctuation 0, short_line 0, " \
+           "long_word 0, javascript 1, policy 1" in report["summary"]
     out = tmp_path / "run" / "data"
     rejects = {r["raw"]: r["reject_reason"] for r in pq.read_table(out / "rejects").to_pylist()}
     assert rejects == {docs[6]: "contaminated", docs[7]: "contaminated", docs[9]: "contaminated",
-                       docs[10]: "repetition_lines"}
+                       docs[10]: "repetition_lines", docs[12]: "c4_lorem_ipsum"}
     kept = sorted(pq.read_table(out / "kept")["text"].to_pylist())
     assert kept == sorted(["Contact me at <email> about the boat.", "Our office line is <phone>, call anytime.",
                            "The router sits at <ip> on the lab network.", DOCS[3], DOCS[4],
-                           "Both: <email> and <phone> here.", docs[8]])
+                           "Both: <email> and <phone> here.", docs[8], FERRY])
     # `lmfleet data inspect` on the run dir finds its data stage and shows why each was rejected.
     shown = subprocess.run([*lmfleet_cmd(), "data", "inspect", str(tmp_path / "run"), "--reason", "contaminated",
                             "--limit", "2"], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.startswith("rejected: contaminated 3, repetition_lines 1\n") and shown.stdout.count("[contaminated] ") == 2
+    assert shown.stdout.startswith("rejected: c4_lorem_ipsum 1, contaminated 3, repetition_lines 1\n") and shown.stdout.count("[contaminated] ") == 2
     assert 'contaminated_by=["quiz.jsonl.gz"]' in shown.stdout and "A travel blog." in shown.stdout
-    with pytest.raises(UserError, match="--reason 'pii': no document was rejected for it here; reasons: contam"):
+    with pytest.raises(UserError, match="--reason 'pii': no document was rejected for it here; reasons: c4_lorem_ipsum, contam"):
         rejected(str(out), "pii", 5)
 
 

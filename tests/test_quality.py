@@ -1,16 +1,16 @@
-"""Gopher's quality and repetition rules (lmfleet.data.quality) on hand-made documents: one that passes
-them all, and for each rule one that breaks it (and, where the rules overlap, only it)."""
+"""Gopher's quality and repetition rules and C4's line rules (lmfleet.data.quality) on hand-made documents:
+one that passes them all, and for each rule one that breaks it (and, where the rules overlap, only it)."""
 
 import pytest
 
-from lmfleet.data.config import GopherQualityConfig, RepetitionConfig
-from lmfleet.data.quality import gopher, repetition
+from lmfleet.data.config import C4Config, GopherQualityConfig, RepetitionConfig
+from lmfleet.data.quality import c4, gopher, repetition
 
 GOOD = ("The harbour was quiet when the fishing boats came back to the village before dawn. Most of the crew "
         "had worked through the night, and they were tired but pleased with the catch. An old sailor stood on "
         "the pier with a lantern, counting the boats as they entered the narrow channel between the rocks. "
         "When the last one arrived, he walked home slowly and told his daughter that the sea had been kind.")
-Q, R = GopherQualityConfig(), RepetitionConfig()
+Q, R, C4 = GopherQualityConfig(), RepetitionConfig(), C4Config()
 
 
 def test_a_good_document_passes_every_rule():
@@ -55,6 +55,62 @@ def test_each_repetition_rule():
     text = f"{phrase} {GOOD} {phrase}"
     assert repetition(text, R) == "repetition_duplicate_5gram"
     assert repetition(text, R.model_copy(update={"max_duplicate_ngram_chars": {}})) is None
+
+
+def test_a_good_document_keeps_every_line_under_c4():
+    assert c4(GOOD, C4) == (GOOD, None, {})
+
+
+# A web page as C4 sees one: navigation, a JavaScript notice, a cookie banner, a citation, a word over the
+# limit, a teaser with an ellipsis; two paragraphs of real sentences survive, their blank line too.
+PAGE = """Home | News | Contact
+The harbour was quiet when the fishing boats came back to the village before dawn.[1] Most of the crew had worked through the night.
+Please enable JavaScript in your browser to read the comments.
+
+We use cookies. By using this site you agree to our cookie policy and terms.
+An old sailor stood on the pier with a lantern, counting the boats. He walked home slowly!
+Read the full story of the old sailor and his daughter here...
+Short line only.
+The catch was weighed on the quay: %s was written on the slate.""" % ("x" * 60)
+KEPT = ("The harbour was quiet when the fishing boats came back to the village before dawn. Most of the crew had "
+        "worked through the night.\n\nAn old sailor stood on the pier with a lantern, counting the boats. He walked "
+        "home slowly!")
+
+
+def test_c4_documents_pass_c4_rules_unchanged():
+    import json
+
+    from conftest import shared
+
+    docs = [json.loads(line)["text"] for line in shared("c4_demo.jsonl").read_text().splitlines()]
+    assert len(docs) == 300 and [c4(d, C4) for d in docs] == [(d, None, {}) for d in docs]
+
+
+def test_c4_removes_each_kind_of_bad_line_and_counts_it():
+    text, reason, removed = c4(PAGE, C4.model_copy(update={"max_word_length": 50}))
+    assert (text, reason) == (KEPT, None)
+    assert removed == {"no_terminal_punctuation": 2, "short_line": 1, "javascript": 1, "policy": 1, "long_word": 1}
+    # Every line rule off: only the citation marker goes.
+    off = C4Config(terminal_punctuation=False, min_words_per_line=None, max_word_length=None, javascript=False,
+                   policy=False)
+    text, reason, removed = c4(PAGE, off)
+    assert reason is None and not removed and "[1]" not in text and "JavaScript" in text and "Home | News" in text
+    assert c4(PAGE, off.model_copy(update={"citations": False}))[0] == PAGE
+
+
+@pytest.mark.parametrize("text, reason, off", [
+    (GOOD + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit.", "c4_lorem_ipsum", {"lorem_ipsum": False}),
+    (GOOD + "\nThe function returns { a: 1 } when it is called twice.", "c4_curly_bracket", {"curly_bracket": False}),
+    ("The boats came back to the village. The crew was tired.\nMenu and links", "c4_few_sentences",
+     {"min_sentences": None}),
+    ("Menu\nSign in\nShare", "c4_few_sentences", None),  # nothing left: quarantined whatever min_sentences
+])
+def test_c4_quarantines(text, reason, off):
+    assert c4(text, C4) == (text, reason, c4(text, C4)[2])  # the text as it came, for the rejects
+    if off:
+        assert c4(text, C4.model_copy(update=off))[1] is None
+    else:
+        assert c4(text, C4.model_copy(update={"min_sentences": None}))[1] == reason
 
 
 def test_language_identification_on_real_and_hand_written_text():

@@ -81,6 +81,24 @@ class RepetitionConfig(StrictModel):
         description="repetition_duplicate_{n}gram: characters in n-grams that occur more than once")
 
 
+class C4Config(StrictModel):
+    """C4's line rules (Raffel et al. 2020, section 2.2; TFDS c4_utils; lmfleet.data.quality.c4): a line
+    breaking one is removed from the document and counted under the rule; a document with "lorem ipsum" or
+    a curly bracket in a kept line, or with too few sentences left, is quarantined. False / null turns a
+    rule off (code or markup corpora: curly_bracket and terminal_punctuation off)."""
+
+    terminal_punctuation: bool = Field(
+        True, description="no_terminal_punctuation: remove lines not ending in . ? ! or a closing quote, or ending in '...'")
+    min_words_per_line: int | None = Field(5, ge=1, description="short_line: remove lines of fewer words")
+    max_word_length: int | None = Field(1000, ge=1, description="long_word: remove lines with a longer word")
+    javascript: bool = Field(True, description="javascript: remove lines mentioning it (\"enable JavaScript\")")
+    policy: bool = Field(True, description="policy: remove lines with 'terms of use', 'privacy policy', cookies...")
+    citations: bool = Field(True, description="Strip Wikipedia-style markers ([1], [edit], [citation needed]).")
+    lorem_ipsum: bool = Field(True, description="c4_lorem_ipsum: quarantine placeholder text")
+    curly_bracket: bool = Field(True, description="c4_curly_bracket: quarantine documents with '{' (code)")
+    min_sentences: int | None = Field(3, ge=1, description="c4_few_sentences: quarantine documents left with fewer")
+
+
 class LanguageConfig(StrictModel):
     """Keep documents in these languages (lmfleet.data.language, Lingua): others are quarantined as
     language_<code>, those it cannot tell as language_uncertain."""
@@ -110,6 +128,7 @@ class FilterConfig(StrictModel):
         "per kind in the report.")
     gopher: GopherQualityConfig | None = Field(None, description="Gopher's quality rules ({} for the defaults).")
     repetition: RepetitionConfig | None = Field(None, description="Gopher's repetition rules ({} for the defaults).")
+    c4: C4Config | None = Field(None, description="C4's line rules, which edit documents ({} for the defaults).")
     language: LanguageConfig | None = Field(None, description="Language identification ({} keeps English).")
 
 

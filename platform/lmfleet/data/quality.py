@@ -1,6 +1,8 @@
 """Heuristic quality rules over one document's text (Gopher, Rae et al. 2021, appendix A): the first rule a
 document breaks is its quarantine reason, or None if it passes them all. Each rule has its threshold in
 the config (lmfleet.data.config: GopherQualityConfig, RepetitionConfig); a null threshold turns it off.
+C4's rules (Raffel et al. 2020) work on lines: they edit the document, and quarantine it only when little
+or nothing is left (C4Config).
 
 Words are whitespace-separated tokens; a token of punctuation alone is not a word. Lines split on
 newlines, paragraphs on blank lines; n-grams are of lowercased words.
@@ -8,10 +10,11 @@ newlines, paragraphs on blank lines; n-grams are of lowercased words.
 
 from __future__ import annotations
 
+import re
 import string
 from collections import Counter
 
-from lmfleet.data.config import GopherQualityConfig, RepetitionConfig
+from lmfleet.data.config import C4Config, GopherQualityConfig, RepetitionConfig
 
 _PUNCT = set(string.punctuation) | {"…", "–", "—", "“", "”", "‘", "’", "«", "»"}
 _BULLETS = ("•", "●", "○", "▪", "‣", "◦", "-", "*", "·")
@@ -116,3 +119,57 @@ def repetition(text: str, cfg: RepetitionConfig) -> str | None:
         if _duplicate_ngram_chars(words, n) / total > limit:
             return f"repetition_duplicate_{n}gram"
     return None
+
+
+# TFDS c4_utils' constants: what a kept line ends with, and the substrings of cookie / policy boilerplate.
+_END_MARKS = (".", "?", "!", '"', "”")
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_CITATION = re.compile(r"\s*(?:\[\d*\]|\[edit\]|\[citation needed\])", re.IGNORECASE)
+# A sentence ends at . ! or ? (closing quotes or brackets may follow) before whitespace or the line's end;
+# C4 counts with NLTK's Punkt, which is not shipped here: abbreviations ("Dr.") count as ends in both.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+C4_LINE_RULES = ("no_terminal_punctuation", "short_line", "long_word", "javascript", "policy")
+
+
+def c4(text: str, cfg: C4Config) -> tuple[str, str | None, Counter]:
+    """(text with C4's bad lines removed, quarantine reason or None, lines removed per rule). Blank lines
+    between kept lines that had them stay: paragraphs survive for the repetition rules and for readers."""
+    kept: list[str] = []
+    removed: Counter = Counter()
+    sentences = 0
+    gap = False  # a blank line (or a removed paragraph) since the last kept line
+    for raw in text.splitlines():
+        line = raw.strip()
+        if cfg.citations:
+            line = _CITATION.sub("", line).strip()
+        if not line:
+            gap = True
+            continue
+        rule = None
+        if cfg.terminal_punctuation and (not line.endswith(_END_MARKS) or line.endswith(("...", "…"))):
+            rule = "no_terminal_punctuation"
+        elif cfg.min_words_per_line is not None and len(line.split()) < cfg.min_words_per_line:
+            rule = "short_line"
+        elif cfg.max_word_length is not None and any(len(w) > cfg.max_word_length for w in line.split()):
+            rule = "long_word"
+        else:
+            lower = line.lower()
+            if cfg.lorem_ipsum and "lorem ipsum" in lower:
+                return text, "c4_lorem_ipsum", removed
+            if cfg.javascript and "javascript" in lower:
+                rule = "javascript"
+            elif cfg.curly_bracket and "{" in line:
+                return text, "c4_curly_bracket", removed
+            elif cfg.policy and any(p in lower for p in _POLICY):
+                rule = "policy"
+        if rule:
+            removed[rule] += 1
+            continue
+        if kept and gap:
+            kept.append("")
+        kept.append(line)
+        gap = False
+        sentences += max(1, len(_SENTENCE_END.findall(line)))
+    if not kept or (cfg.min_sentences is not None and sentences < cfg.min_sentences):
+        return text, "c4_few_sentences", removed
+    return "\n".join(kept), None, removed

@@ -48,6 +48,7 @@ ROW_SCHEMA = pa.schema(
         ("uid", pa.uint64()),
         ("pii", pa.string()),  # JSON {kind: matches} when filter.pii found any (masked or dropped), else null
         ("contaminated_by", pa.string()),  # JSON list of the evaluation files a `contaminated` reject matched
+        ("lines_removed", pa.string()),  # JSON {rule: lines} when filter.c4 edited the document, else null
     ]
 )
 QUALITY_REASONS = (
@@ -55,6 +56,7 @@ QUALITY_REASONS = (
     "gopher_bullet_lines", "gopher_ellipsis_lines", "gopher_non_alpha", "gopher_stop_words",
     "repetition_lines", "repetition_line_chars", "repetition_paragraphs", "repetition_paragraph_chars",
     "repetition_top_{n}gram", "repetition_duplicate_{n}gram",
+    "c4_lorem_ipsum", "c4_curly_bracket", "c4_few_sentences",
 )
 REJECT_REASONS = (
     "invalid_json",
@@ -68,7 +70,7 @@ REJECT_REASONS = (
     "empty_text",
     "too_short",
     "too_long",
-    *QUALITY_REASONS,  # filter.gopher, filter.repetition (lmfleet.data.quality)
+    *QUALITY_REASONS,  # filter.gopher, filter.repetition, filter.c4 (lmfleet.data.quality)
     "language_{code}", "language_uncertain",  # filter.language (lmfleet.data.language)
     "pii",  # filter.pii: drop
     "contaminated",  # shares an n-gram with an evaluation document (decontaminate)
@@ -315,6 +317,10 @@ class RecordBuilder:
             reason = quality.gopher(norm, self.filt.gopher)
         if not reason and self.filt.repetition is not None:
             reason = quality.repetition(norm, self.filt.repetition)
+        edits = None
+        if not reason and self.filt.c4 is not None:  # after Gopher's, as FineWeb orders them
+            norm, reason, removed = quality.c4(norm, self.filt.c4)
+            edits = json.dumps(dict(sorted(removed.items()))) if removed and not reason else None
         if not reason and self.filt.language is not None:
             reason = language.check(norm, self.filt.language)
         found = None
@@ -328,7 +334,7 @@ class RecordBuilder:
         self.rows.append(
             {"id": printable(doc_id), "source": self.src.name, "source_index": self.source_index, "text": norm,
              "meta": meta_json, "location": printable(location), "content_hash": content_hash(norm),
-             "uid": doc_uid(self.src.name, printable(key or doc_id)), "pii": found}
+             "uid": doc_uid(self.src.name, printable(key or doc_id)), "pii": found, "lines_removed": edits}
         )
 
     def flush(self, force: bool = False) -> Iterator[pa.Table]:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lmfleet.data import decontaminate, dedup, mixing, packing, pii
+from lmfleet.data import decontaminate, dedup, mixing, packing, pii, quality
 from lmfleet.data.config import DataConfig, SourceConfig
 from lmfleet.data.read import (
     ROW_SCHEMA,
@@ -143,24 +143,36 @@ def _examples(blocks: list) -> dict[str, list[str]]:
     return {reason: ids[:EXAMPLES] for reason, ids in sorted(out.items())}
 
 
-def _pii_tally(table: pa.Table) -> Counter:
+def _json_tally(table: pa.Table, column: str) -> Counter:
+    """The sum of the column's JSON {name: count} cells, and the rows holding one under "documents"."""
     out: Counter = Counter()
     if table.num_rows:  # (an empty block may lack columns)
-        for found in table["pii"].drop_null().to_pylist():
+        for found in table[column].drop_null().to_pylist():
             out.update(json.loads(found))
             out["documents"] += 1
     return out
 
 
-def _pii_counts(blocks: list) -> dict:
-    """{documents: with any match, matches: {kind: count}} over every row (masked ones and dropped ones)."""
+def _json_counts(blocks: list, column: str) -> tuple[int, Counter]:
+    """(rows with a count, counts per name) of a JSON-counts column over every row."""
     import ray
 
     total: Counter = Counter()
-    for part in ray.get(map_blocks(blocks, _pii_tally)):
+    for part in ray.get(map_blocks(blocks, functools.partial(_json_tally, column=column))):
         total.update(part)
-    documents = total.pop("documents", 0)
+    return total.pop("documents", 0), total
+
+
+def _pii_counts(blocks: list) -> dict:
+    """{documents: with any match, matches: {kind: count}} over every row (masked ones and dropped ones)."""
+    documents, total = _json_counts(blocks, "pii")
     return {"documents": documents, "matches": {kind: total.get(kind, 0) for kind in pii.KINDS}}
+
+
+def _c4_counts(blocks: list) -> dict:
+    """{documents_edited: kept documents that lost lines, lines_removed: {rule: lines}}."""
+    documents, total = _json_counts(blocks, "lines_removed")
+    return {"documents_edited": documents, "lines_removed": {r: total.get(r, 0) for r in quality.C4_LINE_RULES}}
 
 
 def _ray_all(fn, args: list[tuple]) -> list:
@@ -255,7 +267,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         reasons = _sum_by(blocks, "reject_reason", rejects=True)
         docs_in_by_source = _sum_by(blocks, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
-            ["reject_reason", "raw", "pii", "contaminated_by"]
+            ["reject_reason", "raw", "pii", "contaminated_by", "lines_removed"]
         ).materialize()
         n_in, n_valid = sum(docs_in_by_source.values()), valid.count()
         if n_valid == 0:
@@ -263,6 +275,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
                              f"{ctx.uri('rejects')}); check text_field and the filter settings")
         report.update(files=sum(map(len, files.values())), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
                       rejects=dict(sorted(reasons.items())), reject_examples=_examples(blocks), valid_docs=n_valid)
+        if cfg.filter.c4 is not None:
+            report["c4"] = _c4_counts(blocks)
         if cfg.filter.pii != "off":
             report["pii"] = {"action": cfg.filter.pii, **_pii_counts(blocks)}
         if cfg.decontaminate is not None:
@@ -439,6 +453,8 @@ def _summary(r: dict) -> list[str]:
             f"{r['read']['tasks']} read tasks"] if r["read"]["split_files"] else []),
         *([f"read: {n} file(s) over read.split_bytes read by one task: {why}" for why, n in
            Counter(u["why"] for u in r["read"]["unsplittable"]).items()]),
+        *([f"C4 line rules: {r['c4']['documents_edited']} kept documents edited; lines removed: "
+           + ", ".join(f"{k} {v}" for k, v in r["c4"]["lines_removed"].items())] if "c4" in r else []),
         *([f"personal data ({r['pii']['action']}): {r['pii']['documents']} documents; "
            + ", ".join(f"{k} {v}" for k, v in r["pii"]["matches"].items())] if "pii" in r else []),
         *([f"decontaminated ({r['decontamination']['ngram']}-grams): {r['decontamination']['documents']} documents"
