@@ -147,7 +147,7 @@ class DedupConfig(StrictModel):
     bands: tuple[int, int] | None = Field(None, description="(b, r); default: optimal for threshold.")
     false_positive_weight: float | None = Field(
         None, ge=0.0, le=1.0,
-        description="Weight of LSH false positives vs negatives when choosing bands; default 0.1 with "
+        description="Weight of LSH false positives vs negatives when choosing bands; default 0.05 with "
         "verification (it drops false positives, so banding favours recall), 0.5 with verify: none.",
     )
     verify: Literal["exact", "estimate", "none"] = Field(

