@@ -147,3 +147,43 @@ def test_expand_paths_dedupes_and_ids_relative_to_what_was_named(tmp_path, monke
 def test_normalize_nfkc_and_whitespace():
     assert normalize_text("ﬁne\u00a0 ｔｅｘｔ\t\tend  \r\n\r\n\r\n\r\nnext ", NormalizeConfig()) == "fine text end\n\nnext"
     assert normalize_text("ﬁ  x", NormalizeConfig(nfkc=False, whitespace=False)) == "ﬁ  x"
+
+
+def test_normalize_matches_its_definition_on_random_whitespace():
+    """The fast paths (a regex only when a substring test finds work for it) against the definition, line
+    by line: every Unicode whitespace run within a line -> one space, lines trimmed, at most one blank line."""
+    import random
+    import re
+    import sys
+    import unicodedata
+
+    def reference(text: str, cfg: NormalizeConfig) -> str:
+        if cfg.nfkc:
+            text = unicodedata.normalize("NFKC", text)
+        if cfg.whitespace:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            text = "\n".join(re.sub(r"[^\S\n]+", " ", line).strip() for line in text.split("\n"))
+            text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        return text
+
+    spaces = [c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace()]
+    pieces = ["a", "b c", "é", "ﬁ", "ｔ", "\u200b", "  ", "\r\n", "\n\n\n", *spaces]
+    rng = random.Random(0)
+    for cfg in (NormalizeConfig(), NormalizeConfig(nfkc=False), NormalizeConfig(whitespace=False)):
+        for _ in range(20_000):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+            assert normalize_text(text, cfg) == reference(text, cfg), (repr(text), cfg)
+
+
+def test_auto_split_bytes_gives_every_cpu_work_within_bounds():
+    from lmfleet.data.config import ReadConfig
+
+    auto = ReadConfig()
+    assert auto.split_bytes == "auto"
+    assert auto.split_for(67_500_000, 2) == 67_500_000 // 16  # 8 ranges per CPU
+    assert auto.split_for(10_000_000, 2) == 4 << 20  # never under 4 MiB: small inputs stay one task a file
+    assert auto.split_for(10**13, 64) == 128 << 20  # never over 128 MiB
+    assert ReadConfig(split_bytes=1 << 20).split_for(10**12, 2) == 1 << 20
+    assert ReadConfig(split_bytes=None).split_for(10**12, 2) is None
+    with pytest.raises(ValueError, match="must be at least 1024"):
+        ReadConfig(split_bytes=100)

@@ -39,13 +39,31 @@ class SourceConfig(StrictModel):
         return self
 
 
+AUTO_SPLIT_BYTES = (4 << 20, 128 << 20)  # read.split_bytes: auto's range: bounds of a byte range's size
+
+
 class ReadConfig(StrictModel):
-    split_bytes: int | None = Field(
-        128 << 20, ge=1 << 10,
+    split_bytes: int | Literal["auto"] | None = Field(
+        "auto",
         description="Uncompressed JSONL and block-text files larger than this are read by several tasks, one "
         "per byte range, each from the first full line or block after its offset (same ids and rows as one "
-        "task); null: one task per file.",
+        "task); auto: the input's bytes over 8 tasks per CPU of the cluster, within 4-128 MiB (two 34 MB "
+        "files on 2 CPUs: 16 tasks, the data stage 1.9x faster than at 128 MiB); null: one task per file.",
     )
+
+    @field_validator("split_bytes")
+    @classmethod
+    def _at_least_1k(cls, v):
+        if isinstance(v, int) and v < 1 << 10:
+            raise ValueError("must be at least 1024 (bytes), 'auto' or null")
+        return v
+
+    def split_for(self, total_bytes: int, cpus: int) -> int | None:
+        """The byte-range size for an input of `total_bytes` on `cpus` CPUs."""
+        if self.split_bytes != "auto":
+            return self.split_bytes
+        lo, hi = AUTO_SPLIT_BYTES
+        return min(hi, max(lo, total_bytes // (8 * max(cpus, 1))))
 
 
 class GopherQualityConfig(StrictModel):

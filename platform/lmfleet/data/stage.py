@@ -252,7 +252,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         empty = [ref.path for src in cfg.sources for ref in files[src.name] if ref.size == 0]
         if len(empty) == sum(map(len, files.values())):
             raise InputError(f"every input file is empty: {', '.join(sorted(empty))}")
-        tasks, report["read"] = plan_reads(cfg.sources, files, cfg.read.split_bytes, _ray_all)
+        split = cfg.read.split_for(sum(ref.size for refs in files.values() for ref in refs), cpus)
+        tasks, report["read"] = plan_reads(cfg.sources, files, split, _ray_all)
         evals = None if cfg.decontaminate is None else ray.put(_eval_ngrams(cfg))
         records = (
             ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 4 * cpus))
