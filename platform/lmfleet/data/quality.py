@@ -125,8 +125,9 @@ def repetition(text: str, cfg: RepetitionConfig) -> str | None:
 _END_MARKS = (".", "?", "!", '"', "”")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _CITATION = re.compile(r"\s*(?:\[\d*\]|\[edit\]|\[citation needed\])", re.IGNORECASE)
-# A sentence ends at . ! or ? (closing quotes or brackets may follow) before whitespace or the line's end;
-# C4 counts with NLTK's Punkt, which is not shipped here: abbreviations ("Dr.") count as ends in both.
+# A sentence ends at . ! or ? (closing quotes or brackets may follow) before whitespace or the line's end.
+# C4 counted with NLTK's Punkt (its model is a download, not shipped here), which knows abbreviations:
+# here "Dr." ends a sentence, so a line may count more sentences than C4's did.
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 C4_LINE_RULES = ("no_terminal_punctuation", "short_line", "long_word", "javascript", "policy")
 
