@@ -246,7 +246,8 @@ def _readable(path: Path) -> bool:
 _RUNS = re.compile(r"[^\S\n]{2,}|[^\S \n]")  # whitespace other than a lone space or a newline
 _EDGES = re.compile(r" ?\n ?")
 _BLANKS = re.compile(r"\n{3,}")
-# What str.isspace (and re's \s) holds besides " " and "\n"; in ASCII text only the first 8 can occur.
+# What str.isspace (and re's \s) holds besides " " and "\n"; ASCII text can hold the first 8 (the 8th,
+# "\r", is replaced before the test).
 _ODD_SPACES = ("\t", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\r", "\x85", "\xa0", "\u1680",
                *map(chr, range(0x2000, 0x200B)), "\u2028", "\u2029", "\u202f", "\u205f", "\u3000")
 _ODD_SET = frozenset(_ODD_SPACES)
