@@ -50,8 +50,8 @@ def test_the_autoscaler_grows_a_run_and_retires_idle_nodes(packed, tmp_path, s3,
     steps = [r for r in read_jsonl(f"{out}/metrics.jsonl") if isinstance(r.get("step"), int)]
     sizes = [s["world_size"] for s in steps]
     # The autoscaler launched both nodes for the run's demand; Ray Train starts on what is up when its
-    # first worker group forms: usually the head alone (then grows); in one local CI run all three
-    # already all three. Either way the run reached 3 workers on nodes the autoscaler made.
+    # first worker group forms: usually the head alone (then grows), in one local CI run already all
+    # three. Either way the run reaches 3 workers on nodes the autoscaler made.
     assert 1 <= sizes[0] <= 3 and max(sizes) == 3 and grown == 3, (sizes, grown)
     assert all(s["global_batch"] == 12 for s in steps)
     assert {s["accum"] for s in steps if s["world_size"] == 3} == {2}
