@@ -326,7 +326,8 @@ class RecordBuilder:
             reason = "too_short"
         elif len(norm) > self.filt.max_chars:
             reason = "too_long"
-        meta_json = _dump(meta or {})
+        # Most records carry no metadata: "{}" without json.dumps (2.8 us of a short record's ~30 us read).
+        meta_json = _dump(meta) if meta else "{}"
         if not reason and not (valid_unicode(norm) and valid_unicode(meta_json)):
             reason = "invalid_unicode"
         if not reason and self.filt.gopher is not None:
