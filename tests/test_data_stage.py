@@ -215,13 +215,25 @@ def test_clusters_are_the_components_of_the_pairs_by_the_representative_rule(res
 
 
 def test_kept_ids_deterministic_for_a_seed(corpus, result, tmp_path):
-    _, out = result
+    report, out = result
     again = tmp_path / "again"
     run(load_run(write_config(tmp_path / "c.yaml", data_config(corpus, again))))
     ids = lambda d: sorted(r["id"] for r in pq.read_table(d / "kept").to_pylist())  # noqa: E731
     assert ids(again / "data") == ids(out)
+    # The tokenizer (trained in a Ray task, on every kept document by default) is the same file.
+    assert report["tokenizer_training"]["trained_on_docs"] == report["docs_kept"]
+    assert (again / "data" / "tokenizer" / "tokenizer.json").read_bytes() == (out / "tokenizer" / "tokenizer.json").read_bytes()
     a, b = PackedDataset(out / "packed"), PackedDataset(again / "data" / "packed")
     assert len(a) == len(b) and all(np.array_equal(a[i][0], b[i][0]) for i in range(0, len(a), 7))
+
+
+def test_tokenizer_trains_on_a_seeded_sample_when_bounded(corpus, result, tmp_path):
+    report, _ = result
+    cfg = data_config(corpus, tmp_path / "run", tokenizer={"vocab_size": 1000, "max_train_docs": 200}, pack=None)
+    sampled = run(load_run(write_config(tmp_path / "c.yaml", cfg)))["stages"]["data"]
+    # A seeded hash keeps each document with probability 200 / kept: about 200 of them.
+    assert 140 <= sampled["tokenizer_training"]["trained_on_docs"] <= 260 < report["docs_kept"]
+    assert sampled["tokenizer"]["vocab_size"] == 1000
 
 
 def test_packing_roundtrip_boundaries_and_efficiency(result):

@@ -41,7 +41,7 @@ from lmfleet.data.read import (
     with_compressions,
 )
 from lmfleet.data.shuffle import gather, hash_shuffle, map_blocks, resolve
-from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer
+from lmfleet.data.tokenizer import check_tokenizer_dir, tokenizer_info, train_tokenizer_remote
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
 from lmfleet.outputs import listdir
@@ -344,11 +344,10 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         else:
             tok_dir = out / "tokenizer"
             limit = cfg.tokenizer.max_train_docs
-            sample = kept if limit is None else kept.map_batches(
+            sample = blocks if limit is None else kept.map_batches(
                 _sample_rows, batch_format="pyarrow", fn_kwargs={"fraction": limit / max(report["docs_kept"], 1),
-                                                                 "seed": ctx.seed})
-            texts = (t for b in sample.iter_batches(batch_size=1000, batch_format="pyarrow") for t in b["text"].to_pylist())
-            report["tokenizer_training"] = train_tokenizer(texts, cfg.tokenizer, tok_dir)
+                                                                 "seed": ctx.seed}).to_arrow_refs()
+            report["tokenizer_training"] = train_tokenizer_remote(sample, cfg.tokenizer, tok_dir)
             ctx.publish("tokenizer")
         tok = {**tokenizer_info(tok_dir, cfg.tokenizer), "path": tok_at}
         report["tokenizer"] = tok
