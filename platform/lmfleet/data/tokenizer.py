@@ -51,6 +51,7 @@ def train_tokenizer_remote(blocks: list, cfg: TokenizerConfig, out_dir: Path) ->
     info, files = ray.get(ray.remote(num_cpus=1)(_train_in_task).remote(blocks, cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / name).write_bytes(data)
     return {**info, "path": str(out_dir)}
 
@@ -66,7 +67,7 @@ def _train_in_task(blocks: list, cfg: TokenizerConfig) -> tuple[dict, dict[str, 
 
     with tempfile.TemporaryDirectory() as tmp:
         info = train_tokenizer(texts(), cfg, Path(tmp))
-        return info, {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+        return info, {str(f.relative_to(tmp)): f.read_bytes() for f in Path(tmp).rglob("*") if f.is_file()}
 
 
 def check_tokenizer_dir(path: Path) -> None:
