@@ -23,6 +23,7 @@ from lmfleet.data.minhash import (
     minhash_signatures,
     normalize_for_hash,
     optimal_bands,
+    run_pairs,
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -160,6 +161,25 @@ def test_shingling_contract_short_unicode_and_empty_docs():
     assert same("ab", "AB", char_ngrams=True, ngram=5)
     assert not same("ab", "abc", char_ngrams=True, ngram=5)
     assert (minhash_signatures(["   "], char_ngrams=True) == EMPTY_VALUE).all()
+
+
+def test_shingle_sets_are_the_contracts_sets(pairs):
+    """The distinct shingle hashes exact verification compares: one per distinct shingle of the contract,
+    so their Jaccard is the exact one; the same in any batch size and in the flat (Arrow) layout."""
+    docs = [d for a, b, _ in pairs[:40] for d in (a, b)] + ["", "To be, or not", "to BE or   not!", "!!!"]
+    sets = mh.shingle_sets(docs)
+    assert [len(x) for x in sets] == [len(word_shingles(d)) for d in docs]
+    assert all((x[1:] > x[:-1]).all() for x in sets)  # sorted, distinct
+    for k, (_, _, j) in enumerate(pairs[:40]):
+        x, y = sets[2 * k], sets[2 * k + 1]
+        both = np.intersect1d(x, y).size
+        assert both / (x.size + y.size - both) == pytest.approx(j)
+    np.testing.assert_array_equal(sets[-3], sets[-2])
+    small = mh.shingle_sets(docs, batch_chars=500)
+    assert all(np.array_equal(x, y) for x, y in zip(sets, small, strict=True))
+    values, offsets = mh.shingle_set_arrays(docs, batch_chars=3000)
+    assert offsets.tolist() == np.cumsum([0] + [len(x) for x in sets]).tolist()
+    np.testing.assert_array_equal(values, np.concatenate(sets))
 
 
 def test_char_ngram_estimates(words):
@@ -351,6 +371,25 @@ def test_candidate_pairs_brute_force():
     si, sj = candidate_pairs(bands, all_pairs=False)
     assert set(zip(si.tolist(), sj.tolist(), strict=True)) <= want and len(si) < len(want) / 5
     np.testing.assert_array_equal(connected_components(300, si, sj), connected_components(300, i, j))
+
+
+def test_run_pairs_by_hand_and_against_a_loop():
+    # Runs [5 5 5] [7] [9 9]: all pairs of each run, run by run; with max_run 2 the run of 3 is a star.
+    keys = np.array([5, 5, 5, 7, 9, 9], dtype=np.uint64)
+    assert [x.tolist() for x in run_pairs(keys, 64)] == [[0, 0, 1, 4], [1, 2, 2, 5]]
+    assert [x.tolist() for x in run_pairs(keys, 2)] == [[0, 0, 4], [1, 2, 5]]
+    assert all(x.size == 0 for x in run_pairs(np.zeros(0, np.uint64), 8) + run_pairs(np.arange(4), 8))
+    rng = np.random.default_rng(7)
+    keys = np.sort(rng.integers(0, 400, size=3000))  # runs of 1 to ~20
+    for max_run in (1, 5, 64):
+        want = []
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], keys.size], strict=True):
+            m = e - s
+            pairs = [(a, b) for a in range(m) for b in range(a + 1, m)] if m <= max_run else [(0, b) for b in range(1, m)]
+            want += [(s + a, s + b) for a, b in pairs]
+        i, j = run_pairs(keys, max_run)
+        assert list(zip(i.tolist(), j.tolist(), strict=True)) == want
 
 
 def bfs_labels(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:

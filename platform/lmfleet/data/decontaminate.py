@@ -84,17 +84,15 @@ def load(cfg: DecontaminateConfig, refs: list) -> EvalNgrams:
         docs = eval_documents(ref.path)
         if not docs:
             raise InputError(f"decontaminate.paths: {ref.path} holds no text")
-        sets = minhash.shingle_sets(docs, ngram=cfg.ngram, seed=SEED)
         files.append(ref.rel)
-        hashes.append(np.unique(np.concatenate(sets)))
+        hashes.append(np.unique(minhash.shingle_set_arrays(docs, ngram=cfg.ngram, seed=SEED)[0]))
     return EvalNgrams(cfg.ngram, tuple(files), tuple(hashes))
 
 
 def contaminated(texts: list[str], ev: EvalNgrams) -> list[list[str]]:
     """For each text, the evaluation files it shares an n-gram with (empty: clean)."""
-    sets = minhash.shingle_sets(texts, ngram=ev.ngram, seed=SEED)
-    values = np.concatenate([np.zeros(0, np.uint64), *sets])
-    doc = np.repeat(np.arange(len(texts)), [len(s) for s in sets])
+    values, offsets = minhash.shingle_set_arrays(texts, ngram=ev.ngram, seed=SEED)
+    doc = np.repeat(np.arange(len(texts)), np.diff(offsets))
     found: list[list[str]] = [[] for _ in texts]
     for name, hashes in zip(ev.files, ev.hashes, strict=True):
         for i in np.unique(doc[np.isin(values, hashes)]).tolist():

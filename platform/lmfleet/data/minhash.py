@@ -462,9 +462,18 @@ def shingle_sets(texts: Iterable[str], *, ngram: int = 5, seed: int = 1, char_ng
     """Each text's distinct shingle hashes, sorted uint64: the shingles (and 64-bit hashes) its signature is
     built from, so |A & B| / |A | B| of two is their exact Jaccard (up to 64-bit collisions: ~n^2 / 2^65
     for n shingles)."""
+    values, offsets = shingle_set_arrays(texts, ngram=ngram, seed=seed, char_ngrams=char_ngrams,
+                                         batch_chars=batch_chars)
+    return np.split(values, offsets[1:-1])
+
+
+def shingle_set_arrays(texts: Iterable[str], *, ngram: int = 5, seed: int = 1, char_ngrams: bool = False,
+                       batch_chars: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """`shingle_sets` as one array: text i's are ``values[offsets[i]:offsets[i + 1]]`` (an Arrow list
+    array's layout). Vectorized over a batch: a np.unique per text cost twice the shingling."""
     docs, _ = _prepared(texts, char_ngrams)
     seed_key = _rand64(0x5EED, seed)
-    out: list[np.ndarray] = []
+    values, counts = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
     lo = 0
     while lo < len(docs):
         hi, chars = lo, 0
@@ -474,10 +483,12 @@ def shingle_sets(texts: Iterable[str], *, ngram: int = 5, seed: int = 1, char_ng
         v, d = _batch_shingles(docs[lo:hi], ngram, seed_key, char_ngrams)
         order = np.lexsort((v, d))
         v, d = v[order], d[order]
-        bounds = np.searchsorted(d, np.arange(hi - lo + 1))
-        out.extend(np.unique(v[bounds[i]:bounds[i + 1]]) for i in range(hi - lo))
+        new = np.ones(v.size, dtype=bool)  # the first of each distinct (doc, hash)
+        new[1:] = (v[1:] != v[:-1]) | (d[1:] != d[:-1])
+        values.append(v[new])
+        counts.append(np.bincount(d[new], minlength=hi - lo))
         lo = hi
-    return out
+    return np.concatenate(values), np.concatenate([[0], np.cumsum(np.concatenate(counts))])
 
 
 def _batch_shingles(docs: list[str], ngram: int, seed_key: int, char_ngrams: bool):
@@ -562,6 +573,25 @@ def band_hashes(signatures: np.ndarray, b: int, r: int, seed: int = 0) -> np.nda
     return splitmix64(h)
 
 
+def run_pairs(keys: np.ndarray, max_run: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i < j``, within each run of equal values of ``keys`` (sorted, or grouped),
+    run by run, ``i`` then ``j`` ascending: every pair of a run of at most ``max_run`` rows (quadratic:
+    k rows give k*(k-1)/2), the run's first row with each other one in a longer run (k-1, the same
+    connected components)."""
+    n = len(keys)
+    first = np.ones(n, dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    starts = np.flatnonzero(first)
+    size = np.diff(np.append(starts, n))
+    starts, m = starts[size > 1], size[size > 1]  # most keys are alone: the rest works on the few others
+    size = np.repeat(m, m)  # for each row of those runs: its run's length, its place in the run
+    i = np.arange(size.size) - np.repeat(np.cumsum(m) - m, m)
+    count = np.where(size <= max_run, size - 1 - i, np.where(i == 0, size - 1, 0))  # pairs it is first of
+    left = np.repeat(np.repeat(starts, m) + i, count)
+    k = np.arange(left.size) - np.repeat(np.cumsum(count) - count, count)
+    return left, left + 1 + k
+
+
 def candidate_pairs(bands: np.ndarray, all_pairs: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(i, j)``, ``i < j``, of rows sharing at least one band hash (deduplicated, sorted).
 
@@ -575,21 +605,7 @@ def candidate_pairs(bands: np.ndarray, all_pairs: bool = True) -> tuple[np.ndarr
     codes = []
     for j in range(bands.shape[1]):
         order = np.argsort(bands[:, j], kind="stable")
-        h = bands[order, j]
-        same = h[1:] == h[:-1]
-        if not same.any():
-            continue
-        if all_pairs:
-            pos = np.flatnonzero(same)  # sorted positions that have an equal successor
-            # Element at sorted position p pairs with every later element of its run [.., run_end).
-            run_ends = np.append(np.flatnonzero(~same) + 1, n)
-            n_after = run_ends[np.searchsorted(run_ends, pos, side="right")] - pos - 1
-            first = np.repeat(pos, n_after)
-            second = first + 1 + (np.arange(first.size) - np.repeat(np.cumsum(n_after) - n_after, n_after))
-        else:
-            second = np.flatnonzero(same) + 1  # sorted positions with an equal predecessor
-            run_start = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(n), 0))
-            first = run_start[second]
+        first, second = run_pairs(bands[order, j], n if all_pairs else 1)
         a, c = order[first], order[second]
         codes.append(np.minimum(a, c).astype(np.int64) * n + np.maximum(a, c))
     if not codes:

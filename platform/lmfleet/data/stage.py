@@ -198,10 +198,16 @@ def _write_parquet(ds, path: Path | str, columns: list[str]) -> None:
     ds.write_parquet(inner, filesystem=filesys)
     if not any(name.endswith(".parquet") for name in listdir(path)):
         schema = ds.schema()
-        schema = schema.base_schema if schema is not None else pa.schema(
-            [ROW_SCHEMA.field(c) if c in ROW_SCHEMA.names else pa.field(c, pa.string()) for c in columns])
-        filesys.create_dir(inner)
-        pq.write_table(schema.empty_table(), f"{inner}/empty.parquet", filesystem=filesys)
+        _write_empty(path, columns, schema.base_schema if schema is not None else None)
+
+
+def _write_empty(path: Path | str, columns: list[str], schema: pa.Schema | None = None) -> None:
+    """A Parquet dir of no rows with `schema` (default: ROW_SCHEMA's `columns`)."""
+    filesys, inner = filesystem(str(path), "output_dir")
+    schema = schema or pa.schema(
+        [ROW_SCHEMA.field(c) if c in ROW_SCHEMA.names else pa.field(c, pa.string()) for c in columns])
+    filesys.create_dir(inner)
+    pq.write_table(schema.empty_table(), f"{inner}/empty.parquet", filesystem=filesys)
 
 
 PAIRS_SCHEMA = pa.schema([("id_a", pa.string()), ("id_b", pa.string()), ("similarity", pa.float64())])
@@ -261,11 +267,14 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
                          fn_kwargs={"norm": cfg.normalize, "filt": cfg.filter, "evals": evals})
             .materialize()
         )
-        rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
-        _write_parquet(rejects, ctx.uri("rejects"), ["id", "source", "location", "reject_reason", "raw", "pii",
-                                                    "contaminated_by"])
         blocks = records.to_arrow_refs()
         reasons = _sum_by(blocks, "reject_reason", rejects=True)
+        columns = ["id", "source", "location", "reject_reason", "raw", "pii", "contaminated_by"]
+        if reasons:
+            rejects = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": True})
+            _write_parquet(rejects, ctx.uri("rejects"), columns)
+        else:  # a pass over every block to write nothing: ~1 s of dedup_peers' 9 s read on 2 cores
+            _write_empty(ctx.uri("rejects"), columns)
         docs_in_by_source = _sum_by(blocks, "source")
         valid = records.map_batches(_is_reject, batch_format="pyarrow", fn_kwargs={"want": False}).drop_columns(
             ["reject_reason", "raw", "pii", "contaminated_by", "lines_removed"]
