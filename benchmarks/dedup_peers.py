@@ -199,7 +199,7 @@ def main() -> None:
               f"permutations, {a.bands} bands x {a.rows} rows, 5-word shingles, {a.cores} cores; built in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         n_docs, results = len(docs), {}
-        del docs  # the systems run first, with this process small (the oracle peaks at ~3 GB at --copies 16)
+        del docs  # the systems run first, with this process small (the oracle peaks at ~3 GB at --copies 16, ~20 at 64)
         cores = sorted(os.sched_getaffinity(0))[: a.cores]  # each system and all it starts on these
         for name in a.only.split(","):
             (work / name).mkdir()
