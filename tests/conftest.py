@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -247,6 +248,22 @@ def kill_a_train_worker() -> int:
                if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")]
     os.kill(workers[-1].pid, signal.SIGKILL)
     return workers[-1].pid
+
+
+LMFLEET_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
+# What Ray, its workers and the libraries they run print: in a run's logs/<stage>.log, not on its console.
+RAY_NOISE = ("(RayTrainWorker", "(TrainController", "pid=", "Checkpoint successfully created", "Reporting training "
+             "result", "Execution plan", "Full logs are in", "Started a local Ray instance", "Progress bars disabled",
+             "PreemptionWatcher", "Token authentication")
+
+
+def assert_quiet(stderr: str, max_lines: int) -> None:
+    """A run's console (stderr) holds only lmfleet's log lines (`lmfleet run` without -v), at most max_lines."""
+    lines = stderr.splitlines()
+    assert len(lines) <= max_lines, f"{len(lines)} lines:\n" + "\n".join(lines[:40])
+    strays = [line for line in lines if not LMFLEET_LINE.match(line)]
+    assert not strays, "not lmfleet's:\n" + "\n".join(strays[:20])
+    assert not [n for n in RAY_NOISE if n in stderr], stderr[-3000:]
 
 
 def lmfleet_cmd() -> list[str]:

@@ -1,12 +1,13 @@
 """`lmfleet run` end to end in a subprocess, as a user (or a Ray job) runs it."""
 
 import json
+import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from conftest import REPO, lmfleet_cmd, shared, write_config
+from conftest import REPO, assert_quiet, lmfleet_cmd, pretrain_stage, shared, write_config
 
 
 def test_cli_run_writes_run_dir_and_summary(tmp_path):
@@ -39,12 +40,17 @@ def test_cli_run_writes_run_dir_and_summary(tmp_path):
     for out in ("kept", "rejects", "clusters.parquet", "pairs.parquet", "tokenizer", "packed/index.json", "report.json"):
         assert (run / "data" / out).exists(), out
     assert "\r" not in proc.stderr  # no progress bars redrawn in a non-TTY log
+    # lmfleet's lines only; what Ray printed is in the stage's log, which the stage's first line names.
+    assert_quiet(proc.stderr, 20)
+    assert f"stage data (data) -> {run / 'data'} (Ray's and its workers' output: {run / 'logs' / 'data.log'})" in proc.stderr
+    ray_log = (run / "logs" / "data.log").read_text()
+    assert "Started a local Ray instance" in ray_log and "Execution plan of Dataset" in ray_log
 
     # Again: up to date, skipped without starting Ray.
     again = subprocess.run([*lmfleet_cmd(), "run", str(path), "--set", "stages.data.dedup.threshold=0.7", "--set",
                             "seed=5"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0 and "up to date: not re-run" in again.stdout, again.stderr[-3000:]
-    assert "Started a local Ray instance" in proc.stderr and "Started a local Ray instance" not in again.stderr
+    assert "INFO Ray 2." in proc.stderr and "INFO Ray 2." not in again.stderr
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
@@ -53,3 +59,28 @@ def test_shipped_configs_validate(config):
     proc = subprocess.run([*lmfleet_cmd(), "validate", "--config-only", str(REPO / "jobs" / config)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_crashed_stage_prints_one_error_block(tmp_path, packed):
+    """Train workers that raise: one `error:` block naming the stage, the first failing rank, its exception
+    and last lines, and where Ray's output and the full traceback are; `-v` shows the workers' lines too."""
+    data = tmp_path / "data"
+    shutil.copytree(packed, data)
+    shard = sorted((data / "packed" / "train").glob("*.positions.npy"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # damaged after the data stage wrote it
+    run = tmp_path / "run"
+    cfg = {"name": "crash", "output_dir": str(run), "ray": {"num_cpus": 2},
+           "stages": {"pretrain": pretrain_stage(data, steps=2, scaling__num_workers=2)}}
+    proc = subprocess.run([*lmfleet_cmd(), "run", str(write_config(tmp_path / "c.yaml", cfg)), "-v"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    block = proc.stderr[proc.stderr.index("\nerror: ") + 1:].splitlines()
+    assert block[0] == ("error: stage pretrain failed on worker rank 0 (and 1 more): "
+                        "ValueError: mmap length is greater than file size"), block
+    assert block[1] == "  its last lines:" and block[-3].endswith("ValueError: mmap length is greater than file size")
+    assert block[-2:] == [f"  Ray's and its workers' output: {run / 'logs' / 'pretrain.log'}",
+                          f"  the full traceback: {run / 'logs' / 'lmfleet.log'}"]
+    assert "(RayTrainWorker pid=" in proc.stderr  # -v
+    assert "pid=" in (run / "logs" / "pretrain.log").read_text()
+    log = (run / "logs" / "lmfleet.log").read_text()
+    assert "stage pretrain failed:\nTraceback (most recent call last)" in log and "WorkerGroupError" in log

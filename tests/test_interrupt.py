@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import lmfleet_cmd, pretrain_stage, shared, write_config
+from conftest import assert_quiet, lmfleet_cmd, pretrain_stage, shared, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,11 @@ def interrupt_then_resume(tmp_path, stage: str, stage_config: dict, key: str) ->
     assert json.loads((out / stage / "stage.json").read_text())["status"] == "succeeded"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [(r["time"], r[key]) for r in records if r.get("stage") == stage and key in r]
-    return [v for t, v in logged if t < second_start], [v for t, v in logged if t >= second_start]
+    first, second = [v for t, v in logged if t < second_start], [v for t, v in logged if t >= second_start]
+    # Its console: lmfleet's lines only, a progress line per logged step (Ray's output is in logs/<stage>.log).
+    assert_quiet(again.stderr, len(second) + 20)
+    assert f"[{stage}] {key} {second[-1]}" in again.stderr
+    return first, second
 
 
 def test_ctrl_c_of_pretraining_resumes_from_its_checkpoint(tmp_path, packed):

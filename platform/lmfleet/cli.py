@@ -23,6 +23,11 @@ def _fail(err: UserError) -> None:
     raise typer.Exit(2)
 
 
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show what Ray, its workers and the "
+                                                                 "libraries they run print (always in the run's "
+                                                                 "logs/<stage>.log).")]
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Stage or pipeline YAML.")],
@@ -35,13 +40,15 @@ def run(
     force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
     chain: Annotated[bool, typer.Option(help="Inside a Ray job (`lmfleet submit` of a pipeline): run each "
                                              "stage as its own Ray job on this cluster.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a stage, or a pipeline of stages, on Ray.
 
     Stages that already succeeded with the same config, after their inputs, are skipped (--force
     re-runs them). With a Ray job API address (http://HEAD:8265) each stage runs as its own Ray job."""
-    from lmfleet import jobs, runner
+    from lmfleet import console, jobs, runner
 
+    console.set_verbose(verbose)
     try:
         loaded = runner.load_run(config, set_)
         unknown = sorted(set(stage or []) - {s.name for s in loaded.stages})
@@ -62,6 +69,12 @@ def run(
     except KeyboardInterrupt as err:
         typer.echo(f"interrupted{f': {err}' if str(err) else ''}", err=True)
         raise typer.Exit(130) from None
+    except Exception as err:
+        failure = getattr(err, "lmfleet_failure", None)
+        if failure is None:  # not a stage's crash: lmfleet's own bug, with its traceback
+            raise
+        typer.echo(f"error: {console.failure_block(err, failure)}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(summarize(report))
 
 
@@ -84,13 +97,15 @@ def submit(
     exclude: Annotated[list[str] | None, typer.Option(help="Also leave this path pattern out of the upload.")] = None,
     wait: Annotated[bool, typer.Option(help="Stream the job's log and exit with its status.")] = True,
     force: Annotated[bool, typer.Option(help="Re-run stages that are up to date.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Submit `lmfleet run CONFIG` as a Ray job; the current directory is uploaded as its working dir
     (without .git, .venv, runs/, data/, checkpoints, credential files such as .env or .aws/, and what
     .gitignore lists). A pipeline runs as a chain of jobs, one per stage, driven by that job on the
     cluster. Exit code: 0 succeeded, 1 failed, 130 stopped."""
-    from lmfleet import jobs
+    from lmfleet import console, jobs
 
+    console.set_verbose(verbose)
     try:
         client, job_id = jobs.submit(config, _job_address(address), set_ or [], env or [], pip or [], exclude or [],
                                      stage, force)

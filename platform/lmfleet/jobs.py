@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmfleet import outputs
+from lmfleet import console, outputs
 from lmfleet.errors import StageFailed, UserError
 from lmfleet.outputs import child
 from lmfleet.upload import SECRET_EXCLUDES, UPLOAD_EXCLUDES, describe, scan
@@ -47,7 +47,8 @@ def use_token_if_present() -> None:
 def stage_command(config: Path, stage: str, overrides: list[str], force: bool, workdir: str | None) -> str:
     """The entrypoint of one stage's job; `workdir`: cd there first (None: the job's own working dir)."""
     # --address auto: the job's driver joins its cluster (never the job API again, whatever the config says).
-    args = ["lmfleet", "run", str(config), "--stage", stage, "--address", "auto", *(["--force"] if force else [])]
+    args = ["lmfleet", "run", str(config), "--stage", stage, "--address", "auto", *(["--force"] if force else []),
+            *(["-v"] if console.verbose() else [])]
     for item in overrides:
         args += ["--set", item]
     return f"cd {shlex.quote(workdir)} && {shlex.join(args)}" if workdir else shlex.join(args)
@@ -135,6 +136,8 @@ def submit(config: Path, address: str, overrides: list[str], env: list[str], pip
         args += ["--stage", stage]
     if force:
         args.append("--force")
+    if console.verbose():
+        args.append("-v")
     client = client_for(address)
     for line in describe(scan(Path.cwd(), excludes), Path.cwd()):
         print(line, file=sys.stderr)

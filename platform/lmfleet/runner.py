@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from lmfleet import __version__, outputs, resources, storage
+from lmfleet import __version__, console, outputs, resources, storage
 from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
-from lmfleet.errors import InputError
+from lmfleet.errors import InputError, UserError
 from lmfleet.inputs import Input, check_overlap, digest, earlier_stage
 from lmfleet.outputs import child
 from lmfleet.runlog import MetricsLog, read_jsonl
@@ -137,6 +137,17 @@ class StageContext:
         log.info("[%s] %s done in %.1f s", self.name, step, took)
 
 
+def _total_steps(config) -> int | None:
+    """A training stage's steps or iterations, for its progress lines (None: not known ahead, as epochs)."""
+    for path in (("steps",), ("iterations",), ("training", "max_steps")):
+        value = config
+        for key in path:
+            value = getattr(value, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _setup_logging(run_dir: Path) -> None:  # the driver's local copy of the run dir
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("lmfleet")
@@ -148,8 +159,6 @@ def _setup_logging(run_dir: Path) -> None:  # the driver's local copy of the run
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
-    # Ray Data logs every dataset execution at INFO; our step lines say what matters.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -159,11 +168,13 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
 
     if ray.is_initialized():
         return
+    console.quiet_ray_startup()
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray Train's print patch logs prints even while a library captures stdout (dill does, to read
     # disassembly, when `datasets` fingerprints TRL's map functions): thousands of bytecode lines.
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+        context = ray.init(address=address, log_to_driver=True,
+                           runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     else:  # with the dashboard: Ray Train v2 needs its state API
         # An embedded Ray's workers inherit this process's environment. A job runtime_env instead would
         # keep tasks off the workers Ray starts with the node: 6.2 s -> 6.7-8.6 s for the data stage's
@@ -175,11 +186,16 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         cluster_default = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(num_cpus=num_cpus, log_to_driver=True)
+            context = ray.init(num_cpus=num_cpus, log_to_driver=True)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_default
     # Progress bars only on a terminal; Ray job logs and CI get periodic log lines instead.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    console.route_ray_output()
+    url = context.dashboard_url
+    dashboard = f"; dashboard {'' if '://' in url else 'http://'}{url}" if url else ""
+    where = f"connected to {context.address_info.get('gcs_address') or address}" if address else "started locally"
+    log.info("Ray %s: %s%s", ray.__version__, where, dashboard)
 
 
 def _read_state(marker: Path | str) -> dict:
@@ -451,6 +467,7 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                 continue
             if previous and not force:
                 log.info("stage %s: runs again: %s", spec.name, "; ".join(changes(previous, state)))
+            console.stage_log(files.local / "logs" / f"{spec.name}.log")
             init_ray(address, cfg.ray.num_cpus)
             scaling = getattr(spec.config, "scaling", None)
             if scaling is not None:
@@ -477,10 +494,12 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
             publisher.stage = spec.name
             record = {**state, "started": ctx.started}
             files.write(marker, json.dumps({**record, "status": "running"}))
-            log.info("stage %s (%s) -> %s", spec.name, spec.kind, ctx.out)
+            log.info("stage %s (%s) -> %s (Ray's and its workers' output: %s)", spec.name, spec.kind, ctx.out,
+                     child(run_dir, f"logs/{spec.name}.log"))
             with Interrupts() as signals:
                 try:
-                    stage_report = spec.run(ctx)
+                    with console.Progress(spec.name, metrics.path, _total_steps(spec.config)):
+                        stage_report = spec.run(ctx)
                 except BaseException as err:
                     interrupted = isinstance(err, KeyboardInterrupt) or signals.seen()
                     status = "interrupted" if interrupted else "failed"
@@ -489,6 +508,10 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                     report.update(status=status, failed_stage=spec.name, error=f"{type(err).__name__}: {err}")
                     save_report()
                     if not interrupted:
+                        if not isinstance(err, UserError):  # a crash: its traceback to the log file, not the console
+                            console.log_traceback(err, spec.name)
+                            err.lmfleet_failure = console.Failure(spec.name, child(run_dir, f"logs/{spec.name}.log"),
+                                                                  child(run_dir, "logs/lmfleet.log"))
                         raise
                     again = "resumes it from its last checkpoint" if spec.resumes else "runs it again"
                     log.info("stage %s interrupted: the same command %s", spec.name, again)
@@ -501,7 +524,7 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                                             "report": report["stages"][spec.name]}, default=str))
             save_report()
     finally:
-        publisher.close()
+        publisher.close()  # (Ray's output keeps going to the last stage's log: a crash's late lines too)
     report["status"] = "succeeded"
     report["seconds"] = round(time.perf_counter() - started, 3)
     save_report()
