@@ -84,3 +84,15 @@ def test_a_crashed_stage_prints_one_error_block(tmp_path, packed):
     assert "pid=" in (run / "logs" / "pretrain.log").read_text()
     log = (run / "logs" / "lmfleet.log").read_text()
     assert "stage pretrain failed:\nTraceback (most recent call last)" in log and "WorkerGroupError" in log
+
+
+def test_progress_lines():
+    from lmfleet.console import progress_line
+
+    row = {"stage": "pretrain", "step": 40, "loss": 3.41234, "lr": 1e-3, "tokens_per_s": 5210.4}
+    assert progress_line(row, 120, 65.2) == "step 40/120 loss 3.412 tokens_per_s 5,210 eta 1m05s"
+    assert progress_line({"iteration": 3, "score": 0.5, "kl": 0.012345, "reward/regex": 1.0}, None, None) == (
+        "iteration 3 score 0.5 kl 0.01235")
+    assert progress_line({"step": 50, "loss": 4.75, "eval_loss": 4.73, "train_loss": 4.8, "epoch": 0.5}, None,
+                         None) == "step 50 loss 4.75 eval_loss 4.73 train_loss 4.8"  # three values at most
+    assert progress_line({"step": 90, "eval_runtime": 1.8}, 90, 0.0) is None  # nothing a line shows

@@ -59,7 +59,7 @@ def interrupt_then_resume(tmp_path, stage: str, stage_config: dict, key: str) ->
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [(r["time"], r[key]) for r in records if r.get("stage") == stage and key in r]
     first, second = [v for t, v in logged if t < second_start], [v for t, v in logged if t >= second_start]
-    # Its console: lmfleet's lines only, a progress line per logged step (Ray's output is in logs/<stage>.log).
+    # Its console: lmfleet's lines only, progress lines to the last step (Ray's output is in logs/<stage>.log).
     assert_quiet(again.stderr, len(second) + 20)
     assert f"[{stage}] {key} {second[-1]}" in again.stderr
     return first, second

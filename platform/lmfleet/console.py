@@ -175,11 +175,12 @@ def failure_block(err: BaseException, failure: Failure, lines: int = 6) -> str:
 
 
 # What a progress line shows of a metrics row, in this order (the first few a row has).
-_SHOWN = ("loss", "val_loss", "score", "reward", "kl", "tokens_per_s")
+_SHOWN = ("loss", "val_loss", "eval_loss", "train_loss", "score", "reward", "kl", "tokens_per_s", "epoch")
 
 
-def progress_line(row: dict, total: int | None, eta_s: float | None) -> str:
-    """`step 40/120 loss 3.412 tokens_per_s 5,210 eta 1m05s` of a metrics row (step or iteration)."""
+def progress_line(row: dict, total: int | None, eta_s: float | None) -> str | None:
+    """`step 40/120 loss 3.412 tokens_per_s 5,210 eta 1m05s` of a metrics row (step or iteration); None for
+    a row with none of the values a line shows."""
     unit = "step" if "step" in row else "iteration"
     parts = [f"{unit} {row[unit]}" + (f"/{total}" if total else "")]
     for key in _SHOWN:
@@ -188,6 +189,8 @@ def progress_line(row: dict, total: int | None, eta_s: float | None) -> str:
             parts.append(f"{key} {value:,.0f}" if abs(value) >= 1000 else f"{key} {value:.4g}")
         if len(parts) == 4:
             break
+    if len(parts) == 1:
+        return None
     if eta_s is not None:
         parts.append(f"eta {int(eta_s // 60)}m{int(eta_s % 60):02d}s")
     return " ".join(parts)
@@ -195,12 +198,15 @@ def progress_line(row: dict, total: int | None, eta_s: float | None) -> str:
 
 class Progress:
     """While a stage runs: a line per metrics row it logs with a step or iteration (its trainers write one
-    every `log_every` steps, from any worker, into the driver's metrics.jsonl), read by a thread here."""
+    every `log_every` steps, from any worker, into the driver's metrics.jsonl), read by a thread here; at
+    most one each `min_gap_s` (RL stages log every iteration, ~1.4 s apart in the demo), except the first, the
+    last and those with a validation value."""
 
-    def __init__(self, stage: str, metrics: Path, total: int | None, every_s: float = 1.0):
-        self.stage, self.metrics, self.total, self.every_s = stage, metrics, total, every_s
+    def __init__(self, stage: str, metrics: Path, total: int | None, every_s: float = 1.0, min_gap_s: float = 10.0):
+        self.stage, self.metrics, self.total, self.every_s, self.min_gap_s = stage, metrics, total, every_s, min_gap_s
         self.offset = metrics.stat().st_size if metrics.exists() else 0
         self.first: tuple[float, int] | None = None
+        self.shown = float("-inf")  # the time (of its row) of the last line shown
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="lmfleet-progress")
 
@@ -243,4 +249,8 @@ class Progress:
                 self.first = (now, done)
             elif self.total and done > self.first[1]:
                 eta = (now - self.first[0]) / (done - self.first[1]) * max(self.total - done, 0)
-            log.info("[%s] %s", self.stage, progress_line(row, self.total, eta))
+            line = progress_line(row, self.total, eta)
+            keep = done == self.total or any(k in row for k in ("val_loss", "eval_loss"))
+            if line and (keep or now - self.shown >= self.min_gap_s):
+                self.shown = now
+                log.info("[%s] %s", self.stage, line)
