@@ -70,7 +70,8 @@ def test_a_crashed_stage_prints_one_error_block(tmp_path, packed):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # damaged after the data stage wrote it
     run = tmp_path / "run"
     cfg = {"name": "crash", "output_dir": str(run), "ray": {"num_cpus": 2},
-           "stages": {"pretrain": pretrain_stage(data, steps=2, scaling__num_workers=2)}}
+           "stages": {"pretrain": pretrain_stage(data, steps=2, scaling__num_workers=2,
+                                                 checkpoint__max_failures=0)}}  # no retries: fail at once
     proc = subprocess.run([*lmfleet_cmd(), "run", str(write_config(tmp_path / "c.yaml", cfg)), "-v"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
