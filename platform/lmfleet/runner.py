@@ -127,14 +127,16 @@ class StageContext:
 
     @contextmanager
     def step(self, step: str):
-        """Times a named step, logs it, and records its seconds for the stage report."""
+        """Times a named step, logs it, and records its seconds for the stage report. Yields a list: what
+        the step appends to it (counts) ends its `done` line."""
         log.info("[%s] %s ...", self.name, step)
         start = time.perf_counter()
-        yield
+        said: list[str] = []
+        yield said
         took = time.perf_counter() - start
         self.seconds[step] = round(took, 3)
         self.metrics.write(self.name, phase=step, seconds=round(took, 3))
-        log.info("[%s] %s done in %.1f s", self.name, step, took)
+        log.info("[%s] %s done in %.1f s%s", self.name, step, took, f": {', '.join(said)}" if said else "")
 
 
 def _total_steps(config) -> int | None:

@@ -252,7 +252,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
     cpus = _cluster_cpus()
     report: dict = {"outputs": {}}
 
-    with ctx.step("read"):
+    with ctx.step("read") as said:
         files = source_files(cfg)
         # Empty files hold no record: counted, not read.
         empty = [ref.path for src in cfg.sources for ref in files[src.name] if ref.size == 0]
@@ -285,6 +285,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
                              f"{ctx.uri('rejects')}); check text_field and the filter settings")
         report.update(files=sum(map(len, files.values())), empty_files=len(empty), docs_in=n_in, rejected=n_in - n_valid,
                       rejects=dict(sorted(reasons.items())), reject_examples=_examples(blocks), valid_docs=n_valid)
+        said.append(f"{n_in:,} documents, {n_in - n_valid:,} rejected")
         if cfg.filter.c4 is not None:
             report["c4"] = _c4_counts(blocks)
         if cfg.filter.pii != "off":
@@ -301,12 +302,13 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         report["outputs"]["rejects"] = ctx.uri("rejects")
 
     partitions = max(cpus, math.ceil((valid.size_bytes() or 1) / 128e6))
-    with ctx.step("exact_dedup"):
+    with ctx.step("exact_dedup") as said:
         unique = dedup.exact_dedup(valid, partitions).materialize() if cfg.dedup.exact else valid
         n_unique = unique.count()
         report["exact_duplicates_removed"] = n_valid - n_unique
+        said.append(f"{n_valid - n_unique:,} removed" if cfg.dedup.exact else "off")
 
-    with ctx.step("near_dedup"):
+    with ctx.step("near_dedup") as said:
         params = dedup.LshParams.from_config(cfg.dedup, ctx.seed) if cfg.dedup.near else None
         found = dedup.near_duplicates(unique, params, partitions) if params else None
         _write_tables([] if found is None else map_blocks(found.pairs, _pair_rows), str(ctx.uri("pairs.parquet")),
@@ -332,6 +334,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         )
         report["outputs"].update(kept=ctx.uri("kept"), clusters=ctx.uri("clusters.parquet"),
                                  pairs=ctx.uri("pairs.parquet"))
+        removed = f"{counts['removed']:,} removed in {counts['clusters']:,} clusters, " if found else "off, "
+        said.append(f"{removed}{report['docs_kept']:,} kept")
 
     blocks = kept.to_arrow_refs()
     kept_chars = _sum_by(blocks, "source", chars=True)
@@ -341,7 +345,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
                  "chars_kept": kept_chars.get(s.name, 0)} for s in cfg.sources
     }
 
-    with ctx.step("tokenizer"):
+    with ctx.step("tokenizer") as said:
         tok_at = ctx.uri("tokenizer")  # where the packing tasks read it
         if cfg.tokenizer.path is not None:
             tok_dir = Path(cfg.tokenizer.path).resolve()
@@ -360,14 +364,16 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             ctx.publish("tokenizer")
         tok = {**tokenizer_info(tok_dir, cfg.tokenizer), "path": tok_at}
         report["tokenizer"] = tok
+        said.append(f"vocab {tok['vocab_size']:,}")
         report["outputs"]["tokenizer"] = tok_at
 
     if cfg.pack is not None:
-        with ctx.step("mix_and_pack"):
+        with ctx.step("mix_and_pack") as said:
             report["mixing"] = plan = mixing.mixing_rates({k: kept_chars.get(k, 0) for k in
                                                             (s.name for s in cfg.sources)}, cfg.mixing)
             report["packing"] = _mix_and_pack(kept, cfg, ctx.seed, tok, plan, ctx.uri("packed"), out / "packed", cpus)
             report["outputs"]["packed"] = ctx.uri("packed")
+            said.append(f"{sum(report['packing']['samples'].values()):,} samples of {cfg.pack.seq_len}+1 tokens")
 
     report["summary"] = _summary(report)
     ctx.write_report(report)
