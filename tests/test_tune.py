@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -73,6 +74,8 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
     first, second, stage, progress = interrupted_fifo
     assert "search interrupted" in first
     assert "resuming the interrupted search" in second
+    # lmfleet's lines of the trials, not Tune's status tables (those with -v)
+    assert re.search(rf"\] trial \S+ done at step {STEPS}: ", second) and "Trial status" not in second, second[-3000:]
     report = json.loads((stage / "report.json").read_text())
     assert len(report["trials"]) == 2 and all(r["step"] == STEPS and not r["error"] for r in report["trials"])
     # Trials that had reported a checkpoint continue from it (the others start over).

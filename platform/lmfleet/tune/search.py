@@ -26,13 +26,15 @@ import logging
 import math
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from ray.train import UserCallback
+from ray.tune import Callback
 
-from lmfleet import outputs, storage
+from lmfleet import console, outputs, storage
 from lmfleet.errors import StageFailed
 from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
@@ -109,6 +111,33 @@ def _run_trial(config: dict, *, base: dict, tune_cfg: dict, model_cls, launch: C
     if "error" in outcome:
         raise outcome["error"]
     trial_log.write(stage, event="completed", attempt=attempt)  # not stopped by the scheduler
+
+
+class TrialLines(Callback):
+    """A search's console lines (Tune's own tables only with -v): each trial's metric at most each
+    `min_gap_s`, its end and its failure."""
+
+    def __init__(self, stage: str, metric: str, min_gap_s: float = 10.0):
+        self.stage, self.metric, self.min_gap_s = stage, metric, min_gap_s
+        self.shown: dict[str, float] = {}
+
+    def _line(self, trial, what: str, result: dict | None) -> None:
+        result = result or {}
+        value = result.get(self.metric)
+        said = f" {self.metric} {value:.4g}" if isinstance(value, int | float) else ""
+        log.info("[%s] trial %s %s%s", self.stage, trial.trial_id, what, said)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        now = time.monotonic()
+        if now - self.shown.get(trial.trial_id, float("-inf")) >= self.min_gap_s:
+            self.shown[trial.trial_id] = now
+            self._line(trial, f"step {result.get('step', '?')}", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, f"done at step {(trial.last_result or {}).get('step', '?')}:", trial.last_result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "failed (its error is in the stage's report)", None)
 
 
 def _trial_dirname(trial) -> str:
@@ -202,7 +231,8 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name="search", storage_path=ctx.storage, stop=stopper, verbose=1,
+                name="search", storage_path=ctx.storage, stop=stopper, verbose=1 if console.verbose() else 0,
+                callbacks=[TrialLines(ctx.name, t.metric)],
                 # Every checkpoint stays until the search ends: with num_to_keep, Ray 2.60 deletes a checkpoint
                 # that a PBT exploit handed to another trial, and both trials fail (FileNotFoundError).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
