@@ -240,6 +240,8 @@ class Progress:
                 row = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(row, dict):
+                continue
             unit = "step" if "step" in row else "iteration" if "iteration" in row else None
             if row.get("stage") != self.stage or unit is None or not isinstance(row[unit], int):
                 continue
