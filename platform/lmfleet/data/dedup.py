@@ -39,12 +39,6 @@ def _rank_sorted(table: pa.Table, key: str) -> pa.Table:
     return table.sort_by([(key, "ascending"), ("source_index", "ascending"), ("id", "ascending")])
 
 
-def _first_of_runs(keys: np.ndarray) -> np.ndarray:
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    return first
-
-
 # ---- exact dedup -------------------------------------------------------------------------------
 
 
@@ -62,7 +56,7 @@ def _hash_partition(table: pa.Table, partitions: int) -> np.ndarray:
 def _duplicate_uids(table: pa.Table) -> pa.Table:
     """The uids of every row but the first of each content hash (in representative order)."""
     table = _rank_sorted(table, "content_hash")
-    first = _first_of_runs(np.asarray(table["content_hash"].to_pylist(), dtype=object))
+    first = minhash.first_of_runs(np.asarray(table["content_hash"].to_pylist(), dtype=object))
     return table.filter(pa.array(~first)).select(["uid"])
 
 
@@ -291,7 +285,7 @@ def _representatives(table: pa.Table) -> pa.Table:
     its cluster_id: the id of the member first by the representative rule (source order, then id), kept;
     the others removed."""
     table = table.sort_by([("label", "ascending"), ("source_index", "ascending"), ("id", "ascending")])
-    first = _first_of_runs(table["label"].to_numpy())
+    first = minhash.first_of_runs(table["label"].to_numpy())
     head = np.flatnonzero(first)[np.cumsum(first) - 1]  # each row's cluster's first row
     return pa.table({"uid": table["uid"], "cluster_id": table["id"].take(pa.array(head)),
                      "removed": pa.array(~first)}, schema=MEMBERS)

@@ -573,15 +573,20 @@ def band_hashes(signatures: np.ndarray, b: int, r: int, seed: int = 0) -> np.nda
     return splitmix64(h)
 
 
+def first_of_runs(keys: np.ndarray) -> np.ndarray:
+    """True where a row starts a run of equal ``keys`` (sorted, or grouped)."""
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return first
+
+
 def run_pairs(keys: np.ndarray, max_run: int) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, j)``, ``i < j``, within each run of equal values of ``keys`` (sorted, or grouped),
     run by run, ``i`` then ``j`` ascending: every pair of a run of at most ``max_run`` rows (quadratic:
     k rows give k*(k-1)/2), the run's first row with each other one in a longer run (k-1, the same
     connected components)."""
     n = len(keys)
-    first = np.ones(n, dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    starts = np.flatnonzero(first)
+    starts = np.flatnonzero(first_of_runs(keys))
     size = np.diff(np.append(starts, n))
     starts, m = starts[size > 1], size[size > 1]  # most keys are alone: the rest works on the few others
     size = np.repeat(m, m)  # for each row of those runs: its run's length, its place in the run
