@@ -8,8 +8,10 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -96,10 +98,12 @@ def pretrain_stage(packed, steps=10, **over) -> dict:
     return set_nested(stage, over)
 
 
-def pretrain(tmp_path, packed, name="p", steps=10, **over):
-    """Run a tiny pretraining stage on `packed`; returns (per-step metrics, stage report)."""
+def pretrain(tmp_path, packed, name="p", steps=10, run_keys: dict | None = None, **over):
+    """Run a tiny pretraining stage on `packed` (`run_keys`: the run's, e.g. tracking); returns (per-step
+    metrics, stage report)."""
     out = tmp_path / name
-    cfg = {"name": name, "output_dir": str(out), "stages": {"pretrain": pretrain_stage(packed, steps, **over)}}
+    cfg = {"name": name, "output_dir": str(out), **(run_keys or {}),
+           "stages": {"pretrain": pretrain_stage(packed, steps, **over)}}
     report = run(load_run(write_config(tmp_path / f"{name}.yaml", cfg)))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x.get("stage") == "pretrain" and "loss" in x]
@@ -264,6 +268,54 @@ def assert_quiet(stderr: str, max_lines: int) -> None:
     strays = [line for line in lines if not LMFLEET_LINE.match(line)]
     assert not strays, "not lmfleet's:\n" + "\n".join(strays[:20])
     assert not [n for n in RAY_NOISE if n in stderr], stderr[-3000:]
+
+
+class _Page(HTMLParser):
+    """A report page's sections (id -> images), every src / href, and the tags it uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections: dict[str, int] = {}
+        self.links: list[str] = []
+        self.tags: set[str] = set()
+        self._section = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        if tag == "section":
+            self._section = attrs["id"]
+            self.sections[self._section] = 0
+        if tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,") and self._section:
+            self.sections[self._section] += 1
+        self.links += [v for k, v in attrs.items() if k in ("src", "href") and v]
+
+
+def report_sections(html: str) -> dict[str, int]:
+    """The sections of a report page (lmfleet.report) with their embedded plots; asserts it is
+    self-contained: nothing it would load or link to leaves the page (no script, stylesheet, URL)."""
+    page = _Page()
+    page.feed(html)
+    page.close()
+    assert html.startswith("<!DOCTYPE html>") and "</html>" in html
+    assert not page.tags & {"script", "link", "iframe", "object", "embed"}, page.tags
+    outside = [x for x in page.links if not x.startswith(("#", "data:image/png;base64,"))]
+    assert not outside, outside
+    assert not re.search(r"https?://", re.sub(r"<pre>.*?</pre>", "", html, flags=re.S)), "a URL outside the config"
+    return page.sections
+
+
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2400) -> np.ndarray:
+    """The page rendered by headless Chromium (Debian's `chromium`; .ci/run installs it) as an RGB array."""
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "headless Chromium is needed (Debian: apt-get install chromium; .ci/run installs it)"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--window-size={width},{height}", f"--screenshot={png}", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
+    return np.asarray(Image.open(png).convert("RGB"))
 
 
 def lmfleet_cmd() -> list[str]:

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO, assert_quiet, lmfleet_cmd, pretrain_stage, shared, write_config
+from conftest import REPO, assert_quiet, lmfleet_cmd, pretrain_stage, report_sections, shared, write_config
 
 
 def test_cli_run_writes_run_dir_and_summary(tmp_path):
@@ -51,6 +51,13 @@ def test_cli_run_writes_run_dir_and_summary(tmp_path):
                             "seed=5"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0 and "up to date: not re-run" in again.stdout, again.stderr[-3000:]
     assert "INFO Ray 2." in proc.stderr and "INFO Ray 2." not in again.stderr
+    # The run's page: the header and the data section, each with its plot; the rerun's shows the stage skipped.
+    assert f"report: {run / 'report.html'}" in again.stdout
+    html = (run / "report.html").read_text()
+    assert report_sections(html) == {"run": 1, "stage-data": 1}
+    assert "up to date: not re-run" in html and "the document funnel" in html
+    text = subprocess.run([*lmfleet_cmd(), "report", str(run), "--text"], capture_output=True, text=True, cwd=tmp_path)
+    assert text.returncode == 0 and text.stdout.startswith("run cli: succeeded") and "[data]" in text.stdout
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
@@ -85,6 +92,10 @@ def test_a_crashed_stage_prints_one_error_block(tmp_path, packed):
     assert "pid=" in (run / "logs" / "pretrain.log").read_text()
     log = (run / "logs" / "lmfleet.log").read_text()
     assert "stage pretrain failed:\nTraceback (most recent call last)" in log and "WorkerGroupError" in log
+    # The page of the failed run: its error, and the stage as far as it got.
+    html = (run / "report.html").read_text()
+    assert "stage-pretrain" in report_sections(html) and 'class="status-failed"' in html
+    assert "mmap length is greater than file size" in html
 
 
 def test_progress_lines():

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from collections import Counter
 from itertools import combinations
 
 import numpy as np
@@ -210,6 +211,8 @@ def test_clusters_are_the_components_of_the_pairs_by_the_representative_rule(res
     assert all(r["cluster_id"] == r["id"] for r in rows if r["id"] not in index)
     clusters = len(set(labels.tolist()))
     assert report["clusters"] == clusters and report["near_duplicates_removed"] == len(ids) - clusters
+    sizes = Counter(Counter(labels.tolist()).values())
+    assert report["cluster_sizes"] == {str(k): sizes[k] for k in sorted(sizes)}
     assert report["lsh"]["verified_edges"] == len(pairs) <= report["lsh"]["candidate_pairs"]
     assert report["lsh"]["clustering_rounds"] >= 2
 

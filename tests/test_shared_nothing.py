@@ -20,7 +20,15 @@ from pyarrow import fs
 
 from lmfleet.runlog import read_jsonl
 
-from conftest import lmfleet_cmd, ray_head, registered_steps, shared, write_config
+from conftest import (
+    lmfleet_cmd,
+    ray_head,
+    registered_steps,
+    report_sections,
+    screenshot,
+    shared,
+    write_config,
+)
 
 RUN = "s3://lmfleet/shared-nothing/run"
 STEPS = 60
@@ -149,6 +157,21 @@ def test_a_pipeline_runs_on_nodes_that_share_nothing_but_a_bucket(tmp_path, s3, 
     copies = {node: [json.loads(p.read_text()) for p in caches[node].glob("*.manifest.json")] for node in caches}
     assert any("tokenizer.json" in c for c in copies["head"])  # the driver's tokenizer checks
     assert any("index.json" in c for c in copies[seen["node"]])  # the packed data its Train worker read
+    # The run's page, written by the chain into the bucket and rebuilt from the URI by `lmfleet report`: a
+    # section per stage with its plots, the lost node's restart marked; Chromium renders it.
+    assert "report.html" in listed
+    page = subprocess.run([*lmfleet_cmd(), "report", RUN], capture_output=True, text=True, timeout=300, cwd=project)
+    assert page.returncode == 0 and page.stdout == f"report: {RUN}/report.html\n", page.stderr[-3000:]
+    html = bucket.open_input_stream("lmfleet/shared-nothing/run/report.html").read().decode()
+    (tmp_path / "report.html").write_text(html)
+    sections = report_sections(html)
+    assert list(sections) == ["run", *(f"stage-{s}" for s in stages)] and all(sections.values()), sections
+    assert "dashed red: restarts of the workers" in html, tmp_path / "report.html"
+    pixels = screenshot(tmp_path / "report.html", tmp_path / "report.png")
+    assert pixels.shape == (2400, 1280, 3)
+    colored = (pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 80  # plot lines, bars, status
+    dark = pixels.max(axis=2) < 90  # text
+    assert colored.mean() > 0.005 and dark.mean() > 0.005, (colored.mean(), dark.mean())
     # Submitting again: every stage up to date, no stage job started.
     assert again.stderr.count("up to date (same config, seed, code and inputs): no job") == len(stages)
     assert len(stage_jobs) == len(stages)

@@ -13,9 +13,9 @@ import pytest
 
 from lmfleet.errors import ConfigError
 from lmfleet.runner import load_run
-from lmfleet.tune.search import attempt_records
+from lmfleet.tune.trials import attempt_records
 
-from conftest import lmfleet_cmd, pretrain, pretrain_stage, write_config
+from conftest import lmfleet_cmd, pretrain, pretrain_stage, report_sections, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,10 @@ def test_interrupted_search_resumes_and_completes(interrupted_fifo):
 
 def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupted_fifo):
     # Two trials, the lowest and the highest learning rate of the grid: at step 10 the worse copies the better.
+    mlruns = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = {"mlflow": {"tracking_uri": mlruns, "artifact_location": str(tmp_path / "artifacts")}}
     _, report = pretrain(tmp_path, packed, "pbt", steps=STEPS, checkpoint__every=EVERY, export=True,
+                         run_keys={"tracking": tracking},
                          tune={"metric": "loss", "num_samples": 1, "space": {"optimizer.lr": {"grid": [3e-4, 1e-2]}},
                                # synchronous, so which trial exploits does not depend on which
                                # reached the interval first
@@ -123,6 +126,22 @@ def test_pbt_exploits_continue_from_the_donor_state(tmp_path, packed, interrupte
     table = (tmp_path / "pbt" / "pretrain" / "trials.md").read_text()
     assert all(f"step {e['step']} <- {e['donor']}" in table for _, e in exploits)
     assert f"| {report['best']['id']} |" in table
+    # The trackers: a run for the search and one per trial, its exploits among its events.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pbt").experiment_id])}
+    assert sorted(runs) == sorted(["pbt/pretrain", *(f"pbt/pretrain/{t['id']}" for t in report["trials"])])
+    for receiver, e in exploits:
+        events = [v for k, v in runs[f"pbt/pretrain/{receiver}"].data.tags.items() if k.startswith("event.")]
+        assert any("event=exploit" in v and f"donor={e['donor']}" in v and f"step {e['step']}:" in v
+                   for v in events), events
+        trial_loss = client.get_metric_history(runs[f"pbt/pretrain/{receiver}"].info.run_id, "loss")
+        assert {m.step for m in trial_loss} >= set(range(1, e["step"] + 1))
+    # The run's page: the search's section with its trials' curves and the lineage.
+    html = (tmp_path / "pbt" / "report.html").read_text()
+    assert report_sections(html)["stage-pretrain"] == 1
+    assert all(f"step {e['step']} &lt;- {e['donor']}" in html for _, e in exploits)
 
 
 def test_asha_stops_weak_trials_early(tmp_path, packed):

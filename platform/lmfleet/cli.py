@@ -287,13 +287,53 @@ def data_inspect(
                    + (raw[:chars] + (" ..." if len(raw) > chars else "")))
 
 
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A run dir (a path or URI: s3://, gs://, ...).")],
+    text: Annotated[bool, typer.Option("--text", help="Print the run's summary instead of writing the page.")] = False,
+    out: Annotated[str | None, typer.Option(help="Write the page here (default: report.html in the run dir).")] = None,
+    open_: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
+) -> None:
+    """Write the run's report.html: one page, self-contained (plots embedded, nothing fetched), with the
+    run's config, versions, hardware and wall time per stage, and each stage's curves and tables. The
+    runner writes it at the end of every run; this rebuilds it (after a crash, or from a bucket)."""
+    from lmfleet.outputs import child, read_json, write_text
+    from lmfleet.report.page import build_html
+    from lmfleet.uri import cache_root, is_uri
+
+    try:
+        if text:
+            found = read_json(child(run_dir, "report.json"))
+            if not found:
+                raise UserError(f"{run_dir}: no report.json: not a run dir of lmfleet (or no stage has ended yet)")
+            typer.echo(summarize(found))
+            return
+        page = build_html(run_dir)
+        where = out or child(run_dir, "report.html")
+        write_text(where, page)
+    except UserError as err:
+        _fail(err)
+    typer.echo(f"report: {where}")
+    if open_:
+        import hashlib
+        import webbrowser
+
+        local = Path(where).resolve()
+        if is_uri(where):  # a browser opens files: a copy in lmfleet's cache
+            local = cache_root() / "reports" / f"{hashlib.blake2b(str(where).encode(), digest_size=8).hexdigest()}.html"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(page, encoding="utf-8")
+        if not webbrowser.open(local.as_uri()):
+            typer.echo(f"no browser found: open {local}", err=True)
+
+
 def summarize(report: dict) -> str:
     """A short human summary of a run report; each stage may provide its own `summary` lines."""
     lines = [f"run {report['name']}: {report['status']} in {report.get('seconds', 0):.1f} s -> {report['run_dir']}"]
     for name, stage in report["stages"].items():
         lines.append(f"[{name}]")
         lines.extend(f"  {line}" for line in stage.get("summary", []))
-    lines.append(f"full report: {report['run_dir'].rstrip('/')}/report.json")
+    lines.append(f"report: {report['run_dir'].rstrip('/')}/report.html")
     return "\n".join(lines)
 
 

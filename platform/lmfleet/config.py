@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,6 +39,33 @@ class RayConfig(StrictModel):
                                                           "for the nodes its workers need before it fails.")
 
 
+class MLflowConfig(StrictModel):
+    tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else MLflow's default.")
+    experiment: str | None = Field(None, description="Default: the run's name.")
+    artifact_location: str | None = Field(None, description="Of an experiment lmfleet creates (default: the "
+                                                            "tracking server's, or MLflow's ./mlartifacts)")
+
+
+class WandbConfig(StrictModel):
+    project: str
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"  # online needs WANDB_API_KEY in the driver's environment
+    dir: str | None = Field(None, description="Where W&B keeps its run dirs (default: the run dir's wandb/).")
+
+
+class TrackingConfig(StrictModel):
+    tensorboard: bool = Field(False, description="Event files in the run dir's tensorboard/<stage>/.")
+    mlflow: MLflowConfig | None = None
+    wandb: WandbConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow is not None or self.wandb is not None
+
+
+RUN_DIRS = {"logs", "tensorboard", "wandb"}  # the run's own folders beside its stages
+
+
 class RunConfig(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str | None = Field(None, description="A path or an object store URI (s3://bucket/prefix, gs://, "
@@ -48,6 +75,7 @@ class RunConfig(StrictModel):
                           "shares; holds <name>/<stage>/. Default: inside each stage dir.")
     seed: int = 1
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
     # Validated per stage kind by lmfleet.stages, which knows each kind's model.
     stages: dict[str, dict[str, Any]] = Field(..., min_length=1)
 
@@ -56,8 +84,9 @@ class RunConfig(StrictModel):
     def _stage_names(cls, stages: dict) -> dict:
         # A stage name is a folder of the run dir: no paths, no clash with the run's own files.
         for name in stages:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name in {"logs"}:
-                raise ValueError(f"stage name {name!r}: use letters, digits, '_' or '-' (and not 'logs')")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name in RUN_DIRS:
+                raise ValueError(f"stage name {name!r}: use letters, digits, '_' or '-' (and not "
+                                 f"{', '.join(map(repr, sorted(RUN_DIRS)))})")
         return stages
 
     @field_validator("storage_path", "output_dir")

@@ -113,6 +113,19 @@ def route_ray_output() -> None:
     dispatcher.add_handler("lmfleet_worker_lines", _worker_lines)
     if not verbose:
         dispatcher.remove_handler("ray_print_logs")
+        _route_raylet_warnings()
+
+
+def _route_raylet_warnings() -> None:
+    """The raylet's warnings to the driver ("(raylet) WARNING: 10 PYTHON worker processes have been
+    started ...", seen at the end of a search) skip the dispatcher: Ray's listen_error_messages prints
+    them with print_to_stdstream, which only that thread calls once `ray_print_logs` is gone."""
+    import ray._private.worker as ray_worker
+
+    def print_to_stdstream(data, ignore_prefix):
+        _worker_lines(data)
+
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_ray_startup() -> None:

@@ -160,7 +160,7 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
                 force: bool = False, runtime_env: dict | None = None) -> dict:
     """Submit the stages of `loaded` one job at a time; returns the run report the jobs wrote.
     runtime_env: every job's (with its working dir); None: the jobs run from this directory."""
-    from lmfleet.runner import preflight, up_to_date
+    from lmfleet.runner import preflight, up_to_date, write_report_html
 
     run_dir = loaded.config.run_dir
     stages = [s for s in loaded.stages if not only or s.name in only]
@@ -204,6 +204,7 @@ def run_as_jobs(loaded, config: Path, overrides: list[str], address: str, only: 
     report["jobs"] = jobs
     report["seconds"] = round(time.perf_counter() - started, 3)  # the chain's, not its last job's
     outputs.write_text(report_path, json.dumps(report, indent=2))
+    write_report_html(run_dir)
     return report
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from lmfleet import __version__, console, outputs, resources, storage
+from lmfleet import __version__, console, outputs, resources, storage, tracking
 from lmfleet.config import RunConfig, apply_overrides, load_yaml, validate_model
 from lmfleet.errors import InputError, UserError
 from lmfleet.inputs import Input, check_overlap, digest, earlier_stage
@@ -207,7 +207,7 @@ def _read_state(marker: Path | str) -> dict:
 # -- ownership: lmfleet deletes and overwrites only what it wrote --
 
 RUN_MARKER = ".lmfleet-run.json"  # in the run dir: {"name": run name}; the run's records below are lmfleet's
-RUN_RECORDS = ("config.yaml", "report.json", "metrics.jsonl", "logs")
+RUN_RECORDS = ("config.yaml", "report.json", "report.html", "metrics.jsonl", "logs", "tensorboard", "wandb")
 
 
 def _run_owner(run_dir: Path | str) -> str | None:
@@ -265,6 +265,7 @@ def preflight(loaded: LoadedRun, stages: list[StageSpec], run_dir: Path | str) -
     """Before any work (run, validate, a job chain): the run dir may be written, and each stage's inputs
     exist and lie apart from it. Returns each stage's inputs."""
     _check_writable(run_dir)
+    tracking.check(loaded.config.tracking)
     names = [s.name for s in loaded.stages]
     inputs = {}
     for i, spec in enumerate(stages):
@@ -442,7 +443,8 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
     files.write("config.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     metrics = MetricsLog(files.local / "metrics.jsonl")
-    report: dict = {"name": cfg.name, "run_dir": str(run_dir), "status": "running", "stages": {}}
+    report: dict = {"name": cfg.name, "run_dir": str(run_dir), "status": "running", "stages": {},
+                    "environment": environment()}
 
     publisher = _Publisher(files)
 
@@ -500,8 +502,10 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                      child(run_dir, f"logs/{spec.name}.log"))
             with Interrupts() as signals:
                 try:
-                    with console.Progress(spec.name, metrics.path, _total_steps(spec.config)):
+                    with console.Progress(spec.name, metrics.path, _total_steps(spec.config)), \
+                            _tracked(cfg, spec, files, ctx) as tracked:
                         stage_report = spec.run(ctx)
+                        tracked.succeeded({"kind": spec.kind, **stage_report, "seconds": ctx.seconds})
                 except BaseException as err:
                     interrupted = isinstance(err, KeyboardInterrupt) or signals.seen()
                     status = "interrupted" if interrupted else "failed"
@@ -509,6 +513,8 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                     files.write(marker, json.dumps({**record, "status": status}))
                     report.update(status=status, failed_stage=spec.name, error=f"{type(err).__name__}: {err}")
                     save_report()
+                    if not interrupted:  # what it did until then, plots included (Ctrl-C exits at once)
+                        write_report_html(run_dir)
                     if not interrupted:
                         if not isinstance(err, UserError):  # a crash: its traceback to the log file, not the console
                             console.log_traceback(err, spec.name)
@@ -520,8 +526,12 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                     if isinstance(err, KeyboardInterrupt) and str(err):
                         raise  # the stage's own words (a search says where it resumes)
                     raise KeyboardInterrupt(f"stage {spec.name!r} interrupted; the same command {again}") from None
-            report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds}
+            report["stages"][spec.name] = {"kind": spec.kind, **stage_report, "seconds": ctx.seconds,
+                                           "cluster": cluster_resources()}
             files.publish(spec.name)  # the stage's files before its marker: a succeeded stage's outputs are all there
+            for rel in ("tensorboard", "wandb"):  # the trackers' local files (lmfleet.tracking)
+                if (files.local / rel).exists() and is_uri(run_dir):
+                    files.publish(rel)
             files.write(marker, json.dumps({**record, "status": "succeeded", "finished": time.time(),
                                             "report": report["stages"][spec.name]}, default=str))
             save_report()
@@ -530,4 +540,59 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
     report["status"] = "succeeded"
     report["seconds"] = round(time.perf_counter() - started, 3)
     save_report()
+    write_report_html(run_dir)
     return report
+
+
+class _Untracked:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def succeeded(self, report: dict) -> None:
+        pass
+
+
+def _tracked(cfg: RunConfig, spec: StageSpec, files: RunFiles, ctx: StageContext):
+    """The stage's tracker runs (the run's `tracking:` block), or nothing to do."""
+    if not cfg.tracking.enabled:
+        return _Untracked()
+    return tracking.StageTracking(cfg.tracking, cfg.name, spec.name, spec.kind, spec.config.model_dump(mode="json"),
+                                  files.local / "metrics.jsonl", files.local, ctx.out_dir)
+
+
+def write_report_html(run_dir: Path | str) -> None:
+    """report.html of the run (lmfleet.report). A report that cannot be drawn costs the run nothing: the
+    run's results stand, the reason goes to the log and `lmfleet report` tries again."""
+    from lmfleet.report.page import write_html
+
+    try:
+        write_html(run_dir)
+    except Exception:
+        log.warning("report.html not written (`lmfleet report %s` tries again)", run_dir, exc_info=True)
+
+
+def environment() -> dict:
+    """What the run ran with: package versions and the driver's machine (the report's header)."""
+    import platform as host  # the standard library's (lmfleet never puts platform/ on sys.path)
+    from importlib import metadata
+
+    versions = {"lmfleet": code_version(), "python": host.python_version()}
+    for package in ("ray", "torch", "transformers", "trl", "peft", "deepspeed", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"versions": versions, "host": f"{host.system()} {host.machine()}, {os.cpu_count()} CPUs"}
+
+
+def cluster_resources() -> dict:
+    """The Ray cluster as a stage ended (an autoscaler may have added nodes for it)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return {"nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "cpus": total.get("CPU", 0),
+            "gpus": total.get("GPU", 0),
+            "accelerators": sorted(k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:"))}

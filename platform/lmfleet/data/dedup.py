@@ -13,6 +13,7 @@ user rank sources by trust.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -295,12 +296,13 @@ def _rows(table: pa.Table | None) -> int:
     return 0 if table is None else table.num_rows
 
 
-def _cluster_counts(table: pa.Table | None) -> tuple[int, int]:
-    """(clusters, removed members) of a `_representatives` table."""
+def _cluster_counts(table: pa.Table | None) -> tuple[int, int, Counter]:
+    """(clusters, removed members, {cluster size: clusters}) of a `_representatives` table."""
     if table is None:
-        return 0, 0
+        return 0, 0, Counter()
     removed = int(np.count_nonzero(table["removed"].to_numpy(zero_copy_only=False)))
-    return table.num_rows - removed, removed
+    sizes = Counter(table.group_by("cluster_id").aggregate([("uid", "count")])["uid_count"].to_pylist())
+    return table.num_rows - removed, removed, sizes
 
 
 def _all_members(*tables: pa.Table | None) -> pa.Table:
@@ -318,7 +320,7 @@ class NearDuplicates:
     pairs: list  # refs of EDGE_SCHEMA tables (or None): each pair once, similarity null if not verified
     members: object  # ref of one MEMBERS table, sorted by uid: every document in a cluster of two or more
     removed: object  # ref of a sorted uint64 array: the members that are not their cluster's representative
-    counts: dict  # candidate_pairs, verified_pairs, clusters, removed, rounds
+    counts: dict  # candidate_pairs, verified_pairs, clusters, removed, rounds, sizes ({size: clusters})
 
 
 def near_duplicates(ds, params: LshParams, partitions: int) -> NearDuplicates:
@@ -359,8 +361,8 @@ def near_duplicates(ds, params: LshParams, partitions: int) -> NearDuplicates:
                              partitions)
     per_partition = ray.get(map_blocks(clustered, _cluster_counts))
     members = combine(clustered, _all_members)
-    counts.update(clusters=sum(c for c, _ in per_partition), removed=sum(r for _, r in per_partition),
-                  rounds=cc["rounds"])
+    counts.update(clusters=sum(c for c, _, _ in per_partition), removed=sum(r for _, r, _ in per_partition),
+                  rounds=cc["rounds"], sizes=dict(sorted(sum((s for _, _, s in per_partition), Counter()).items())))
     removed = combine([members], _removed_uids)
     ready(members, removed)  # before the Ray Data maps that read them (`resolve`)
     return NearDuplicates(pairs, members, removed, counts)

@@ -326,6 +326,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         report.update(
             near_duplicates_removed=counts.get("removed", 0),
             clusters=counts.get("clusters", 0),
+            cluster_sizes={str(k): v for k, v in counts.get("sizes", {}).items()},  # size -> clusters of 2 or more
             docs_kept=kept.count(),
             lsh=None if params is None else {
                 "num_perm": params.num_perm, "ngram": params.ngram, "bands": params.bands, "rows": params.rows,

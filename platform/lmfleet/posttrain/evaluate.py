@@ -137,6 +137,8 @@ def compare_policies(policy, reference, tok, prompts: list[list[dict]], reward_m
         "win_rate": sum(wins) / len(wins), "kl": kl_to_reference(policy, reference, tok, prompts, answers["policy"],
                                                                  max_length),
         "samples": len(wins),
+        "examples": [{"prompt": p[-1]["content"], "before": b, "after": a}  # the reference's answer, the policy's
+                     for p, a, b in list(zip(prompts, answers["policy"], answers["reference"], strict=True))[:3]],
     }
 
 

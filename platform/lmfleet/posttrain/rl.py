@@ -465,7 +465,7 @@ def evaluate(cfg: _RLStage, inputs: RLInputs, trained: str) -> dict:
         result[f"policy_{part}"], result[f"reference_{part}"] = sum(mine) / len(mine), sum(theirs) / len(theirs)
         result[f"win_rate{suffix}"] = sum(wins) / len(wins)
     result["kl"] = kl_to_reference(policy, reference, tok, prompts, answers["policy"], cfg.training.max_length)
-    result["examples"] = [{"prompt": p[-1]["content"], "policy": a, "reference": b}
+    result["examples"] = [{"prompt": p[-1]["content"], "before": b, "after": a}  # the input model's, the policy's
                           for p, a, b in list(zip(prompts, answers["policy"], answers["reference"], strict=True))[:3]]
     return result
 

@@ -47,16 +47,20 @@ class SFT(HFStage):
         if not val:
             return result
         n = cfg.training.max_length
+        sample = val[: cfg.eval.samples]
+        prompts = [r["messages"][:-1] for r in sample]
+        shown = 3  # examples in the report: the answers of the input model and of the trained one
         for name, path in (("before", Path(inputs.local("model"))), ("after", Path(trained))):
             model = load_causal_lm(path).to(device(inputs.use_gpu)).eval()
             result[f"perplexity_{name}"] = completion_perplexity(model, tok, val[:200], n)
-        sample = val[: cfg.eval.samples]
+            if name == "before" and sample:
+                before = generate(model, tok, prompts[:shown], cfg.eval.generation, n)
         if sample:
-            prompts = [r["messages"][:-1] for r in sample]
             predictions = generate(model, tok, prompts, cfg.eval.generation, n)
-            result.update(bleu_rouge(predictions, [r["messages"][-1]["content"] for r in sample]))
-            result["examples"] = [{"prompt": p[-1]["content"], "answer": a}
-                                  for p, a in zip(prompts[:3], predictions[:3], strict=True)]
+            references = [r["messages"][-1]["content"] for r in sample]
+            result.update(bleu_rouge(predictions, references))
+            result["examples"] = [{"prompt": p[-1]["content"], "before": b, "after": a, "expected": e}
+                                  for p, b, a, e in zip(prompts, before, predictions, references, strict=False)]
         return result
 
     @classmethod

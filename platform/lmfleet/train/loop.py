@@ -328,6 +328,8 @@ def train_loop_per_worker(config: dict) -> None:
     stop_at = run.stop_at or cfg.steps
     metrics_log = run.metrics if trainer.rank == 0 else None  # lmfleet.runlog: to the driver's node
     samples = inputs.samples if trainer.rank == 0 else None
+    if metrics_log:  # each start of the worker group: the report marks restarts (a fault, a resize, a resume)
+        metrics_log.write(run.stage, **run.tags, event="workers_started", from_step=start, world_size=trainer.world)
     tb = None
     if trainer.rank == 0 and cfg.tensorboard:
         from tensorboardX import SummaryWriter

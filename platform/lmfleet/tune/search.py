@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import random
 import threading
 import time
@@ -39,6 +38,7 @@ from lmfleet.errors import StageFailed
 from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.storage import checkpoint_uri
 from lmfleet.tune.config import ASHAConfig, PBTConfig, TuneConfig, trial_config
+from lmfleet.tune.trials import attempt_records, draw, finite, lr_key
 
 log = logging.getLogger("lmfleet")
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; 0 is rejected by Tune
@@ -248,7 +248,7 @@ def run_search(cfg, ctx, launch: Callable) -> dict:
         row = _trial_row(r, t, dists, out / "trials")
         results[row["id"]] = (row, r)
     trials = [row for row, _ in sorted(results.values(), key=lambda x: x[0]["id"])]
-    ok = [r for r in trials if _finite(r["final"])]
+    ok = [r for r in trials if finite(r["final"])]
     if not ok:
         errors = [f"{r['id']}: {r['error']}" for r in trials if r["error"]]
         raise StageFailed(f"no trial of the search reported {t.metric!r}" + (f"; errors: {errors}" if errors else ""))
@@ -285,10 +285,6 @@ def _prune_checkpoints(results) -> None:
                 r.filesystem.delete_dir(entry.path)
 
 
-def _finite(x) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
 def _trial_row(result, t: TuneConfig, dists: dict, trials_dir: Path) -> dict:
     m = result.metrics or {}
     history = result.metrics_dataframe
@@ -302,9 +298,9 @@ def _trial_row(result, t: TuneConfig, dists: dict, trials_dir: Path) -> dict:
     events = read_jsonl(trials_dir / trial_id / "metrics.jsonl")
     attempts = attempt_records(events)
     # The metric as the trial's own log has it (every logged step), else as Tune has it.
-    values = [e[t.metric] for _, steps in attempts for e in steps if _finite(e.get(t.metric))]
+    values = [e[t.metric] for _, steps in attempts for e in steps if finite(e.get(t.metric))]
     if not values and history is not None and t.metric in history:
-        values = [v for v in history[t.metric] if _finite(v)]
+        values = [v for v in history[t.metric] if finite(v)]
     return {
         "id": trial_id,
         "step": m.get("step"),
@@ -343,33 +339,8 @@ def write_table(trials: list[dict], t: TuneConfig, out: Path) -> None:
     (out / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def attempt_records(records: list[dict]) -> list[tuple[dict, list[dict]]]:
-    """A trial's records as (start event, its attempt's step records): late records of an attempt that was
-    already replaced (its workers shutting down) are dropped."""
-    out: list[tuple[dict, list[dict]]] = []
-    for e in records:
-        if e.get("event") in ("start", "resume", "exploit"):
-            out.append((e, []))
-        elif out and "step" in e and e.get("attempt") == out[-1][0].get("attempt"):
-            out[-1][1].append(e)
-    return out
-
-
-def _segments(records: list[dict], key: str, donors: dict[str, list[dict]]) -> list[list[tuple]]:
-    """A trial's (step, value) series, one piece per attempt; after an exploit it starts at the donor's point."""
-    pieces = []
-    for event, steps in attempt_records(records):
-        piece = []
-        if event["event"] == "exploit":
-            piece = [(d["step"], d[key]) for d in donors.get(event["donor"], [])
-                     if d.get("step") == event["from_step"] and _finite(d.get(key))][-1:]
-        pieces.append(piece + [(e["step"], e[key]) for e in steps if _finite(e.get(key))])
-    return [p for p in pieces if p]
-
-
 def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) -> None:
-    """One figure per series (the metric, the learning rate) with a line per trial over its steps; after
-    an exploit the trial's line continues from its donor's point (dotted line: the step)."""
+    """plots/metric.png and plots/lr.png: a line per trial over its steps (lmfleet.tune.trials.draw)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,21 +348,9 @@ def plot_trials(trials: list[dict], metric: str, trials_dir: Path, plots: Path) 
 
     plots.mkdir(parents=True, exist_ok=True)
     records = {r["id"]: read_jsonl(trials_dir / r["id"] / "metrics.jsonl") for r in trials}
-    logged = {k for rows in records.values() for e in rows for k in e}
-    lr = "lr" if "lr" in logged else "learning_rate"  # pretraining's name, HF's
-    for key, name in ((metric, "metric"), (lr, "lr")):
+    for key, name in ((metric, "metric"), (lr_key(records), "lr")):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i, r in enumerate(trials):
-            color = f"C{i % 10}"
-            for j, piece in enumerate(_segments(records[r["id"]], key, records)):
-                ax.plot(*zip(*piece, strict=True), color=color, linewidth=1, label=r["id"] if j == 0 else None)
-            for e in r["exploits"]:
-                ax.axvline(e["step"], color=color, linewidth=0.6, linestyle=":")
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        if name == "lr":
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        draw(ax, trials, records, key)
         fig.tight_layout()
         fig.savefig(plots / f"{name}.png", dpi=100)
         plt.close(fig)
