@@ -149,10 +149,11 @@ class Failure:
     log: str | Path
 
 
-def log_traceback(err: BaseException, stage: str) -> None:
-    """The full traceback of a stage's crash into the run's log file (the console gets `failure_block`)."""
+def log_traceback(err: BaseException, stage: str, what: str = "stage %s failed") -> None:
+    """The full traceback of a stage's crash (or of `what` went wrong) into the run's log file only (the
+    console gets `failure_block`, or a line)."""
     text = "".join(traceback.format_exception(err))
-    record = logging.LogRecord("lmfleet", logging.ERROR, __file__, 0, "stage %s failed:\n%s", (stage, text), None)
+    record = logging.LogRecord("lmfleet", logging.ERROR, __file__, 0, what + ":\n%s", (stage, text), None)
     for handler in logging.getLogger("lmfleet").handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -513,9 +513,8 @@ def run(loaded: LoadedRun, address: str | None = None, only: list[str] | None = 
                     files.write(marker, json.dumps({**record, "status": status}))
                     report.update(status=status, failed_stage=spec.name, error=f"{type(err).__name__}: {err}")
                     save_report()
-                    if not interrupted:  # what it did until then, plots included (Ctrl-C exits at once)
-                        write_report_html(run_dir)
                     if not interrupted:
+                        write_report_html(run_dir)  # what it did until then, plots included (Ctrl-C exits at once)
                         if not isinstance(err, UserError):  # a crash: its traceback to the log file, not the console
                             console.log_traceback(err, spec.name)
                             err.lmfleet_failure = console.Failure(spec.name, child(run_dir, f"logs/{spec.name}.log"),
@@ -570,8 +569,10 @@ def write_report_html(run_dir: Path | str) -> None:
 
     try:
         write_html(run_dir)
-    except Exception:
-        log.warning("report.html not written (`lmfleet report %s` tries again)", run_dir, exc_info=True)
+    except Exception as err:
+        log.warning("report.html not written: %s: %s (`lmfleet report %s` tries again; the traceback is in "
+                    "logs/lmfleet.log)", type(err).__name__, err, run_dir)
+        console.log_traceback(err, str(run_dir), "report.html of %s not written")
 
 
 def environment() -> dict:

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from lmfleet import console
 from lmfleet.config import MLflowConfig, TrackingConfig, WandbConfig
 from lmfleet.errors import ConfigError
 
@@ -119,7 +120,7 @@ class _MLflow:
             self.metrics({f"final.{k}": v for k, v in summary.items()}, 0)
         if report is not None:
             self.client.log_text(self.run_id, json.dumps(report, indent=2, default=str), "report.json")
-        self.client.set_terminated(self.run_id, "FINISHED" if status == "succeeded" else "FAILED")
+        self.client.set_terminated(self.run_id, {"succeeded": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
 
 
 class _Wandb:
@@ -234,6 +235,7 @@ class StageTracking:
         self.every_s = every_s
         self.report: dict | None = None
         self.status = "failed"
+        self._warned = False
         self.main = _Trackers(cfg, run, f"{run}/{stage}", local_run, params, self.tags)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lmfleet-tracking-{stage}", daemon=True)
@@ -245,24 +247,34 @@ class StageTracking:
     def succeeded(self, report: dict) -> None:
         self.report, self.status = report, "succeeded"
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, err, tb) -> None:
         self._stop.set()
         self._thread.join()
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.status = "interrupted"
         try:
             self._poll()
             for _, trackers in self.trials.values():
                 if trackers is not None:
                     trackers.finish(None, self.status)
             self.main.finish(self.report, self.status)
-        except Exception:  # a tracker's outage costs the run nothing
-            log.warning("tracking: stage %s: could not finish its tracker runs", self.stage, exc_info=True)
+        except Exception as e:  # a tracker's outage costs the run nothing
+            self._warn(e, "could not finish its tracker runs")
+
+    def _warn(self, err: Exception, what: str) -> None:
+        if self._warned:  # once a stage: an unreachable server fails every poll
+            return
+        self._warned = True
+        log.warning("tracking: stage %s: %s: %s: %s (the traceback is in logs/lmfleet.log)", self.stage, what,
+                    type(err).__name__, err)
+        console.log_traceback(err, self.stage, "tracking: stage %s")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
                 self._poll()
-            except Exception:
-                log.warning("tracking: stage %s: records not sent (tried again)", self.stage, exc_info=True)
+            except Exception as e:
+                self._warn(e, "records not sent (this warning once a stage)")
 
     def _poll(self) -> None:
         for record in self.metrics.read():
