@@ -27,6 +27,7 @@ def _cfg(**pretrain):
     (dict(model__positions="alibi", parallel__tp_size=2, scaling__num_workers=2), "alibi"),
     (dict(parallel__pp_size=2, scaling__num_workers=2, batch__global_batch=4, batch__micro_batch=4),
      "is fewer than pp_size 2"),
+    (dict(tensorboard=True), "tensorboard: moved to the run's `tracking: {tensorboard: true}`"),
 ])
 def test_bad_parallel_configs(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("[", r"\[")):

@@ -12,7 +12,7 @@ from conftest import pretrain
 
 def test_adaptive_mixing_export_and_tensorboard(packed, tmp_path):
     steps, report = pretrain(
-        tmp_path, packed, name="mix", steps=12, export=True, tensorboard=True,
+        tmp_path, packed, name="mix", steps=12, export=True, run_keys={"tracking": {"tensorboard": True}},
         mixing={"kind": "adaptive", "weights": {"c4": 0.5, "plays": 0.5}, "lr": 5.0, "update_every": 2},
         eval={"every": 6, "batches": 1},
     )
@@ -25,7 +25,7 @@ def test_adaptive_mixing_export_and_tensorboard(packed, tmp_path):
     assert report["val_perplexity"] > 1.0
 
     out = tmp_path / "mix" / "pretrain"
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "mix" / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))
     assert report["export"]["format"] == "hf_llama"
     hf = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
     ours = load_model(out / "model").eval()

@@ -188,10 +188,17 @@ class PretrainConfig(StrictModel):
     mixing: MixingScheduleConfig | None = None
     log_every: int = Field(10, ge=1)
     log_samples: bool = Field(False, description="Write the sample ids of every step to samples.jsonl.")
-    tensorboard: bool = False
     peak_flops: float | None = Field(None, gt=0, description="Per-device peak FLOP/s for MFU; None: known GPUs only.")
     export: bool = True
     tune: TuneConfig | None = Field(None, description="A hyperparameter search over this config (lmfleet.tune).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "tensorboard" in data:  # a stage key before the run's tracking block
+            raise ValueError("tensorboard: moved to the run's `tracking: {tensorboard: true}` (every stage; "
+                             "event files in the run dir's tensorboard/<stage>/)")
+        return data
 
     @model_validator(mode="after")
     def _parallel_fits(self):

@@ -330,11 +330,6 @@ def train_loop_per_worker(config: dict) -> None:
     samples = inputs.samples if trainer.rank == 0 else None
     if metrics_log:  # each start of the worker group: the report marks restarts (a fault, a resize, a resume)
         metrics_log.write(run.stage, **run.tags, event="workers_started", from_step=start, world_size=trainer.world)
-    tb = None
-    if trainer.rank == 0 and cfg.tensorboard:
-        from tensorboardX import SummaryWriter
-
-        tb = SummaryWriter(str(workdir(inputs.tensorboard)))
     for step in range(start, stop_at):
         metrics, batch = trainer.step(step)
         done = step + 1
@@ -344,10 +339,6 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(trainer.evaluate())
         if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
             metrics_log.write(run.stage, **run.tags, **metrics)
-            if tb:
-                for k, v in metrics.items():
-                    if isinstance(v, int | float) and k != "step":
-                        tb.add_scalar(k, v, done)
         # Reports to Ray Train go with checkpoints only: each is a barrier through the controller
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
@@ -364,6 +355,3 @@ def train_loop_per_worker(config: dict) -> None:
                            eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
         (local / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
         publish(local, inputs.export, move=True)
-    if tb:
-        tb.close()
-        publish(workdir(inputs.tensorboard), inputs.tensorboard, move=True)

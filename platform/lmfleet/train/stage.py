@@ -119,7 +119,6 @@ class PretrainInputs:
     packed: str  # the packed data dir (an absolute path or a URI)
     tokenizer: str
     export: str | None  # model/ of the stage dir, None: no export
-    tensorboard: str
     use_gpu: bool
     samples: LineLog | None = None  # log_samples: every step's sample ids
     init_from: str | None = None  # the checkpoint whose weights the model starts from (resolved init_from)
@@ -128,7 +127,7 @@ class PretrainInputs:
 def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
            samples: LineLog | None = None, init_checkpoint=None, callbacks=(), export: bool = True,
            steps: int | None = None, tags: dict | None = None):
-    """One training run of `cfg` (lmfleet.runtime), writing to `out` (model/, tensorboard/: a path or URI),
+    """One training run of `cfg` (lmfleet.runtime), writing to `out` (model/: a path or URI),
     `metrics` and `samples` (logs of the driver's node, lmfleet.runlog), and its checkpoints to
     `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without checkpoints of
     its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the schedule still
@@ -140,7 +139,7 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
     inputs = PretrainInputs(
         packed=packed, tokenizer=uri.relative(packed, read_index(packed)["tokenizer"]),
         export=str(outputs.child(out, "model")) if export else None,
-        tensorboard=str(outputs.child(out, "tensorboard")), use_gpu=use_gpu,
+        use_gpu=use_gpu,
         samples=samples if cfg.log_samples else None, init_from=cfg.init_from,
     )
     run = WorkerRun(cfg, None, inputs, seed, stage, metrics, tags=tags or {}, init_checkpoint=init_checkpoint,
