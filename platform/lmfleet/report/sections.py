@@ -112,8 +112,14 @@ def _data(stage: StageView) -> tuple[str, int]:
     sizes = {int(k): v for k, v in (r.get("cluster_sizes") or {}).items()}
     if sizes:
         def clusters(ax):
+            from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
+
             ax.bar(list(sizes), list(sizes.values()), color="C1", width=0.8)
-            ax.set_yscale("log")
+            if max(sizes.values()) > 20 * min(sizes.values()):  # pairs outnumber big clusters by decades
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("documents in the cluster", fontsize=8)
             ax.set_title(f"near-duplicate clusters by size ({sum(sizes.values()):,})", fontsize=9)
             ax.tick_params(labelsize=7)
@@ -167,7 +173,10 @@ def _pretrain(stage: StageView) -> tuple[str, int]:
     last = max((r["step"] for r in records), default=0)
     checkpoints = list(range(every, last + 1, every)) if every else []
     marks = Marks(checkpoints if len(checkpoints) <= MAX_MARKS else [], [r["from_step"] for r in starts[1:]])
-    panels = [Panel("loss (train, validation, per source)", ["loss", "val_loss", "loss/*"]),
+    sources = {k for r in records for k in r if k.startswith("loss/")}
+    per_source = ["loss/*"] if len(sources) > 1 else []  # one source's loss is the loss
+    panels = [Panel("loss (train, validation, per source)" if per_source else "loss (train, validation)",
+                    ["loss", "val_loss", *per_source]),
               Panel("learning rate", ["lr"]), Panel("grad norm", ["grad_norm"], log=True),
               Panel("tokens/s", ["tokens_per_s"]), Panel("MFU", ["mfu"]),
               Panel("workers", ["world_size"], step=True), Panel("mixing weights", ["weight/*"])]
