@@ -1,6 +1,9 @@
 """`lmfleet run` end to end in a subprocess, as a user (or a Ray job) runs it."""
 
 import json
+import os
+import pty
+import re
 import shutil
 import subprocess
 
@@ -96,6 +99,37 @@ def test_a_crashed_stage_prints_one_error_block(tmp_path, packed):
     html = (run / "report.html").read_text()
     assert "stage-pretrain" in report_sections(html) and 'class="status-failed"' in html
     assert "mmap length is greater than file size" in html
+
+
+def test_a_terminal_gets_a_live_status_line(tmp_path, packed):
+    """On a terminal the running step and a training stage's bar are one line redrawn in place (carriage
+    return, erase line) below lmfleet's lines; the run's log file keeps the lines a pipe would get."""
+    run = tmp_path / "run"
+    cfg = {"name": "tty", "output_dir": str(run), "ray": {"num_cpus": 2},
+           "stages": {"pretrain": pretrain_stage(packed, steps=200)}}
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([*lmfleet_cmd(), "run", str(write_config(tmp_path / "c.yaml", cfg))], stdin=terminal,
+                            stdout=terminal, stderr=terminal, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    os.close(terminal)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=600)
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r\x1b[K[pretrain] train ..." in text and "[pretrain] train done in" in text
+    bars = [int(s) for s in re.findall(r"\r\x1b\[K\[pretrain\] \[[#-]{24}\] step (\d+)/200 loss ", text)]
+    assert len(bars) >= 2 and bars == sorted(bars), text[-3000:]
+    assert "run tty: succeeded" in text and "Traceback" not in text
+    log = (run / "logs" / "lmfleet.log").read_text()
+    assert "[pretrain] train ..." in log and "[pretrain] step 200/200 loss" in log
 
 
 def test_progress_lines():

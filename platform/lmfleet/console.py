@@ -53,6 +53,86 @@ class _StageLog:
 _LOG = _StageLog()
 
 
+class _Live:
+    """On a terminal: one status line under lmfleet's log lines (the running step, a training stage's
+    progress bar), redrawn in place; a log line clears it, is printed, and it is drawn again below."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.stream = None  # the terminal (stderr) once `console_handler` found one
+        self.text = ""
+
+    def _fit(self) -> str:
+        import shutil
+
+        width = shutil.get_terminal_size((100, 24)).columns - 1  # a wrapped line could not be redrawn
+        return self.text if len(self.text) <= width else self.text[: max(width - 3, 0)] + "..."
+
+    def show(self, text: str) -> None:
+        with self.lock:
+            self.text = text
+            self.stream.write("\r\033[K" + self._fit())
+            self.stream.flush()
+
+    def clear(self) -> None:
+        with self.lock:
+            if self.stream is not None and self.text:
+                self.text = ""
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+
+
+_LIVE = _Live()
+
+
+class _TerminalHandler(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        with _LIVE.lock:
+            if _LIVE.text:
+                self.stream.write("\r\033[K")
+            super().emit(record)
+            if _LIVE.text:
+                self.stream.write(_LIVE._fit())
+                self.flush()
+
+
+def console_handler() -> logging.Handler:
+    """lmfleet's console handler (stderr): with a live status line on a terminal (not with -v, whose Ray
+    lines would break it), plain lines otherwise (CI, Ray job logs, a pipe)."""
+    if sys.stderr.isatty() and not _LOG.verbose:
+        _LIVE.stream = sys.stderr
+        return _TerminalHandler(sys.stderr)
+    _LIVE.stream = None
+    return logging.StreamHandler(sys.stderr)
+
+
+def live() -> bool:
+    return _LIVE.stream is not None
+
+
+def status(text: str) -> None:
+    """A step that starts: the live line on a terminal (the log file gets it as a line), else a line."""
+    if live():
+        _to_file(text)
+        _LIVE.show(text)
+    else:
+        logging.getLogger("lmfleet").info("%s", text)
+
+
+def done(text: str) -> None:
+    """A step's result: a line, after the live line is cleared."""
+    _LIVE.clear()
+    logging.getLogger("lmfleet").info("%s", text)
+
+
+def _to_file(text: str, level: int = logging.INFO) -> None:
+    """A line of the run's log file only (logs/lmfleet.log), not the console."""
+    record = logging.LogRecord("lmfleet", level, __file__, 0, "%s", (text,), None)
+    for handler in logging.getLogger("lmfleet").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 class _FileHandler(logging.Handler):
     """Ray's driver-side log records, to the stage's log."""
 
@@ -152,11 +232,7 @@ class Failure:
 def log_traceback(err: BaseException, stage: str, what: str = "stage %s failed") -> None:
     """The full traceback of a stage's crash (or of `what` went wrong) into the run's log file only (the
     console gets `failure_block`, or a line)."""
-    text = "".join(traceback.format_exception(err))
-    record = logging.LogRecord("lmfleet", logging.ERROR, __file__, 0, what + ":\n%s", (stage, text), None)
-    for handler in logging.getLogger("lmfleet").handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    _to_file(f"{what % stage}:\n" + "".join(traceback.format_exception(err)), logging.ERROR)
 
 
 def _tail(text: str, lines: int) -> list[str]:
@@ -210,6 +286,13 @@ def progress_line(row: dict, total: int | None, eta_s: float | None) -> str | No
     return " ".join(parts)
 
 
+def bar(done: int, total: int | None, width: int = 24) -> str:
+    if not total:
+        return ""
+    filled = min(width, width * done // total)
+    return "[" + "#" * filled + "-" * (width - filled) + "] "
+
+
 class Progress:
     """While a stage runs: a line per metrics row it logs with a step or iteration (its trainers write one
     every `log_every` steps, from any worker, into the driver's metrics.jsonl), read by a thread here; at
@@ -231,6 +314,7 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+        _LIVE.clear()
 
     def _loop(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -267,6 +351,11 @@ class Progress:
                 eta = (now - self.first[0]) / (done - self.first[1]) * max(self.total - done, 0)
             line = progress_line(row, self.total, eta)
             keep = done == self.total or any(k in row for k in ("val_loss", "eval_loss"))
+            if line and live():  # every row to the bar; the file gets the lines a log would show
+                _LIVE.show(f"[{self.stage}] {bar(done, self.total)}{line}")
             if line and (keep or now - self.shown >= self.min_gap_s):
                 self.shown = now
-                log.info("[%s] %s", self.stage, line)
+                if live() and not keep:
+                    _to_file(f"[{self.stage}] {line}")
+                else:
+                    log.info("[%s] %s", self.stage, line)

@@ -129,14 +129,14 @@ class StageContext:
     def step(self, step: str):
         """Times a named step, logs it, and records its seconds for the stage report. Yields a list: what
         the step appends to it (counts) ends its `done` line."""
-        log.info("[%s] %s ...", self.name, step)
+        console.status(f"[{self.name}] {step} ...")
         start = time.perf_counter()
         said: list[str] = []
         yield said
         took = time.perf_counter() - start
         self.seconds[step] = round(took, 3)
         self.metrics.write(self.name, phase=step, seconds=round(took, 3))
-        log.info("[%s] %s done in %.1f s%s", self.name, step, took, f": {', '.join(said)}" if said else "")
+        console.done(f"[{self.name}] {step} done in {took:.1f} s" + (f": {', '.join(said)}" if said else ""))
 
 
 def _total_steps(config) -> int | None:
@@ -157,7 +157,7 @@ def _setup_logging(run_dir: Path) -> None:  # the driver's local copy of the run
     for h in list(root.handlers):
         root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "logs" / "lmfleet.log"), logging.StreamHandler(sys.stderr)):
+    for handler in (logging.FileHandler(run_dir / "logs" / "lmfleet.log"), console.console_handler()):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
