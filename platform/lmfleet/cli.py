@@ -310,7 +310,10 @@ def report(
             return
         page = build_html(run_dir)
         where = out or child(run_dir, "report.html")
-        write_text(where, page)
+        try:
+            write_text(where, page)
+        except OSError as err:  # a read-only bucket or folder
+            raise UserError(f"{where}: cannot write the page ({err}); --out FILE writes it elsewhere") from None
     except UserError as err:
         _fail(err)
     typer.echo(f"report: {where}")
