@@ -86,8 +86,10 @@ def test_a_crashed_stage_prints_one_error_block(tmp_path, packed):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     block = proc.stderr[proc.stderr.index("\nerror: ") + 1:].splitlines()
-    assert block[0] == ("error: stage pretrain failed on worker rank 0 (and 1 more): "
-                        "ValueError: mmap length is greater than file size"), block
+    # Both ranks read the damaged shard; whether the second one's failure is in when Ray Train stops the
+    # group is timing (seen: rank 0 and 1 more; rank 1 alone).
+    assert re.fullmatch(r"error: stage pretrain failed on worker rank (0 \(and 1 more\)|0|1): "
+                        r"ValueError: mmap length is greater than file size", block[0]), block
     assert block[1] == "  its last lines:" and block[-3].endswith("ValueError: mmap length is greater than file size")
     assert block[-2:] == [f"  Ray's and its workers' output: {run / 'logs' / 'pretrain.log'}",
                           f"  the full traceback: {run / 'logs' / 'lmfleet.log'}"]
@@ -128,6 +130,7 @@ def test_a_terminal_gets_a_live_status_line(tmp_path, packed):
     bars = [int(s) for s in re.findall(r"\r\x1b\[K\[pretrain\] \[[#-]{24}\] step (\d+)/200 loss ", text)]
     assert len(bars) >= 2 and bars == sorted(bars), text[-3000:]
     assert "run tty: succeeded" in text and "Traceback" not in text
+    assert "\r\n\r\n" not in text[: text.index("run tty:")]  # nobody else's (empty) lines in between
     log = (run / "logs" / "lmfleet.log").read_text()
     assert "[pretrain] train ..." in log and "[pretrain] step 200/200 loss" in log
 

@@ -191,8 +191,9 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
             context = ray.init(num_cpus=num_cpus, log_to_driver=True)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_default
-    # Progress bars only on a terminal; Ray job logs and CI get periodic log lines instead.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # On a terminal lmfleet's status line shows the running step; Ray Data's bars only with -v (without a
+    # terminal they would print a line per update).
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty() and console.verbose()
     console.route_ray_output()
     url = context.dashboard_url
     dashboard = f"; dashboard {'' if '://' in url else 'http://'}{url}" if url else ""
