@@ -6,6 +6,7 @@ import math
 from lmfleet.report.load import _own_records
 from lmfleet.report.markup import esc, table
 from lmfleet.report.plots import Panel, auto_panels
+from lmfleet.runlog import JsonlTail
 from lmfleet.tracking import values_of
 
 
@@ -52,3 +53,16 @@ def test_the_page_escapes_what_it_shows():
     assert table([["<b>", 1234567, 0.000123]], ["a&b", "n", "x"]) == (
         '<table class=""><tr><th>a&amp;b</th><th>n</th><th>x</th></tr>'
         "<tr><td>&lt;b&gt;</td><td>1,234,567</td><td>0.000123</td></tr></table>")
+
+
+def test_a_jsonl_tail_reads_whole_new_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    tail, everything = JsonlTail(path), JsonlTail(path, from_start=True)
+    with path.open("a") as f:
+        f.write('{"step": 2}\n[1, 2]\nnot json\n{"step": 3')  # a list, a broken line, a line being written
+    assert tail.read() == [{"step": 2}] and everything.read() == [{"step": 1}, {"step": 2}]
+    with path.open("a") as f:
+        f.write(', "loss": 1.5}\n')
+    assert tail.read() == [{"step": 3, "loss": 1.5}] and tail.read() == []
+    assert JsonlTail(tmp_path / "none.jsonl").read() == []

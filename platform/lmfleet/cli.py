@@ -297,16 +297,14 @@ def report(
     """Write the run's report.html: one page, self-contained (plots embedded, nothing fetched), with the
     run's config, versions, hardware and wall time per stage, and each stage's curves and tables. The
     runner writes it at the end of every run; this rebuilds it (after a crash, or from a bucket)."""
-    from lmfleet.outputs import child, read_json, write_text
+    from lmfleet.outputs import child, write_text
+    from lmfleet.report.load import read_report
     from lmfleet.report.page import build_html
     from lmfleet.uri import cache_root, is_uri
 
     try:
         if text:
-            found = read_json(child(run_dir, "report.json"))
-            if not found:
-                raise UserError(f"{run_dir}: no report.json: not a run dir of lmfleet (or no stage has ended yet)")
-            typer.echo(summarize(found))
+            typer.echo(summarize(read_report(run_dir)))
             return
         page = build_html(run_dir)
         where = out or child(run_dir, "report.html")

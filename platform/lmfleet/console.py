@@ -300,8 +300,10 @@ class Progress:
     last and those with a validation value."""
 
     def __init__(self, stage: str, metrics: Path, total: int | None, every_s: float = 1.0, min_gap_s: float = 10.0):
-        self.stage, self.metrics, self.total, self.every_s, self.min_gap_s = stage, metrics, total, every_s, min_gap_s
-        self.offset = metrics.stat().st_size if metrics.exists() else 0
+        from lmfleet.runlog import JsonlTail
+
+        self.stage, self.total, self.every_s, self.min_gap_s = stage, total, every_s, min_gap_s
+        self.metrics = JsonlTail(metrics)
         self.first: tuple[float, int] | None = None
         self.shown = float("-inf")  # the time (of its row) of the last line shown
         self.stop = threading.Event()
@@ -322,24 +324,8 @@ class Progress:
         self._read()
 
     def _read(self) -> None:
-        import json
-
         log = logging.getLogger("lmfleet")
-        try:
-            with open(self.metrics, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return
-        end = data.rfind(b"\n") + 1  # a line still being appended waits for the next read
-        self.offset += end
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(row, dict):
-                continue
+        for row in self.metrics.read():
             unit = "step" if "step" in row else "iteration" if "iteration" in row else None
             if row.get("stage") != self.stage or unit is None or not isinstance(row[unit], int):
                 continue

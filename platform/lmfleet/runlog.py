@@ -74,6 +74,35 @@ class MetricsLog(LineLog):
         self.append(json.dumps(record, default=str) + "\n")
 
 
+class JsonlTail:
+    """The records appended to a local JSON-lines file since the last read (from its end at creation, or
+    `from_start`): a line still being written waits for the next read; lines that are not objects are
+    skipped. What the console's progress and the trackers read metrics.jsonl with, while a stage runs."""
+
+    def __init__(self, path: Path, from_start: bool = False):
+        self.path = path
+        self.offset = 0 if from_start or not path.exists() else path.stat().st_size
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:  # not written yet
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+
 def read_jsonl(path: Path | str) -> list[dict]:
     """The records of a JSON-lines file or object (metrics.jsonl, a stage's data files); [] if there is none."""
     if not is_file(path):

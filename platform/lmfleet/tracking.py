@@ -24,6 +24,8 @@ from pathlib import Path
 from lmfleet import console
 from lmfleet.config import MLflowConfig, TrackingConfig, WandbConfig
 from lmfleet.errors import ConfigError
+from lmfleet.runlog import JsonlTail
+from lmfleet.tune.trials import finite
 
 log = logging.getLogger("lmfleet")
 
@@ -44,7 +46,7 @@ def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
     for k, v in record.items():
         if isinstance(v, dict):
             out.update(_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
+        elif finite(v):
             out[f"{prefix}{k}"] = float(v)
     return out
 
@@ -62,7 +64,7 @@ def values_of(record: dict) -> tuple[int, dict[str, float]]:
 
 
 class _TensorBoard:
-    def __init__(self, logdir: Path, name: str):
+    def __init__(self, logdir: Path):
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(logdir))
@@ -170,7 +172,7 @@ class _Trackers:
     def __init__(self, cfg: TrackingConfig, run: str, name: str, local: Path, params: dict, tags: dict):
         self.sinks: list = []
         if cfg.tensorboard:
-            self.sinks.append(_TensorBoard(local / "tensorboard" / name.split("/", 1)[1], name))
+            self.sinks.append(_TensorBoard(local / "tensorboard" / name.split("/", 1)[1]))
         if cfg.mlflow is not None:
             self.sinks.append(_MLflow(cfg.mlflow, cfg.mlflow.experiment or run, name, tags))
         if cfg.wandb is not None:
@@ -196,31 +198,6 @@ class _Trackers:
             s.finish(summary, report, status)
 
 
-class _Tail:
-    """New complete lines of a growing file."""
-
-    def __init__(self, path: Path, from_end: bool):
-        self.path, self.offset = path, (path.stat().st_size if from_end and path.exists() else 0)
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        out = []
-        for line in data[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
-
-
 class StageTracking:
     """While a stage runs (a context manager around it): its records, and its trials', to the trackers.
     A thread polls the files each `every_s`; the last records are sent when the stage ends."""
@@ -229,9 +206,9 @@ class StageTracking:
                  local_run: Path, stage_dir: Path, every_s: float = 2.0):
         self.cfg, self.run, self.stage, self.local = cfg, run, stage, local_run
         self.tags = {"lmfleet.run": run, "lmfleet.stage": stage, "lmfleet.kind": kind}
-        self.metrics = _Tail(metrics, from_end=True)
+        self.metrics = JsonlTail(metrics)
         self.trials_dir = stage_dir / "trials"
-        self.trials: dict[str, tuple[_Tail, _Trackers | None]] = {}
+        self.trials: dict[str, tuple[JsonlTail, _Trackers | None]] = {}
         self.every_s = every_s
         self.report: dict | None = None
         self.status = "failed"
@@ -284,7 +261,7 @@ class StageTracking:
             for path in sorted(self.trials_dir.glob("*/metrics.jsonl")):
                 trial = path.parent.name
                 if trial not in self.trials:
-                    self.trials[trial] = (_Tail(path, from_end=False), None)
+                    self.trials[trial] = (JsonlTail(path, from_start=True), None)
                 tail, trackers = self.trials[trial]
                 for record in tail.read():
                     if trackers is None:  # its first record: the trial's start, with its sampled config

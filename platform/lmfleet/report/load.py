@@ -41,11 +41,16 @@ def _own_records(records: list[dict], name: str, state: dict) -> list[dict]:
     return [r for r in records if r.get("stage") == name and start <= r.get("time", 0) <= end + 1]
 
 
-def load_run(run_dir: Path | str) -> RunView:
-    """The run at `run_dir`; InputError when it holds no run report."""
+def read_report(run_dir: Path | str) -> dict:
+    """The run's report.json; InputError when there is none."""
     if not is_file(child(run_dir, "report.json")):
         raise InputError(f"{run_dir}: no report.json: not a run dir of lmfleet (or no stage has ended yet)")
-    report = read_json(child(run_dir, "report.json"))
+    return read_json(child(run_dir, "report.json"))
+
+
+def load_run(run_dir: Path | str) -> RunView:
+    """The run at `run_dir`; InputError when it holds no run report."""
+    report = read_report(run_dir)
     config_text = read_text(child(run_dir, "config.yaml")) if is_file(child(run_dir, "config.yaml")) else ""
     config = yaml.safe_load(config_text) or {}
     records = read_jsonl(child(run_dir, "metrics.jsonl"))
