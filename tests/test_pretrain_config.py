@@ -28,6 +28,13 @@ def _cfg(**pretrain):
     (dict(parallel__pp_size=2, scaling__num_workers=2, batch__global_batch=4, batch__micro_batch=4),
      "is fewer than pp_size 2"),
     (dict(tensorboard=True), "tensorboard: moved to the run's `tracking: {tensorboard: true}`"),
+    (dict(optimizer__name="lamb", parallel__strategy="deepspeed", scaling__num_workers=2),
+     "optimizer 'lamb' with DeepSpeed ZeRO"),
+    (dict(optimizer__name="adamw_8bit", parallel__strategy="fsdp", scaling__num_workers=2),
+     "'adamw_8bit' takes whole tensors, not FSDP / TP shards"),
+    (dict(optimizer__name="adamw_8bit", parallel__pp_size=2, scaling__num_workers=4, batch__global_batch=16),
+     "'adamw_8bit' takes whole tensors"),  # ddp with pp over 2 dp ranks replicates through FSDP2
+    (dict(optimizer__name="adam"), "optimizer.name"),
 ])
 def test_bad_parallel_configs(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("[", r"\[")):

@@ -40,3 +40,36 @@ def test_parity_with_single_process(name, packed, reference, tmp_path):
         assert abs(got["loss"] - want["loss"]) <= REL_TOL * abs(want["loss"]), (
             f"{name} step {got['step']}: loss {got['loss']} vs single-process {want['loss']}")
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
+
+
+# Each optimizer where its states meet shards: LAMB's per-tensor norms over FSDP2 / TP DTensor shards,
+# 8-bit AdamW's states partitioned by ZeRO-2 (flat fp32 partitions) and replicated under DDP.
+OPTIMIZER_LAYOUTS = {
+    "lamb-fsdp": ("lamb", dict(parallel__strategy="fsdp", scaling__num_workers=2)),
+    "lamb-tp2": ("lamb", dict(parallel__strategy="fsdp", parallel__tp_size=2, scaling__num_workers=2)),
+    "adamw_8bit-ddp": ("adamw_8bit", dict(parallel__strategy="ddp", scaling__num_workers=2)),
+    "adamw_8bit-zero2": ("adamw_8bit", dict(parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=2,
+                                            scaling__num_workers=2)),
+}
+
+
+@pytest.fixture(scope="session")
+def optimizer_references(packed, tmp_path_factory):
+    out = {}
+    for name in ("lamb", "adamw_8bit"):
+        lr = 0.1 if name == "lamb" else 3e-3  # LAMB: a relative step per tensor
+        steps, _ = pretrain(tmp_path_factory.mktemp(name), packed, parallel__strategy="none", optimizer__name=name,
+                            optimizer__lr=lr)
+        assert steps[-1]["loss"] < steps[0]["loss"] - 0.1, (name, steps[0]["loss"], steps[-1]["loss"])
+        out[name] = (lr, steps)
+    return out
+
+
+@pytest.mark.parametrize("layout", list(OPTIMIZER_LAYOUTS))
+def test_optimizer_parity_with_single_process(layout, packed, optimizer_references, tmp_path):
+    name, over = OPTIMIZER_LAYOUTS[layout]
+    lr, reference = optimizer_references[name]
+    steps, _ = pretrain(tmp_path, packed, name=layout, optimizer__name=name, optimizer__lr=lr, **over)
+    for got, want in zip(steps, reference, strict=True):
+        assert abs(got["loss"] - want["loss"]) <= REL_TOL * abs(want["loss"]), (layout, got["step"], got["loss"],
+                                                                                want["loss"])

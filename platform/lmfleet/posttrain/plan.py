@@ -130,9 +130,9 @@ def _role(name: str, m: ModelConfig, sharding: Sharding, where: str, trainable: 
     params = sum(t.numel for t in tensors)
     largest_layer = max(sum(t.numel for t in groups[f"layers.{i}"]) for i in range(m.n_layers))
     if trainable is None:
-        trainable, opt = params, base.optimizer_elements("adamw", tensors, 1)
+        trainable, opt = params, base.optimizer_bytes("adamw", tensors, 1)
     else:
-        opt = 2 * trainable  # AdamW on the adapters
+        opt = 8 * trainable  # AdamW on the adapters
     weights, grads, optimizer, gathered = states(sharding, params, trainable, opt, largest_layer,
                                                 notes if notes is not None else [])
     setup = ddp_setup(sharding, weights) if trainable else 0  # frozen models are not wrapped in DDP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -26,7 +27,15 @@ class AdamConfig(StrictModel):
 
 
 class OptimizerConfig(AdamConfig):
-    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+    name: Literal["adamw", "adafactor", "lion", "lamb", "adamw_8bit"] = Field(
+        "adamw", description="lamb: per-tensor trust ratio (not with DeepSpeed ZeRO); adamw_8bit: bitsandbytes' "
+                             "blockwise 8-bit states (lmfleet[8bit]; not with FSDP / TP shards).")
+
+    @model_validator(mode="after")
+    def _installed(self):
+        if self.name == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("adamw_8bit needs the 'bitsandbytes' package: pip install 'lmfleet[8bit]'")
+        return self
 
 
 class WarmupConfig(StrictModel):
@@ -216,6 +225,13 @@ class PretrainConfig(StrictModel):
             raise ValueError("tie_embeddings needs the embedding and output on one stage: not with pp_size > 1")
         if p.strategy == "deepspeed" and (p.tp_size > 1 or p.pp_size > 1):
             raise ValueError("strategy 'deepspeed' runs ZeRO data parallelism only: set tp_size=pp_size=1")
+        if self.optimizer.name == "lamb" and p.strategy == "deepspeed" and p.deepspeed.zero_stage >= 1:
+            raise ValueError("optimizer 'lamb' with DeepSpeed ZeRO: ZeRO hands the optimizer flat partitions of many "
+                             "tensors, so there is no per-tensor trust ratio; use fsdp or ddp (or zero_stage 0)")
+        if self.optimizer.name == "adamw_8bit" and (p.tp_size > 1 or any(p.fsdp_over_dp(w // (p.tp_size * p.pp_size))
+                                                                          for w in range(lo, hi + 1))):
+            raise ValueError("optimizer 'adamw_8bit' takes whole tensors, not FSDP / TP shards (DTensor): use ddp, or "
+                             "deepspeed with zero_stage 1-2 to shard its 8-bit states")
         if p.strategy == "deepspeed" and lo != hi:
             raise ValueError("strategy 'deepspeed' cannot resume ZeRO state on another worker count: fix num_workers")
         for world in range(lo, hi + 1):

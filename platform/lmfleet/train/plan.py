@@ -18,8 +18,8 @@ from lmfleet.train.config import PEAK_FLOPS, PretrainConfig, stage_layers
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 GiB = 1024**3
-# Optimizer state elements per parameter element (Adafactor: factored, counted per tensor below).
-STATE_PER_PARAM = {"adamw": 2, "lion": 1}
+# Optimizer state elements per parameter element (Adafactor and 8-bit AdamW: counted per tensor below).
+STATE_PER_PARAM = {"adamw": 2, "lion": 1, "lamb": 2}
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,17 @@ def _elements(tensors: list[Tensor], tp: int) -> int:
     return sum(t.numel // tp if t.tp_dim is not None else t.numel for t in tensors)
 
 
-def optimizer_elements(name: str, tensors: list[Tensor], tp: int) -> int:
+def optimizer_bytes(name: str, tensors: list[Tensor], tp: int) -> int:
+    """Bytes of optimizer state for `tensors` (a TP rank's part), before data-parallel sharding."""
     if name in STATE_PER_PARAM:
-        return STATE_PER_PARAM[name] * _elements(tensors, tp)
+        return 4 * STATE_PER_PARAM[name] * _elements(tensors, tp)
+    if name == "adamw_8bit":  # never TP-sharded (the config refuses it)
+        from lmfleet.train.optim import BLOCK_8BIT, MIN_8BIT_SIZE
+
+        # two uint8 states, a fp32 absmax per block of each and two 256-entry fp32 quantization maps;
+        # tensors under MIN_8BIT_SIZE elements keep two fp32 states
+        return sum(2 * t.numel + 8 * -(-t.numel // BLOCK_8BIT) + 2 * 4 * 256 if t.numel >= MIN_8BIT_SIZE
+                   else 8 * t.numel for t in tensors)
     total = 0  # adafactor: a row and a column second moment per matrix, a full one per vector
     for t in tensors:
         rows, cols = (t.shape[0], t.shape[1]) if len(t.shape) == 2 else (t.numel, 0)
@@ -88,7 +96,7 @@ def optimizer_elements(name: str, tensors: list[Tensor], tp: int) -> int:
         elif t.tp_dim == 1:
             cols //= tp
         total += rows + cols
-    return total
+    return 4 * total
 
 
 # DeepSpeed's own defaults for the zero_optimization keys the plan reads that lmfleet does not set.
@@ -128,10 +136,10 @@ def states(s: Sharding, elements: int, trainable: int, optimizer: int, largest_l
            notes: list[str]) -> tuple[int, int, int, int]:
     """Bytes on one rank of a model's weights, gradients, optimizer states and gathered / bucket buffers:
     `elements` parameter elements before data-parallel sharding (a TP / pipeline rank's part), `trainable`
-    of them trained (gradients; 0: a frozen model), `optimizer` state elements, `largest_layer` the
+    of them trained (gradients; 0: a frozen model), `optimizer` state bytes, `largest_layer` the
     elements of its largest layer. Notes what the user may want to change in `notes`."""
     dp = s.dp
-    weights, grads, opt, gathered = 4 * elements, 4 * trainable, 4 * optimizer, 0
+    weights, grads, opt, gathered = 4 * elements, 4 * trainable, optimizer, 0
     if s.kind == "fsdp" and dp > 1:
         weights, grads, opt = weights // dp, grads // dp, opt // dp
         if s.reshard:  # one layer unsharded at a time, the next one prefetched
@@ -255,7 +263,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
         if _elements(ts, tp) > worst_elems:
             worst, worst_elems = ts, _elements(ts, tp)
     largest_layer = max(_elements(groups[f"layers.{i}"], tp) for i in range(m.n_layers))
-    opt = optimizer_elements(cfg.optimizer.name, worst, tp)
+    opt = optimizer_bytes(cfg.optimizer.name, worst, tp)
     notes: list[str] = []
     strategy = p.strategy
     if p.fsdp_over_dp(dp):
