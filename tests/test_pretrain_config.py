@@ -35,6 +35,9 @@ def _cfg(**pretrain):
     (dict(optimizer__name="adamw_8bit", parallel__pp_size=2, scaling__num_workers=4, batch__global_batch=16),
      "'adamw_8bit' takes whole tensors"),  # ddp with pp over 2 dp ranks replicates through FSDP2
     (dict(optimizer__name="adam"), "optimizer.name"),
+    (dict(early_stopping={"metric": "loss"}), "early_stopping.metric 'loss': pretraining evaluates val_loss"),
+    (dict(early_stopping={}, parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=3),
+     "early_stopping keeps the best weights"),
 ])
 def test_bad_parallel_configs(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("[", r"\[")):

@@ -26,6 +26,16 @@ class AdamConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None: no clipping.")
 
 
+class EarlyStoppingConfig(StrictModel):
+    """`early_stopping:` of every training stage that evaluates: stop after `patience` evaluations without an
+    improvement of more than `min_delta`; the best evaluated weights are the ones exported."""
+
+    metric: str = Field("val_loss", description="An evaluated metric of the stage (pretrain: val_loss, val_perplexity).")
+    patience: int = Field(3, ge=1, description="Evaluations in a row without an improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0)
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses); max: accuracies.")
+
+
 class OptimizerConfig(AdamConfig):
     name: Literal["adamw", "adafactor", "lion", "lamb", "adamw_8bit"] = Field(
         "adamw", description="lamb: per-tensor trust ratio (not with DeepSpeed ZeRO); adamw_8bit: bitsandbytes' "
@@ -195,6 +205,7 @@ class PretrainConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     mixing: MixingScheduleConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None
     log_every: int = Field(10, ge=1)
     log_samples: bool = Field(False, description="Write the sample ids of every step to samples.jsonl.")
     peak_flops: float | None = Field(None, gt=0, description="Per-device peak FLOP/s for MFU; None: known GPUs only.")
@@ -248,6 +259,22 @@ class PretrainConfig(StrictModel):
                     f"pipeline: {self.batch.global_batch // (dp * self.batch.micro_batch)} micro-batches per step "
                     f"(at {world} workers) is fewer than pp_size {p.pp_size}: raise global_batch or lower micro_batch"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping(self):
+        e = self.early_stopping
+        if e is None:
+            return self
+        if e.metric not in ("val_loss", "val_perplexity"):
+            raise ValueError(f"early_stopping.metric {e.metric!r}: pretraining evaluates val_loss and val_perplexity")
+        if e.mode != "min":
+            raise ValueError(f"early_stopping.mode {e.mode!r}: {e.metric} is better when lower (min)")
+        if self.tune is not None:
+            raise ValueError("early_stopping with tune: a search stops trials through its scheduler (asha, pbt)")
+        if self.parallel.strategy == "deepspeed" and self.parallel.deepspeed.zero_stage == 3:
+            raise ValueError("early_stopping keeps the best weights, which ZeRO-3 holds as flat partitions: use "
+                             "zero_stage 1-2 or fsdp")
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_
 from lmfleet.train import checkpoint
 from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
+from lmfleet.train.early_stopping import EarlyStopping
 from lmfleet.train.memory import PeakMemory, gather_record
 from lmfleet.train.optim import apply_hyperparams, build_optimizer, lr_multiplier
 from lmfleet.train.parallel import (
@@ -122,6 +123,8 @@ class Trainer:
         self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.stopping = EarlyStopping(cfg.early_stopping) if cfg.early_stopping else None
+        self.best: dict | None = None  # early stopping: this rank's part of the best evaluated weights
 
     # -- set-up helpers --
 
@@ -283,12 +286,35 @@ class Trainer:
         val = losses / tokens
         return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
 
+    # -- early stopping's best weights --
+
+    def _module(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self.model
+
+    def snapshot_best(self) -> None:
+        """Copy this rank's part of the weights (its shard, TP slice or pipeline stage): one more copy of
+        them held until the end, exported if no later evaluation beats it."""
+        self.best = {k: v.detach().clone() for k, v in checkpoint.model_state(self._module()).items()}
+
+    def restore_best(self) -> None:
+        checkpoint.set_model_state(self._module(), self.best)
+
+    def evaluated(self, step: int, metrics: dict) -> None:
+        """Early stopping's bookkeeping after an evaluation at `step` (adds best_<metric>, best_step)."""
+        metric = self.cfg.early_stopping.metric
+        if self.stopping.update(step, metrics[metric]):
+            self.snapshot_best()
+        metrics.update({f"best_{metric}": self.stopping.best, "best_step": self.stopping.best_step})
+
     # -- checkpoints and export --
 
     def save(self, step: int, metrics: dict) -> None:
+        state = {"step": step, "plan": self.plan.state_dict()}
+        if self.stopping is not None:
+            state["early_stopping"] = self.stopping.state_dict()
+
         def write(d: Path) -> None:  # every rank writes its shards
-            checkpoint.save(d, self.model, self.optimizer, {"step": step, "plan": self.plan.state_dict()},
-                            self.rank, self.engine)
+            checkpoint.save(d, self.model, self.optimizer, state, self.rank, self.engine, best=self.best)
 
         save_checkpoint(metrics, f"step_{step:08d}", write)
 
@@ -298,6 +324,10 @@ class Trainer:
             if d is None:
                 return 0
             state = checkpoint.load(d, self.model, self.optimizer, self.engine)
+            if self.stopping is not None and (state.get("early_stopping") or {}).get("best_step") is not None:
+                self.stopping.load_state_dict(state["early_stopping"])
+                self.snapshot_best()  # a template of the right shards for the saved copy
+                checkpoint.load_best(d, self.best)
         # The loaded optimizer state carries the saved weight decay / betas: this run's config rules.
         apply_hyperparams(self.optimizer, self.cfg.optimizer)
         self.plan.load_state_dict(state["plan"])
@@ -326,6 +356,9 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = Trainer(cfg, inputs, run.seed)
     start = trainer.restore(run.init_checkpoint)
     stop_at = run.stop_at or cfg.steps
+    stopping = trainer.stopping
+    if stopping is not None and stopping.stopped:  # resumed after it stopped early: nothing left to train
+        stop_at = start
     metrics_log = run.metrics if trainer.rank == 0 else None  # lmfleet.runlog: to the driver's node
     samples = inputs.samples if trainer.rank == 0 else None
     if metrics_log:  # each start of the worker group: the report marks restarts (a fault, a resize, a resume)
@@ -337,15 +370,28 @@ def train_loop_per_worker(config: dict) -> None:
             samples.append(json.dumps({"step": done, "samples": batch.tolist(), "world_size": trainer.world}) + "\n")
         if done % cfg.eval.every == 0 or done == cfg.steps:
             metrics.update(trainer.evaluate())
+            if stopping is not None:
+                trainer.evaluated(done, metrics)
+        stopped = stopping is not None and stopping.stopped
         if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
             metrics_log.write(run.stage, **run.tags, **metrics)
+        if metrics_log and stopped:
+            metrics_log.write(run.stage, **run.tags, event="early_stopped", step=done, best_step=stopping.best_step,
+                              best=stopping.best, metric=cfg.early_stopping.metric, reason=stopping.reason())
         # Reports to Ray Train go with checkpoints only: each is a barrier through the controller
         # (measured ~1.9 s with Ray 2.60 here); metrics.jsonl gets every logged step.
-        if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint.every == 0 or done == cfg.steps or stopped:
             trainer.save(done, metrics)
+        if stopped:
+            break
     memory = gather_record(trainer.memory)
     if metrics_log:
         metrics_log.write(run.stage, **run.tags, **memory)
+    last = stopping.stopped_at if stopping is not None and stopping.stopped else max(start, stop_at)
+    exported_step = last
+    if stopping is not None and stopping.best_step not in (None, last) and inputs.export:
+        trainer.restore_best()  # the best evaluated weights are the model, not the last ones
+        exported_step = stopping.best_step
     sd = full_state_dict(trainer.model, trainer.layout, trainer.engine) if inputs.export else None
     if sd is not None:
         from lmfleet.model.export import export_model
@@ -353,5 +399,5 @@ def train_loop_per_worker(config: dict) -> None:
         local = workdir(inputs.export, fresh=True)
         fmt = export_model(sd, cfg.model, local, local_copy(inputs.tokenizer, "pretrain.data"),
                            eos_id=trainer.index["eos_id"], pad_id=trainer.index["pad_id"])
-        (local / "export.json").write_text(json.dumps({"format": fmt, "step": max(start, stop_at)}))
+        (local / "export.json").write_text(json.dumps({"format": fmt, "step": exported_step}))
         publish(local, inputs.export, move=True)

@@ -103,6 +103,9 @@ def _resolved(cfg: PretrainConfig, index: dict, packed: str, run_dir=None) -> Pr
         raise InputError(f"pretrain.model.vocab_size {model.vocab_size} < the tokenizer's {index['vocab_size']}")
     if model.max_seq_len < index["seq_len"]:
         raise InputError(f"pretrain.model.max_seq_len {model.max_seq_len} < packed seq_len {index['seq_len']}")
+    if cfg.early_stopping is not None and not index["splits"].get("val", {}).get("num_samples"):
+        raise InputError(f"pretrain.early_stopping: the packed data at {packed} has no val split to evaluate on "
+                         "(set the data stage's pack.val_fraction)")
     if cfg.mixing is not None:
         packed_sources = {s["source"] for s in index["splits"]["train"]["shards"]}
         unknown = sorted(cfg.mixing.source_names() - packed_sources)
@@ -147,6 +150,23 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
     return runtime.launch(train_loop_per_worker, run, storage=storage, use_gpu=use_gpu, callbacks=callbacks)
 
 
+def early_stopping_section(cfg: PretrainConfig, history: list[dict], events: list[dict]) -> dict:
+    """The report's early_stopping: where it stopped and why, or that it ran every step; the best evaluation."""
+    stop = next((e for e in reversed(events) if e.get("event") == "early_stopped"), None)
+    metric = cfg.early_stopping.metric
+    best = next((h for h in reversed(history) if f"best_{metric}" in h), {})
+    section = {"metric": metric, "patience": cfg.early_stopping.patience, "min_delta": cfg.early_stopping.min_delta,
+               "stopped_at": stop["step"] if stop else None, "best_step": best.get("best_step"),
+               "best": best.get(f"best_{metric}")}
+    if stop:
+        section["reason"] = stop["reason"]
+        section["summary"] = f"early stopping: stopped at step {stop['step']} of {cfg.steps}: {stop['reason']}"
+    else:
+        section["summary"] = (f"early stopping: ran all {cfg.steps} steps; best {metric} {section['best']:.4f} at step "
+                              f"{section['best_step']}" if section["best"] is not None else "early stopping: no evaluation")
+    return section
+
+
 def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
     packed = packed_dir(cfg, ctx.run_dir)
@@ -162,13 +182,15 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     history = ctx.history("loss")
     final = history[-1] if history else {}
     report = {
-        "steps": cfg.steps, "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
+        "steps": final.get("step", cfg.steps), "final_loss": final.get("loss"), "val_loss": final.get("val_loss"),
         "val_perplexity": final.get("val_perplexity"),
         # the first step pays for warm-up; the median of the rest is the steady state
         "tokens_per_s": statistics.median([h["tokens_per_s"] for h in history[1:]] or [final.get("tokens_per_s", 0.0)]),
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
         "checkpoint": checkpoint_uri(result.checkpoint),
     }
+    if cfg.early_stopping is not None:
+        report["early_stopping"] = early_stopping_section(cfg, history, ctx.history("event"))
     memory = report_section(ctx.history("memory_per_rank"))
     if memory:
         report["memory"] = memory
@@ -176,11 +198,14 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     if export:
         report["export"] = {"path": ctx.uri("model"), **export}
     report["summary"] = [
-        f"trained {cfg.steps} steps ({cfg.parallel.strategy}, tp {cfg.parallel.tp_size}, pp {cfg.parallel.pp_size}, "
+        f"trained {report['steps']} steps ({cfg.parallel.strategy}, tp {cfg.parallel.tp_size}, pp {cfg.parallel.pp_size}, "
         f"workers {report['world_sizes']}): loss {report['final_loss']:.4f}",
         f"validation: loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.2f}"
         if report["val_loss"] is not None else "validation: no val split",
         f"throughput: {report['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * report['mfu']:.1f}%" if report["mfu"] else ""),
-    ] + ([f"model: {report['export']['path']} ({report['export']['format']})"] if "export" in report else [])
+    ] + ([f"model: {report['export']['path']} ({report['export']['format']}, step {report['export']['step']})"]
+         if "export" in report else [])
+    if "early_stopping" in report:
+        report["summary"].insert(1, report["early_stopping"]["summary"])
     report["summary"] += summary_line(memory)
     return ctx.write_report(report)
