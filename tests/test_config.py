@@ -158,6 +158,11 @@ def test_post_training_speaks_pretrainings_vocabulary(tmp_path):
     assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 4)
     assert (args["save_steps"], args["eval_steps"], args["save_total_limit"]) == (20, 20, 3)
     assert args["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert "load_best_model_at_end" not in args
+    stopping = _stage(tmp_path, {**SFT, "kind": "reward", "early_stopping": {"metric": "eval_accuracy"}})
+    args = training_args(stopping, "/tmp/x", 7, False, True, False)
+    assert (args["load_best_model_at_end"], args["metric_for_best_model"], args["greater_is_better"]) == (
+        True, "eval_accuracy", True)
     constant = _stage(tmp_path, {**SFT, "lr_schedule": {"decay": "constant"}})
     assert training_args(constant, "/tmp/x", 7, False, False, False)["lr_scheduler_type"] == "constant_with_warmup"
     rl = _stage(tmp_path, {**GRPO, "optimizer": {"lr": 3e-5}, "checkpoint": {"every": 4}})
@@ -179,6 +184,9 @@ def test_post_training_speaks_pretrainings_vocabulary(tmp_path):
     ({**SFT, "kind": "reward", "eval": {"samples": 4}}, r"stages\.s\.eval: unknown key"),  # no generating eval
     ({**SFT, "batch": {"micro_batch": 4, "global_batch": 12}, "scaling": {"num_workers": 2}},
      "batch.global_batch 12 is not divisible by micro_batch 4 x 2 worker"),
+    ({**SFT, "early_stopping": {"metric": "loss"}}, "early_stopping.metric 'loss': val_loss or an evaluation metric"),
+    ({**SFT, "early_stopping": {}, "dataset": {**SFT["dataset"], "val_fraction": 0}}, "needs held-out records"),
+    ({**GRPO, "early_stopping": {}}, r"stages\.s\.early_stopping: unknown key"),  # RL evaluates after training
 ])
 def test_post_training_config_errors_name_the_key(tmp_path, stage, message):
     with pytest.raises(ConfigError, match=message):

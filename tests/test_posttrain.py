@@ -386,3 +386,25 @@ def test_kto_on_unpaired_records_with_exact_quarantine(tmp_path, sft):
     assert report["steps"] == 12
     assert report["final_loss"] < report["first_loss"], report
     assert report["eval"]["margin_after"] > report["eval"]["margin_before"], report["eval"]
+
+
+def test_sft_early_stopping_exports_the_best_checkpoint(tmp_path, sft):
+    """At lr 0.05 the SFT model's held-out loss rises after its first evaluation (step 2): with patience 1 the
+    HF Trainer stops at step 4 and loads step 2's checkpoint back, which is the exported model (= a 2-step run)."""
+    def run(name, steps, **over):
+        return posttrain(tmp_path, "sft", name=name, model=str(sft[1] / "model"), dataset={**ALPACA, "max_records": 96},
+                         **{**hf(lr=0.05, max_steps=steps), "checkpoint": {"every": 2}},  # evaluated at checkpoints
+                         lr_schedule={"decay": "constant"}, scaling={"num_workers": 2}, eval={"samples": 0}, **over)
+
+    report, out = run("stopped", 20, early_stopping={"patience": 1})
+    es = report["early_stopping"]
+    assert (es["stopped_at"], es["best_step"], es["metric"]) == (4, 2, "val_loss"), es
+    evals = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in evals if "eval_loss" in x and x.get("stage") == "sft"]
+    assert [x["step"] for x in evals] == [2, 4] and evals[1]["eval_loss"] > evals[0]["eval_loss"]
+    assert "stopped at step 4 of 20: val_loss did not improve" in "\n".join(report["summary"])
+
+    _, two = run("two", 2)
+    got, want = load_causal_lm(out / "model").state_dict(), load_causal_lm(two / "model").state_dict()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k

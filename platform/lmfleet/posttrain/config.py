@@ -11,7 +11,14 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
-from lmfleet.train.config import AdamConfig, CheckpointConfig, ScalingConfig, WarmupConfig, ZeroConfig
+from lmfleet.train.config import (
+    AdamConfig,
+    CheckpointConfig,
+    EarlyStoppingConfig,
+    ScalingConfig,
+    WarmupConfig,
+    ZeroConfig,
+)
 from lmfleet.tune.config import PBTConfig, TuneConfig
 
 SFT_FORMATS = ("alpaca", "messages", "python_functions")
@@ -186,12 +193,35 @@ class _HFStage(_Stage):
     batch: BatchConfig = BatchConfig()
     parallel: ParallelConfig = ParallelConfig()
     log_every: int = Field(5, ge=1, description="Optimizer steps between metrics records.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Evaluated every checkpoint.every steps on the held-out records; metric val_loss (the "
+                          "trainer's eval_loss) or an eval_* metric the trainer logs.")
 
     @property
     def grad_accum(self) -> int:
         """Micro-batches accumulated per optimizer step on each worker."""
         b, workers = self.batch, self.scaling.bounds[0]
         return 1 if b.global_batch is None else b.global_batch // (b.micro_batch * workers)
+
+    @property
+    def hf_metric(self) -> str:
+        """early_stopping.metric as the HF Trainer names it."""
+        m = self.early_stopping.metric
+        return "eval_loss" if m == "val_loss" else m
+
+    @model_validator(mode="after")
+    def _early_stopping(self):
+        e = self.early_stopping
+        if e is None:
+            return self
+        if not self.hf_metric.startswith("eval_"):
+            raise ValueError(f"early_stopping.metric {e.metric!r}: val_loss or an evaluation metric the trainer "
+                             "logs (eval_loss, eval_accuracy, ...)")
+        if not self.dataset.val_fraction:
+            raise ValueError("early_stopping needs held-out records: set dataset.val_fraction > 0")
+        if getattr(self, "tune", None) is not None:
+            raise ValueError("early_stopping with tune: a search stops trials through its scheduler (asha, pbt)")
+        return self
 
     @model_validator(mode="after")
     def _batch(self):

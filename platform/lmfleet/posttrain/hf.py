@@ -22,6 +22,7 @@ from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
 from lmfleet import runtime
+from lmfleet.errors import InputError
 from lmfleet.outputs import child, publish, workdir
 from lmfleet.posttrain.config import PeftConfig
 from lmfleet.posttrain.inputs import MODEL_KEYS
@@ -30,6 +31,9 @@ from lmfleet.posttrain.stage import PostTrainStage, StageInputs, first_last
 from lmfleet.runlog import MetricsLog, read_jsonl
 from lmfleet.runtime import WorkerRun, worker_device
 from lmfleet.storage import checkpoint_uri
+from lmfleet.train import early_stopping
+from lmfleet.train.config import EarlyStoppingConfig
+from lmfleet.train.early_stopping import EarlyStopping
 from lmfleet.train.memory import PeakMemory, gather_record, report_section, summary_line
 from lmfleet.uri import is_uri
 
@@ -53,6 +57,9 @@ def training_args(cfg, out_dir: str, seed: int, use_gpu: bool, has_eval: bool, t
         ddp_find_unused_parameters=False, eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.checkpoint.every if has_eval else None,
     )
+    if cfg.early_stopping is not None and has_eval:  # the best checkpoint is loaded back at the end, and exported
+        args.update(load_best_model_at_end=True, metric_for_best_model=cfg.hf_metric,
+                    greater_is_better=not cfg.early_stopping.minimize)
     if par.strategy == "fsdp":
         # FSDP2, fully sharded, one unit per decoder layer (the model's _no_split_modules).
         args.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True})
@@ -170,6 +177,13 @@ def save_final(trainer, location: str, peft: PeftConfig | None, tokenizer, task:
         publish(out / name, child(location, name), move=True)
 
 
+def early_stopping_summary(cfg: EarlyStoppingConfig, state) -> dict:
+    """EarlyStopping.summary() of a HF Trainer's final state (stopped: before its max_steps)."""
+    stopped = state.global_step < state.max_steps
+    return EarlyStopping(cfg, best=state.best_metric, best_step=state.best_global_step,
+                         stopped_at=state.global_step if stopped else None).summary()
+
+
 def start_measure(cfg, use_gpu: bool) -> PeakMemory:
     """This worker's peak memory from here (lmfleet.train.memory). PEFT and DeepSpeed are imported first;
     TRL and transformers load most of their modules lazily, so on CPU the trainer's and the model's code
@@ -206,7 +220,10 @@ def _worker(config: dict) -> None:
     memory = start_measure(cfg, inputs.use_gpu)
     trainer, tokenizer = stage.build_trainer(cfg, local, args)
     memory.mark("init")
-    for callback in (ReportCheckpoints(), MetricsCallback(run.metrics, run.stage, run.tags), ApplyHyperparams()):
+    callbacks = [ReportCheckpoints(), MetricsCallback(run.metrics, run.stage, run.tags), ApplyHyperparams()]
+    if args.get("load_best_model_at_end"):
+        callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.min_delta))
+    for callback in callbacks:
         trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)
     with runtime.latest_checkpoint(run.init_checkpoint) as d:
@@ -217,6 +234,9 @@ def _worker(config: dict) -> None:
     record = gather_record(memory)
     if not dist.is_initialized() or dist.get_rank() == 0:
         run.metrics.write(run.stage, **run.tags, **record)
+        if args.get("load_best_model_at_end"):
+            run.metrics.write(run.stage, **run.tags, event="early_stopping", max_steps=trainer.state.max_steps,
+                              **early_stopping_summary(cfg.early_stopping, trainer.state))
     if run.export:
         save_final(trainer, inputs.out, getattr(cfg, "peft", None), tokenizer, stage.TASK)
     if is_uri(inputs.out):  # the scratch is in this node's cache; with a local stage dir the driver clears it
@@ -252,6 +272,9 @@ class HFStage(PostTrainStage):
     def train(cls, cfg, ctx, records, inputs: StageInputs) -> dict:
         if getattr(cfg, "tune", None) is not None:
             return cls._search(cfg, ctx, inputs)
+        if cfg.early_stopping is not None and not records.counts()["val"]:
+            raise InputError(f"{ctx.name}.early_stopping: no held-out records to evaluate on (dataset.val_fraction "
+                             f"{cfg.dataset.val_fraction} held out none of {records.counts()['train']})")
         with ctx.step("train"):
             result = launch_trial(cls, inputs, cfg, ctx.out, ctx.metrics.for_workers(), ctx.seed, ctx.name,
                                   storage=ctx.storage)
@@ -264,11 +287,18 @@ class HFStage(PostTrainStage):
         memory = report_section(logged)
         if memory:
             report["memory"] = memory
+        stopping = []
+        if cfg.early_stopping is not None:
+            record = next((e for e in reversed(ctx.history("event")) if e["event"] == "early_stopping"), {})
+            report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, record,
+                                                                     record.get("max_steps", report["steps"]))
+            stopping = [report["early_stopping"]["summary"]]
         report["summary"] = [
             f"records: {counts['train']} train, {counts['val']} val, {counts['rejected']} quarantined "
             f"({ctx.uri('data', 'rejects.jsonl')})",
             f"trained {report['steps']} steps on {cfg.scaling.bounds[0]} worker(s) ({cfg.parallel.strategy}): "
             f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}" if history else "trained: no loss logged",
+            *stopping,
             *summary_line(memory),
         ]
         return report

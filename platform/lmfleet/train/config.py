@@ -33,7 +33,12 @@ class EarlyStoppingConfig(StrictModel):
     metric: str = Field("val_loss", description="An evaluated metric of the stage (pretrain: val_loss, val_perplexity).")
     patience: int = Field(3, ge=1, description="Evaluations in a row without an improvement before stopping.")
     min_delta: float = Field(0.0, ge=0)
-    mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses); max: accuracies.")
+    mode: Literal["min", "max"] | None = Field(None, description="min: lower is better; None: min for losses and "
+                                                                 "perplexities, max for the rest (accuracies).")
+
+    @property
+    def minimize(self) -> bool:
+        return self.mode == "min" if self.mode else ("loss" in self.metric or "perplexity" in self.metric)
 
 
 class OptimizerConfig(AdamConfig):
@@ -268,7 +273,7 @@ class PretrainConfig(StrictModel):
             return self
         if e.metric not in ("val_loss", "val_perplexity"):
             raise ValueError(f"early_stopping.metric {e.metric!r}: pretraining evaluates val_loss and val_perplexity")
-        if e.mode != "min":
+        if not e.minimize:
             raise ValueError(f"early_stopping.mode {e.mode!r}: {e.metric} is better when lower (min)")
         if self.tune is not None:
             raise ValueError("early_stopping with tune: a search stops trials through its scheduler (asha, pbt)")

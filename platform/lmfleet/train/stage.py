@@ -25,6 +25,7 @@ from lmfleet.model.hf_config import checkpoint_model_config, continued_model, in
 from lmfleet.runlog import LineLog, MetricsLog
 from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
+from lmfleet.train import early_stopping
 from lmfleet.train.config import PretrainConfig
 from lmfleet.train.memory import report_section, summary_line
 
@@ -150,23 +151,6 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
     return runtime.launch(train_loop_per_worker, run, storage=storage, use_gpu=use_gpu, callbacks=callbacks)
 
 
-def early_stopping_section(cfg: PretrainConfig, history: list[dict], events: list[dict]) -> dict:
-    """The report's early_stopping: where it stopped and why, or that it ran every step; the best evaluation."""
-    stop = next((e for e in reversed(events) if e.get("event") == "early_stopped"), None)
-    metric = cfg.early_stopping.metric
-    best = next((h for h in reversed(history) if f"best_{metric}" in h), {})
-    section = {"metric": metric, "patience": cfg.early_stopping.patience, "min_delta": cfg.early_stopping.min_delta,
-               "stopped_at": stop["step"] if stop else None, "best_step": best.get("best_step"),
-               "best": best.get(f"best_{metric}")}
-    if stop:
-        section["reason"] = stop["reason"]
-        section["summary"] = f"early stopping: stopped at step {stop['step']} of {cfg.steps}: {stop['reason']}"
-    else:
-        section["summary"] = (f"early stopping: ran all {cfg.steps} steps; best {metric} {section['best']:.4f} at step "
-                              f"{section['best_step']}" if section["best"] is not None else "early stopping: no evaluation")
-    return section
-
-
 def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
     packed = packed_dir(cfg, ctx.run_dir)
@@ -190,7 +174,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         "checkpoint": checkpoint_uri(result.checkpoint),
     }
     if cfg.early_stopping is not None:
-        report["early_stopping"] = early_stopping_section(cfg, history, ctx.history("event"))
+        record = next((e for e in reversed(ctx.history("event")) if e["event"] == "early_stopping"), None)
+        report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, record, cfg.steps)
     memory = report_section(ctx.history("memory_per_rank"))
     if memory:
         report["memory"] = memory
