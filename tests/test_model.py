@@ -52,6 +52,39 @@ def test_masks_causal_segment_and_window():
     assert w[5, 3] and not w[5, 2] and w[5, 5]
 
 
+def test_encoder_masks_see_both_ways_within_a_document():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
+    m = attention_mask(positions, window=None, causal=False)[0, 0]
+    assert m[0, 2] and m[2, 0] and m[3, 6] and not m[2, 3] and not m[7, 6] and m[7, 7]
+    w = attention_mask(torch.arange(8)[None], window=3, causal=False)[0, 0]
+    assert w[3, 5] and w[5, 3] and not w[5, 2] and not w[2, 5]
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "alibi_layernorm_gelu", "sliding_window"])
+def test_an_encoder_reads_the_whole_document_and_no_other(variant):
+    """causal: false: the first token's output changes with a later token of its document, never with another
+    document's; one document per row (no mask: SDPA without is_causal) equals the dense mask; flex equals sdpa."""
+    cfg = ModelConfig(**BASE, **VARIANTS[variant], causal=False)
+    model = Transformer(cfg, seed=2).eval()
+    tokens, positions = _packed_batch()
+    changed = tokens.clone()
+    changed[0, 4] = (changed[0, 4] + 1) % 64  # the last token of row 0's first document
+    changed[0, 7] = (changed[0, 7] + 1) % 64  # and one of its second
+    with torch.no_grad():
+        out, out2 = model(tokens, positions), model(changed, positions)
+        assert not torch.allclose(out[0, 0], out2[0, 0], atol=1e-4)  # sees the later token of its document
+        torch.testing.assert_close(out[0, 8:], out2[0, 8:], atol=1e-6, rtol=1e-6)  # documents after: untouched
+        if variant == "llama_gqa":  # one document per row: no mask at all, and no is_causal either
+            one = torch.arange(12)[None].repeat(2, 1)
+            assert model.masks(one) == {"global": None}
+            h, rope = model.tok_embeddings(tokens[:, :12]), rope_cos_sin(one, cfg.head_dim, cfg.rope_theta)
+            dense = {"global": attention_mask(one, None, causal=False)}
+            block = model.layers["0"]
+            torch.testing.assert_close(block(h, {"global": None}, rope), block(h, dense, rope), atol=1e-5, rtol=1e-5)
+        flex = Transformer(cfg.model_copy(update={"attention_impl": "flex"}), seed=2).eval()
+        torch.testing.assert_close(flex(tokens, positions), out, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa", "alibi_layernorm_gelu", "learned_relu_postln", "sliding_window"])
 def test_packed_documents_do_not_see_each_other(variant):
     """Logits of a document packed after another equal its logits alone (positions reset at 0)."""
@@ -151,8 +184,11 @@ def test_hf_llama_export_identical_logits(tmp_path, tie):
     torch.testing.assert_close(reloaded, ours, atol=0, rtol=0)
 
 
-def test_own_format_for_non_llama_configs(tmp_path):
-    cfg = ModelConfig(**BASE, **VARIANTS["alibi_layernorm_gelu"])
+@pytest.mark.parametrize("variant", ["alibi_layernorm_gelu", "encoder"])
+def test_own_format_for_non_llama_configs(tmp_path, variant):
+    """Configs HF Llama cannot express, encoders (causal: false) among them, export in lmfleet's format."""
+    cfg = ModelConfig(**BASE, **VARIANTS["alibi_layernorm_gelu"]) if variant != "encoder" else ModelConfig(
+        **BASE, causal=False, tie_embeddings=True)
     model = Transformer(cfg).eval()
     assert export_model(model.state_dict(), cfg, tmp_path) == "lmfleet"
     x = torch.randint(0, 64, (2, 10))

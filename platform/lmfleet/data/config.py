@@ -226,11 +226,19 @@ class MixingConfig(StrictModel):
         return self
 
 
+# The special tokens of pretraining's objectives (lmfleet.train.objectives.TOKENS; repeated here: the data stage
+# does not import training code, and tests/test_objectives.py checks the two agree).
+OBJECTIVE_TOKENS = ("<|mask|>", "<|sep|>", "<|cls|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                    "<|isnext|>", "<|notnext|>")
+
+
 class TokenizerConfig(StrictModel):
     path: Path | None = Field(None, description="Reuse this tokenizer dir instead of training one.")
     vocab_size: int = Field(8000, ge=300)
     min_frequency: int = Field(2, ge=1)
-    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|endoftext|>", "<|pad|>", *OBJECTIVE_TOKENS],
+        description="EOS and pad, and the tokens pretraining objectives use (mask, separators, FIM sentinels).")
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
     max_train_docs: int | None = Field(None, ge=1, description="Train on a seeded sample of about this many documents.")

@@ -30,6 +30,8 @@ class ModelConfig(StrictModel):
         description="Per-layer pattern, repeated over the layers: e.g. [local, global] alternates.",
     )
     sliding_window: int | None = Field(None, ge=1, description="Tokens a local layer attends to (incl. itself).")
+    causal: bool = Field(True, description="False: a bidirectional encoder (each token attends to its whole "
+                                           "document segment), for objective mlm / mlm_nsp.")
     init_std: float = Field(0.02, gt=0)
     attention_impl: Literal["sdpa", "flex"] = Field(
         "sdpa", description="sdpa: a dense boolean mask (or is_causal where every row is one document); "
@@ -72,7 +74,7 @@ class ModelConfig(StrictModel):
     def llama_compatible(self) -> bool:
         """Exportable as HF LlamaForCausalLM with identical logits."""
         return (self.positions == "rope" and self.norm == "rmsnorm" and self.activation == "swiglu"
-                and self.norm_placement == "pre" and "local" not in self.attention)
+                and self.norm_placement == "pre" and "local" not in self.attention and self.causal)
 
     def flops_params(self, params: int, embedding: int) -> int:
         """The parameters whose matmuls a token pays for, of `params` in all with an input embedding of

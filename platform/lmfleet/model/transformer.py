@@ -1,8 +1,8 @@
 """A configurable decoder-only transformer in plain PyTorch (nanoGPT-sized).
 
 Inputs are token ids and, for packed sequences, the position of each token within its document
-segment (0 starts a segment; see lmfleet.data.packing). Attention is causal, restricted to the
-token's own segment (so packed documents never see each other) and, on `local` layers, to the last
+segment (0 starts a segment; see lmfleet.data.packing). Attention is causal (or, with `causal: false`,
+both ways: an encoder for masked-token objectives), restricted to the token's own segment (so packed documents never see each other) and, on `local` layers, to the last
 `sliding_window` tokens. `attention_impl: sdpa` runs `F.scaled_dot_product_attention` with a dense
 boolean mask; `flex` runs FlexAttention with the same rules as a block mask (blocks no token may see
 are skipped; compiled on GPU). torch 2.13 has no FlexAttention backward on CPU, so on CPU `flex` runs
@@ -75,14 +75,17 @@ def segment_ids(positions: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((positions == 0).int(), dim=1)
 
 
-def attention_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (B, 1, T, T): causal, same segment, and within `window` tokens when given."""
+def attention_mask(positions: torch.Tensor, window: int | None, causal: bool = True) -> torch.Tensor:
+    """Boolean (B, 1, T, T): same segment, causal (else both ways), within `window` tokens when given."""
     seg = segment_ids(positions)
     t = positions.shape[1]
     i = torch.arange(t, device=positions.device)
-    allowed = (i[None, :] <= i[:, None])[None] & (seg[:, :, None] == seg[:, None, :])
+    allowed = seg[:, :, None] == seg[:, None, :]
+    distance = i[:, None] - i[None, :]
+    if causal:
+        allowed = allowed & (distance >= 0)[None]
     if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+        allowed = allowed & (distance.abs() < window)[None]
     return allowed[:, None]
 
 
@@ -94,18 +97,21 @@ class FlexMask:
     score_mod: Callable | None = None
 
 
-def flex_mask(positions: torch.Tensor, window: int | None, slopes: torch.Tensor | None) -> FlexMask:
-    """`attention_mask`'s rule (causal, same segment, within `window`) as a FlexAttention BlockMask."""
+def flex_mask(positions: torch.Tensor, window: int | None, slopes: torch.Tensor | None,
+              causal: bool = True) -> FlexMask:
+    """`attention_mask`'s rule (same segment, causal or not, within `window`) as a FlexAttention BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg = segment_ids(positions)
 
     def mask_mod(b, h, q, kv):
-        allowed = (q >= kv) & (seg[b, q] == seg[b, kv])
-        return allowed & (q - kv < window) if window is not None else allowed
+        allowed = seg[b, q] == seg[b, kv]
+        if causal:
+            allowed = allowed & (q >= kv)
+        return allowed & ((q - kv).abs() < window) if window is not None else allowed
 
     def alibi(score, b, h, q, kv):
-        return score - slopes[h] * (q - kv)
+        return score - slopes[h] * (q - kv).abs()
 
     b, t = positions.shape
     block_mask = create_block_mask(mask_mod, b, None, t, t, device=positions.device)
@@ -142,7 +148,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | FlexMask | None, rope: tuple | None) -> torch.Tensor:
-        """mask: boolean or additive (SDPA), a FlexMask, or None: causal only (SDPA's is_causal)."""
+        """mask: boolean or additive (SDPA), a FlexMask, or None: causal only (SDPA's is_causal), or no mask
+        at all for an encoder (`causal: false`)."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
@@ -159,7 +166,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.cfg.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and self.cfg.causal,
+            dropout_p=self.cfg.dropout if self.training else 0.0,
         )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -254,13 +262,13 @@ class Transformer(nn.Module):
                 continue
             slopes = alibi_slopes(self.cfg.n_heads).to(positions.device) if alibi else None  # not a buffer: nothing to materialize
             if self.cfg.attention_impl == "flex" and _flex_runs(positions.device):
-                out[kind] = flex_mask(positions, window, slopes)
+                out[kind] = flex_mask(positions, window, slopes, self.cfg.causal)
                 continue
-            allowed = attention_mask(positions, window)
-            if alibi:
+            allowed = attention_mask(positions, window, self.cfg.causal)
+            if alibi:  # (symmetric for an encoder)
                 t = positions.shape[1]
                 i = torch.arange(t, device=positions.device)
-                dist = (i[:, None] - i[None, :]).clamp(min=0).float()
+                dist = (i[:, None] - i[None, :]).abs().float()
                 bias = -slopes[:, None, None] * dist  # (H, T, T)
                 allowed = torch.where(allowed, bias[None], torch.tensor(float("-inf"), device=positions.device))
             out[kind] = allowed

@@ -26,6 +26,35 @@ class AdamConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None: no clipping.")
 
 
+class ObjectiveConfig(StrictModel):
+    """`objective:` of the pretrain stage: what the model learns from each packed sample
+    (lmfleet.train.objectives)."""
+
+    kind: Literal["clm", "fim", "span_infill", "sentence_permutation", "document_rotation", "mlm", "mlm_nsp"] = "clm"
+    rate: float = Field(0.5, ge=0, le=1, description="fim: the fraction of documents rearranged.")
+    spm_rate: float = Field(0.5, ge=0, le=1, description="fim: of those, the fraction in SPM order (else PSM).")
+    mask_ratio: float = Field(0.3, gt=0, lt=1, description="span_infill: the fraction of each piece masked.")
+    poisson_lambda: float = Field(3.0, gt=0, description="span_infill: the mean span length.")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="mlm / mlm_nsp: the fraction of tokens predicted.")
+    nsp_random_fraction: float = Field(0.5, ge=0, le=1, description="mlm_nsp: second segments from another sample.")
+
+    @model_validator(mode="after")
+    def _keys_of_the_kind(self):
+        own = {"fim": {"rate", "spm_rate"}, "span_infill": {"mask_ratio", "poisson_lambda"}, "mlm": {"mask_prob"},
+               "mlm_nsp": {"mask_prob", "nsp_random_fraction"}}.get(self.kind, set())
+        # (a key at its default passes: a dumped and re-validated config has every key)
+        foreign = sorted(k for k in self.model_fields_set - own - {"kind"}
+                         if getattr(self, k) != type(self).model_fields[k].default)
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a key of objective kind {self.kind!r}"
+                             + (f" (it has {', '.join(sorted(own))})" if own else ""))
+        return self
+
+    @property
+    def bidirectional(self) -> bool:
+        return self.kind in ("mlm", "mlm_nsp")
+
+
 class EarlyStoppingConfig(StrictModel):
     """`early_stopping:` of every training stage that evaluates: stop after `patience` evaluations without an
     improvement of more than `min_delta`; the best evaluated weights are the ones exported."""
@@ -201,6 +230,7 @@ class PretrainConfig(StrictModel):
                           "safetensors), an lmfleet model export, or a stage name of this run (its model/); a path "
                           "or URI. Its architecture fills `model` (keys set there must match).")
     model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     batch: BatchConfig = BatchConfig()
@@ -264,6 +294,15 @@ class PretrainConfig(StrictModel):
                     f"pipeline: {self.batch.global_batch // (dp * self.batch.micro_batch)} micro-batches per step "
                     f"(at {world} workers) is fewer than pp_size {p.pp_size}: raise global_batch or lower micro_batch"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_the_model(self):
+        o, m = self.objective, self.model
+        if o.bidirectional and m.causal:
+            raise ValueError(f"objective {o.kind!r} trains a bidirectional encoder: set model.causal: false")
+        if not o.bidirectional and not m.causal:
+            raise ValueError(f"objective {o.kind!r} predicts the next token: model.causal: false needs mlm or mlm_nsp")
         return self
 
     @model_validator(mode="after")

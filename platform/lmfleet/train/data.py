@@ -21,6 +21,7 @@ class Stream:
     def __init__(self, indices: np.ndarray, seed: int):
         self.indices, self.seed, self.cursor = indices, seed, 0
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation), built once per epoch
+        self.epochs = np.empty(0, dtype=np.int64)  # the epoch of each index the last `take` returned
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
@@ -28,13 +29,15 @@ class Stream:
         return self._perm[1]
 
     def take(self, n: int) -> np.ndarray:
-        out = []
+        out, epochs = [], []
         while n > 0:
             epoch, offset = divmod(self.cursor, len(self.indices))
             chunk = self._permutation(epoch)[offset : offset + n]
             out.append(self.indices[chunk])
+            epochs.append(np.full(len(chunk), epoch, dtype=np.int64))
             self.cursor += len(chunk)
             n -= len(chunk)
+        self.epochs = np.concatenate(epochs) if epochs else np.empty(0, dtype=np.int64)
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
@@ -71,11 +74,19 @@ class BatchPlan:
         return [self._names[i] for i in np.searchsorted(self._starts, indices, side="right") - 1]
 
     def next_batch(self, step: int) -> np.ndarray:
-        """The global batch of `step` (call once per step, in order)."""
+        """The global batch of `step` (call once per step, in order); `self.epochs`: the epoch of each sample in it
+        (how many times its stream went through all its samples before), which seeds its corruption."""
         if self.schedule is None:
-            return self.streams["all"].take(self.global_batch)
+            batch = self.streams["all"].take(self.global_batch)
+            self.epochs = self.streams["all"].epochs
+            return batch
         counts = allocate(self.global_batch, {k: w for k, w in self.schedule.weights(step).items() if k in self.streams})
-        return np.concatenate([self.streams[k].take(n) for k, n in sorted(counts.items())])
+        parts, epochs = [], []
+        for k, n in sorted(counts.items()):
+            parts.append(self.streams[k].take(n))
+            epochs.append(self.streams[k].epochs)
+        self.epochs = np.concatenate(epochs)
+        return np.concatenate(parts)
 
     def state_dict(self) -> dict:
         return {"cursors": {k: s.cursor for k, s in self.streams.items()},

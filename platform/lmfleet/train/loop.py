@@ -27,10 +27,11 @@ from lmfleet.model.transformer import initial_value
 from lmfleet.outputs import publish, workdir
 from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed, worker_device
 from lmfleet.train import checkpoint
-from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
+from lmfleet.train.config import PEAK_FLOPS, ObjectiveConfig, PretrainConfig
 from lmfleet.train.data import BatchPlan, dp_slice
 from lmfleet.train.early_stopping import EarlyStopping
 from lmfleet.train.memory import PeakMemory, gather_record
+from lmfleet.train.objectives import IGNORE, ObjectiveTokens, make_example, sample_rng
 from lmfleet.train.optim import apply_hyperparams, build_optimizer, lr_multiplier
 from lmfleet.train.parallel import (
     Layout,
@@ -41,8 +42,6 @@ from lmfleet.train.parallel import (
     full_state_dict,
 )
 from lmfleet.uri import local_copy
-
-IGNORE = -100
 
 
 def build_schedule(cfg: PretrainConfig, sizes: dict[str, int]) -> MixingSchedule | None:
@@ -57,15 +56,28 @@ def build_schedule(cfg: PretrainConfig, sizes: dict[str, int]) -> MixingSchedule
     return MixingSchedule(start)
 
 
-def load_batch(ds: PackedDataset, indices: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """inputs, positions, targets for a set of samples (targets of pad tokens are ignored)."""
+def load_batch(ds: PackedDataset, indices: np.ndarray, pad_id: int, device, objective: ObjectiveConfig | None = None,
+               tokens: ObjectiveTokens | None = None, seed: int = 0, epochs: np.ndarray | None = None,
+               split: int = 0) -> tuple[torch.Tensor, ...]:
+    """inputs, positions, targets for a set of samples: next-token prediction (targets of pad tokens ignored), or
+    `objective`'s examples, each sample's corruption seeded by (seed, sample, epoch, split)."""
     rows = [ds[int(i)] for i in indices]
-    tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
-    positions = torch.from_numpy(np.stack([r[1] for r in rows]))
-    targets = tokens[:, 1:].clone()
-    targets[targets == pad_id] = IGNORE
-    # contiguous: pipeline stages send these through gloo point-to-point
-    return tokens[:, :-1].contiguous().to(device), positions[:, :-1].contiguous().to(device), targets.to(device)
+    if objective is None or objective.kind == "clm":
+        ids = torch.from_numpy(np.stack([r[0] for r in rows]))
+        positions = torch.from_numpy(np.stack([r[1] for r in rows]))
+        targets = ids[:, 1:].clone()
+        targets[targets == pad_id] = IGNORE
+        # contiguous: pipeline stages send these through gloo point-to-point
+        return ids[:, :-1].contiguous().to(device), positions[:, :-1].contiguous().to(device), targets.to(device)
+    epochs = np.zeros(len(indices), dtype=np.int64) if epochs is None else epochs
+
+    def other(rng):  # mlm_nsp's NotNext: a random sample of the same split
+        return ds[int(rng.integers(len(ds)))]
+
+    examples = [make_example(objective, t, p, sample_rng(seed, int(i), int(e), split), tokens, other)
+                for (t, p), i, e in zip(rows, indices, epochs, strict=True)]
+    return tuple(torch.from_numpy(np.stack([getattr(x, k) for x in examples])).contiguous().to(device)
+                 for k in ("inputs", "positions", "targets"))
 
 
 def per_sample_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,6 +136,8 @@ class Trainer:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stopping = EarlyStopping(cfg.early_stopping) if cfg.early_stopping else None
+        self.objective_tokens = inputs.objective_tokens
+        self._nsp = None  # mlm_nsp evaluation: [right, pairs] of this rank's next-sentence predictions
         self.best: dict | None = None  # early stopping: this rank's part of the best evaluated weights
 
     # -- set-up helpers --
@@ -183,6 +197,8 @@ class Trainer:
                 logits = self.model(inputs[k : k + mb], positions[k : k + mb])
             ce = per_sample_ce(logits, targets[k : k + mb])
             out.append(ce.detach())
+            if self._nsp is not None:
+                self._count_nsp(logits[:, 0].detach().float(), targets[k : k + mb, 0])
             if train:
                 loss = ce.sum() * self._loss_scale
                 if self.engine is not None:
@@ -209,10 +225,14 @@ class Trainer:
         dist.all_reduce(values)
         return values
 
-    def run_batch(self, indices: np.ndarray, train: bool) -> tuple[float, dict[str, float], int]:
-        """Mean token loss of a global batch, per-source mean losses, and its real target tokens."""
+    def run_batch(self, indices: np.ndarray, train: bool, epochs: np.ndarray | None = None
+                  ) -> tuple[float, dict[str, float], int]:
+        """Mean token loss of a global batch, per-source mean losses, and its real target tokens. `epochs`: each
+        sample's (its corruption's seed with the objective; evaluation: 0)."""
         mine = dp_slice(indices, self.layout.dp_rank, self.layout.dp)
-        inputs, positions, targets = load_batch(self.ds(train), mine, self.pad_id, self.device)
+        inputs, positions, targets = load_batch(
+            self.ds(train), mine, self.pad_id, self.device, self.cfg.objective, self.objective_tokens, self.seed,
+            None if epochs is None else dp_slice(epochs, self.layout.dp_rank, self.layout.dp), split=0 if train else 1)
         tokens = self._reduce(torch.tensor([float((targets != IGNORE).sum())], device=self.device))
         # TP copies were counted once; pipeline stages all hold the same slice: divide them out.
         n_tokens = float(tokens) / self.layout.pp
@@ -245,7 +265,7 @@ class Trainer:
         torch.manual_seed(step_seed(self.seed, step, self.layout.dp_rank, stream=self.layout.pp_rank))
         batch = self.plan.next_batch(step)
         start = time.perf_counter()
-        loss, per_source, n_tokens = self.run_batch(batch, train=True)
+        loss, per_source, n_tokens = self.run_batch(batch, train=True, epochs=self.plan.epochs)
         if self.engine is not None:
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
@@ -271,12 +291,21 @@ class Trainer:
             metrics.update({f"weight/{k}": v for k, v in self.plan.schedule.weights(step + 1).items()})
         return metrics, batch
 
+    def _count_nsp(self, first: torch.Tensor, labels: torch.Tensor) -> None:
+        """mlm_nsp: the next-sentence prediction at <CLS> is the larger of the two label tokens' logits."""
+        t = self.objective_tokens
+        pred = torch.where(first[:, t.isnext] > first[:, t.notnext], t.isnext, t.notnext)
+        self._nsp += torch.tensor([float((pred == labels).sum()), float(len(labels))], device=self._nsp.device)
+
     def evaluate(self) -> dict:
         if self.val_ds is None or len(self.val_ds) == 0:
             return {}
         n = self.cfg.eval.batches * self.cfg.batch.global_batch
         was_training = self.model.training
         self.model.eval()
+        # (the pipeline's last stage holds the logits inside its schedule: no NSP accuracy there)
+        if self.cfg.objective.kind == "mlm_nsp" and self.layout.pp == 1:
+            self._nsp = torch.zeros(2, device=self.device)
         losses, tokens = 0.0, 0
         for start in range(0, n, self.cfg.batch.global_batch):
             idx = np.arange(start, start + self.cfg.batch.global_batch) % len(self.val_ds)
@@ -284,7 +313,12 @@ class Trainer:
             losses, tokens = losses + loss * t, tokens + t
         self.model.train(was_training)
         val = losses / tokens
-        return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+        out = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+        if self._nsp is not None:
+            right, pairs = self._reduce(self._nsp).tolist()
+            out["val_nsp_accuracy"] = right / pairs
+            self._nsp = None
+        return out
 
     # -- early stopping's best weights --
 

@@ -28,6 +28,7 @@ from lmfleet.storage import checkpoint_uri
 from lmfleet.train import early_stopping
 from lmfleet.train.config import PretrainConfig
 from lmfleet.train.memory import report_section, summary_line
+from lmfleet.train.objectives import NEEDS, TOKENS, ObjectiveTokens
 
 
 def packed_dir(cfg: PretrainConfig, run_dir: Path | str | None) -> str:
@@ -104,6 +105,7 @@ def _resolved(cfg: PretrainConfig, index: dict, packed: str, run_dir=None) -> Pr
         raise InputError(f"pretrain.model.vocab_size {model.vocab_size} < the tokenizer's {index['vocab_size']}")
     if model.max_seq_len < index["seq_len"]:
         raise InputError(f"pretrain.model.max_seq_len {model.max_seq_len} < packed seq_len {index['seq_len']}")
+    objective_tokens(cfg, packed, index)  # its special tokens are in the tokenizer
     if cfg.early_stopping is not None and not index["splits"].get("val", {}).get("num_samples"):
         raise InputError(f"pretrain.early_stopping: the packed data at {packed} has no val split to evaluate on "
                          "(set the data stage's pack.val_fraction)")
@@ -113,6 +115,36 @@ def _resolved(cfg: PretrainConfig, index: dict, packed: str, run_dir=None) -> Pr
         if unknown:
             raise InputError(f"pretrain.mixing: unknown sources {unknown}; the packed data has {sorted(packed_sources)}")
     return cfg.model_copy(update={"model": model})
+
+
+def _ends_sentence(text: str) -> bool:
+    return "\n" in text or text.rstrip(" \"')]").endswith((".", "!", "?"))
+
+
+def objective_tokens(cfg: PretrainConfig, packed: str, index: dict) -> ObjectiveTokens | None:
+    """The token ids `cfg.objective` uses, from the packed data's tokenizer; InputError naming the special tokens
+    it lacks. None for clm."""
+    kind = cfg.objective.kind
+    if kind == "clm":
+        return None
+    from tokenizers import Tokenizer
+
+    where = uri.join(uri.relative(packed, index["tokenizer"]), "tokenizer.json")
+    tok = Tokenizer.from_str(uri.read_bytes(where).decode("utf-8"))
+    ids = {name: tok.token_to_id(TOKENS[name]) for name in NEEDS[kind]}
+    missing = [TOKENS[name] for name, i in ids.items() if i is None]
+    if missing:
+        raise InputError(f"pretrain.objective {kind!r} needs the special tokens {', '.join(missing)}, which the packed "
+                         f"data's tokenizer ({where}) does not have: re-pack with a tokenizer that has them (the "
+                         f"data stage's default tokenizer.special_tokens include them)")
+    special = sorted(tok.get_added_tokens_decoder())
+    vocab = tok.get_vocab_size()
+    ends: tuple[int, ...] = ()
+    if kind in ("sentence_permutation", "mlm_nsp"):
+        texts = tok.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+        ends = tuple(i for i, text in enumerate(texts) if i not in set(special) and _ends_sentence(text))
+    return ObjectiveTokens(eos=index["eos_id"], pad=index["pad_id"], vocab_size=vocab, special=tuple(special),
+                           sentence_end=ends, **ids)
 
 
 @dataclass(frozen=True)
@@ -126,6 +158,7 @@ class PretrainInputs:
     use_gpu: bool
     samples: LineLog | None = None  # log_samples: every step's sample ids
     init_from: str | None = None  # the checkpoint whose weights the model starts from (resolved init_from)
+    objective_tokens: ObjectiveTokens | None = None  # the ids the objective uses (None: clm)
 
 
 def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
@@ -140,11 +173,13 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
 
     packed = cfg.data  # resolved by the caller (workers run in other working dirs): an absolute path or a URI
     use_gpu = cfg.scaling.resolve_gpu()
+    index = read_index(packed)
     inputs = PretrainInputs(
-        packed=packed, tokenizer=uri.relative(packed, read_index(packed)["tokenizer"]),
+        packed=packed, tokenizer=uri.relative(packed, index["tokenizer"]),
         export=str(outputs.child(out, "model")) if export else None,
         use_gpu=use_gpu,
         samples=samples if cfg.log_samples else None, init_from=cfg.init_from,
+        objective_tokens=objective_tokens(cfg, packed, index),
     )
     run = WorkerRun(cfg, None, inputs, seed, stage, metrics, tags=tags or {}, init_checkpoint=init_checkpoint,
                     stop_at=steps or cfg.steps, export=export)
