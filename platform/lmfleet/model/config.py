@@ -31,11 +31,19 @@ class ModelConfig(StrictModel):
     )
     sliding_window: int | None = Field(None, ge=1, description="Tokens a local layer attends to (incl. itself).")
     causal: bool = Field(True, description="False: a bidirectional encoder (each token attends to its whole "
-                                           "document segment), for objective mlm / mlm_nsp.")
+                                           "document segment), for objective mlm / mlm_nsp; ties the embeddings "
+                                           "unless tie_embeddings is set.")
     init_std: float = Field(0.02, gt=0)
     attention_impl: Literal["sdpa", "flex"] = Field(
         "sdpa", description="sdpa: a dense boolean mask (or is_causal where every row is one document); "
         "flex: FlexAttention block masks (document, causal, sliding window; compiled on GPU).")
+
+    @model_validator(mode="after")
+    def _encoder_ties(self):
+        # An encoder's MLM head is its embeddings (BERT's decoder), unless tie_embeddings is set to false.
+        if not self.causal and "tie_embeddings" not in self.model_fields_set:
+            self.tie_embeddings = True
+        return self
 
     @model_validator(mode="after")
     def _shapes(self):
