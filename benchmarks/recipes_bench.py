@@ -57,7 +57,8 @@ def clm_val_loss(model_dir: Path, packed: Path, batches: int = 8) -> float:
     evaluates clm)."""
     from lmfleet.data.packing import PackedDataset
     from lmfleet.model.export import load_model
-    from lmfleet.train.loop import load_batch, per_sample_ce
+    from lmfleet.train.data import load_batch
+    from lmfleet.train.loss import per_sample_ce
 
     model = load_model(model_dir).eval()
     ds = PackedDataset(packed, "val")
@@ -96,9 +97,10 @@ def main() -> None:
         data = str(args.data.resolve()) if args.data else "data"
         stages.update({name: pretrain_stage(data, args.steps, **over) for name, over in VARIANTS.items()})
         path = work / "recipes.yaml"
-        path.write_text(yaml.safe_dump({"name": "recipes", "output_dir": str(work / "run"), "stages": stages}))
-        subprocess.run([sys.executable, "-m", "lmfleet.cli", "run", str(path)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        path.write_text(yaml.safe_dump({"name": "recipes", "output_dir": str(work / "run"), "stages": stages}, sort_keys=False))
+        proc = subprocess.run([sys.executable, "-m", "lmfleet.cli", "run", str(path)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"the run failed:\n{proc.stderr[-3000:]}")
         run = work / "run"
         packed = (args.data.resolve() if args.data else run / "data") / "packed"
         vocab = json.loads((packed / "index.json").read_text())["vocab_size"]

@@ -32,8 +32,8 @@ def bare_loop(packed: Path, steps: int) -> list[float]:
     from lmfleet.data.packing import PackedDataset
     from lmfleet.model import ModelConfig, Transformer
     from lmfleet.train.config import OptimizerConfig
-    from lmfleet.train.data import BatchPlan
-    from lmfleet.train.loop import load_batch, per_sample_ce
+    from lmfleet.train.data import BatchPlan, load_batch
+    from lmfleet.train.loss import per_sample_ce
     from lmfleet.train.optim import build_optimizer
 
     index = json.loads((packed / "index.json").read_text())

@@ -110,6 +110,13 @@ def pretrain(tmp_path, packed, name="p", steps=10, run_keys: dict | None = None,
     return steps, report["stages"]["pretrain"]
 
 
+def run_stages(tmp_path, stages: dict, name: str = "r") -> tuple[dict, Path]:
+    """Run a config of `stages` (each with its kind unless its name is one); returns (run report, run dir)."""
+    out = tmp_path / name
+    cfg = {"name": name, "output_dir": str(out), "stages": stages}
+    return run(load_run(write_config(tmp_path / f"{name}.yaml", cfg))), out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

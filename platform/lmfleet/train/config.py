@@ -55,6 +55,30 @@ class ObjectiveConfig(StrictModel):
         return self.kind in ("mlm", "mlm_nsp")
 
 
+class CurriculumConfig(StrictModel):
+    """`curriculum:` of the pretrain stage: easy samples first (lmfleet.train.curriculum)."""
+
+    score: str = Field("length", description="length: a sample's mean document length; loss: `proxy`'s loss on it.")
+    proxy: str | None = Field(None, description="score loss: the model scoring samples: a stage of this run (its "
+                                                "model/) or a model dir / URI.")
+    order: Literal["easy_first", "hard_first"] = "easy_first"
+    pacing: Literal["linear", "step"] = "linear"
+    start_fraction: float = Field(0.25, gt=0, le=1, description="The pool at step 0: this fraction of the samples.")
+    steps: int | None = Field(None, ge=1, description="Steps until every sample is in the pool; None: half the stage's.")
+    buckets: int = Field(4, ge=2, description="pacing step: the pool grows in this many equal jumps.")
+
+    @model_validator(mode="after")
+    def _score(self):
+        if self.score.startswith("column:"):
+            raise ValueError(f"score {self.score!r}: packed samples keep no per-document columns yet; use length or "
+                             "loss")
+        if self.score not in ("length", "loss"):
+            raise ValueError(f"score {self.score!r}: length or loss")
+        if (self.score == "loss") != (self.proxy is not None):
+            raise ValueError("score loss needs proxy (the model that scores the samples); proxy is only for loss")
+        return self
+
+
 class EarlyStoppingConfig(StrictModel):
     """`early_stopping:` of every training stage that evaluates: stop after `patience` evaluations without an
     improvement of more than `min_delta`; the best evaluated weights are the ones exported."""
@@ -240,6 +264,7 @@ class PretrainConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     mixing: MixingScheduleConfig | None = None
+    curriculum: CurriculumConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None
     log_every: int = Field(10, ge=1)
     log_samples: bool = Field(False, description="Write the sample ids of every step to samples.jsonl.")
@@ -294,6 +319,13 @@ class PretrainConfig(StrictModel):
                     f"pipeline: {self.batch.global_batch // (dp * self.batch.micro_batch)} micro-batches per step "
                     f"(at {world} workers) is fewer than pp_size {p.pp_size}: raise global_batch or lower micro_batch"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _curriculum(self):
+        c = self.curriculum
+        if c is not None and c.steps is not None and c.steps > self.steps:
+            raise ValueError(f"curriculum.steps {c.steps} is more than the stage's steps {self.steps}")
         return self
 
     @model_validator(mode="after")

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lmfleet.data.mixing import LossAdaptiveSchedule, MixingSchedule, PiecewiseSchedule
 from lmfleet.data.packing import PackedDataset
@@ -27,11 +26,13 @@ from lmfleet.model.transformer import initial_value
 from lmfleet.outputs import publish, workdir
 from lmfleet.runtime import WorkerRun, latest_checkpoint, save_checkpoint, step_seed, worker_device
 from lmfleet.train import checkpoint
-from lmfleet.train.config import PEAK_FLOPS, ObjectiveConfig, PretrainConfig
-from lmfleet.train.data import BatchPlan, dp_slice
+from lmfleet.train.config import PEAK_FLOPS, PretrainConfig
+from lmfleet.train.curriculum import Curriculum
+from lmfleet.train.data import BatchPlan, dp_slice, load_batch
 from lmfleet.train.early_stopping import EarlyStopping
+from lmfleet.train.loss import per_sample_ce
 from lmfleet.train.memory import PeakMemory, gather_record
-from lmfleet.train.objectives import IGNORE, ObjectiveTokens, make_example, sample_rng
+from lmfleet.train.objectives import IGNORE
 from lmfleet.train.optim import apply_hyperparams, build_optimizer, lr_multiplier
 from lmfleet.train.parallel import (
     Layout,
@@ -56,35 +57,6 @@ def build_schedule(cfg: PretrainConfig, sizes: dict[str, int]) -> MixingSchedule
     return MixingSchedule(start)
 
 
-def load_batch(ds: PackedDataset, indices: np.ndarray, pad_id: int, device, objective: ObjectiveConfig | None = None,
-               tokens: ObjectiveTokens | None = None, seed: int = 0, epochs: np.ndarray | None = None,
-               split: int = 0) -> tuple[torch.Tensor, ...]:
-    """inputs, positions, targets for a set of samples: next-token prediction (targets of pad tokens ignored), or
-    `objective`'s examples, each sample's corruption seeded by (seed, sample, epoch, split)."""
-    rows = [ds[int(i)] for i in indices]
-    if objective is None or objective.kind == "clm":
-        ids = torch.from_numpy(np.stack([r[0] for r in rows]))
-        positions = torch.from_numpy(np.stack([r[1] for r in rows]))
-        targets = ids[:, 1:].clone()
-        targets[targets == pad_id] = IGNORE
-        # contiguous: pipeline stages send these through gloo point-to-point
-        return ids[:, :-1].contiguous().to(device), positions[:, :-1].contiguous().to(device), targets.to(device)
-    epochs = np.zeros(len(indices), dtype=np.int64) if epochs is None else epochs
-
-    def other(rng):  # mlm_nsp's NotNext: a random sample of the same split
-        return ds[int(rng.integers(len(ds)))]
-
-    examples = [make_example(objective, t, p, sample_rng(seed, int(i), int(e), split), tokens, other)
-                for (t, p), i, e in zip(rows, indices, epochs, strict=True)]
-    return tuple(torch.from_numpy(np.stack([getattr(x, k) for x in examples])).contiguous().to(device)
-                 for k in ("inputs", "positions", "targets"))
-
-
-def per_sample_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return ce.view(targets.shape).sum(dim=1)
-
-
 class Trainer:
     """Holds the parallel model, optimizer and data plan of one worker; steps and checkpoints them."""
 
@@ -103,7 +75,12 @@ class Trainer:
         self.val_ds = PackedDataset(packed, "val") if "val" in index["splits"] else None
         self.sources = sorted(self.train_ds.source_ranges())
         sizes = {k: sum(b - a for a, b in r) for k, r in self.train_ds.source_ranges().items()}
-        self.plan = BatchPlan(self.train_ds.source_ranges(), cfg.batch.global_batch, seed, build_schedule(cfg, sizes))
+        curriculum = None
+        if inputs.curriculum_scores is not None:
+            scores = np.load(local_copy(inputs.curriculum_scores, "pretrain.curriculum") / "scores.npy")
+            curriculum = Curriculum(cfg.curriculum, scores, cfg.steps)
+        self.plan = BatchPlan(self.train_ds.source_ranges(), cfg.batch.global_batch, seed, build_schedule(cfg, sizes),
+                              curriculum)
         self.local_batch = cfg.batch.global_batch // self.layout.dp
         self.accum = self.local_batch // cfg.batch.micro_batch
 
@@ -289,6 +266,8 @@ class Trainer:
         }
         if self.plan.schedule is not None:
             metrics.update({f"weight/{k}": v for k, v in self.plan.schedule.weights(step + 1).items()})
+        if self.plan.curriculum is not None and step < self.plan.curriculum.steps:
+            metrics["curriculum_fraction"] = self.plan.curriculum.fraction(step)
         return metrics, batch
 
     def _count_nsp(self, first: torch.Tensor, labels: torch.Tensor) -> None:

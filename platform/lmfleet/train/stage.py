@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -27,6 +28,7 @@ from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
 from lmfleet.train import early_stopping
 from lmfleet.train.config import PretrainConfig
+from lmfleet.train.curriculum import Curriculum
 from lmfleet.train.memory import report_section, summary_line
 from lmfleet.train.objectives import NEEDS, TOKENS, ObjectiveTokens
 
@@ -69,6 +71,12 @@ def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir:
         else:  # a Llama / lmfleet model dir whose architecture the config agrees with
             location, _ = init_model(cfg, run_dir)
         inputs.append(Input("init_from", (location if uri.is_uri(location) else Path(location),)))
+    proxy = cfg.curriculum.proxy if cfg.curriculum is not None else None
+    if proxy is not None:
+        location = input_model(proxy, run_dir)
+        if proxy not in upstream:
+            checkpoint_model_config(location, "pretrain.curriculum.proxy")  # InputError when there is no model
+        inputs.append(Input("curriculum.proxy", (location if uri.is_uri(location) else Path(location),)))
     return inputs
 
 
@@ -106,6 +114,14 @@ def _resolved(cfg: PretrainConfig, index: dict, packed: str, run_dir=None) -> Pr
     if model.max_seq_len < index["seq_len"]:
         raise InputError(f"pretrain.model.max_seq_len {model.max_seq_len} < packed seq_len {index['seq_len']}")
     objective_tokens(cfg, packed, index)  # its special tokens are in the tokenizer
+    if cfg.curriculum is not None and cfg.curriculum.proxy is not None:
+        location = input_model(cfg.curriculum.proxy, run_dir)
+        proxy = checkpoint_model_config(location, "pretrain.curriculum.proxy")
+        if not proxy.causal or proxy.vocab_size < index["vocab_size"]:
+            raise InputError(f"pretrain.curriculum.proxy {location}: scores need a causal model over the packed data's "
+                             f"tokenizer ({index['vocab_size']} tokens); it has {proxy.vocab_size}"
+                             + ("" if proxy.causal else " and is an encoder"))
+        cfg = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"proxy": location})})
     if cfg.early_stopping is not None and not index["splits"].get("val", {}).get("num_samples"):
         raise InputError(f"pretrain.early_stopping: the packed data at {packed} has no val split to evaluate on "
                          "(set the data stage's pack.val_fraction)")
@@ -147,6 +163,31 @@ def objective_tokens(cfg: PretrainConfig, packed: str, index: dict) -> Objective
                            sentence_end=ends, **ids)
 
 
+def curriculum_scores(cfg: PretrainConfig, packed: str, index: dict, out: Path | str) -> tuple[str, dict]:
+    """Score every train sample (lmfleet.train.scoring) into out/curriculum/scores.npy, which every worker (and a
+    search's every trial) reads; returns that dir and the report's curriculum section."""
+    import io
+
+    import numpy as np
+
+    from lmfleet.train.scoring import compute_scores
+
+    c = cfg.curriculum
+    scores = compute_scores(packed, index, c, c.proxy)
+    where = outputs.child(out, "curriculum")
+    buffer = io.BytesIO()
+    np.save(buffer, scores)
+    outputs.write_bytes(outputs.child(where, "scores.npy"), buffer.getvalue())
+    steps = Curriculum(c, scores, cfg.steps).steps
+    q = np.quantile(scores, [0, 0.5, 1]).tolist() if len(scores) else [0.0] * 3
+    what = "mean document length" if c.score == "length" else f"loss of {c.proxy}"
+    section = {**c.model_dump(), "steps": steps, "scores": {"min": q[0], "median": q[1], "max": q[2]},
+               "summary": f"curriculum: {c.score} scores ({what}) {q[0]:.2f}-{q[2]:.2f}, median {q[1]:.2f}; "
+                          f"{'easiest' if c.order == 'easy_first' else 'hardest'} {c.start_fraction:.0%} at step 0, "
+                          f"every sample from step {steps} ({c.pacing} pacing)"}
+    return str(where), section
+
+
 @dataclass(frozen=True)
 class PretrainInputs:
     """What the driver hands each pretraining worker (paths or URIs: workers read a URI through a node-local
@@ -159,16 +200,18 @@ class PretrainInputs:
     samples: LineLog | None = None  # log_samples: every step's sample ids
     init_from: str | None = None  # the checkpoint whose weights the model starts from (resolved init_from)
     objective_tokens: ObjectiveTokens | None = None  # the ids the objective uses (None: clm)
+    curriculum_scores: str | None = None  # the dir holding scores.npy (a path or URI; None: no curriculum)
 
 
 def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
            samples: LineLog | None = None, init_checkpoint=None, callbacks=(), export: bool = True,
-           steps: int | None = None, tags: dict | None = None):
+           steps: int | None = None, tags: dict | None = None, curriculum: str | None = None):
     """One training run of `cfg` (lmfleet.runtime), writing to `out` (model/: a path or URI),
     `metrics` and `samples` (logs of the driver's node, lmfleet.runlog), and its checkpoints to
     `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without checkpoints of
     its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the schedule still
-    spans cfg.steps). tags: added to every metrics record."""
+    spans cfg.steps). tags: added to every metrics record. curriculum: the dir of its scores.npy
+    (curriculum_scores)."""
     from lmfleet.train.loop import train_loop_per_worker
 
     packed = cfg.data  # resolved by the caller (workers run in other working dirs): an absolute path or a URI
@@ -180,6 +223,7 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
         use_gpu=use_gpu,
         samples=samples if cfg.log_samples else None, init_from=cfg.init_from,
         objective_tokens=objective_tokens(cfg, packed, index),
+        curriculum_scores=curriculum,
     )
     run = WorkerRun(cfg, None, inputs, seed, stage, metrics, tags=tags or {}, init_checkpoint=init_checkpoint,
                     stop_at=steps or cfg.steps, export=export)
@@ -190,14 +234,18 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     check_inputs(cfg, run_dir=ctx.run_dir)
     packed = packed_dir(cfg, ctx.run_dir)
     cfg = _resolved(cfg, read_index(packed), packed, ctx.run_dir).model_copy(update={"data": packed})
+    scores, curriculum = None, None
+    if cfg.curriculum is not None:
+        with ctx.step("curriculum"):
+            scores, curriculum = curriculum_scores(cfg, packed, read_index(packed), ctx.out)
     if cfg.tune is not None:
         from lmfleet.tune.search import run_search
 
-        return run_search(cfg, ctx, launch)
+        return run_search(cfg, ctx, partial(launch, curriculum=scores))
     with ctx.step("train"):
         log = ctx.metrics.for_workers()
         result = launch(cfg, ctx.out, log, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export,
-                        samples=log.child(ctx.out_dir / "samples.jsonl"))
+                        samples=log.child(ctx.out_dir / "samples.jsonl"), curriculum=scores)
     history = ctx.history("loss")
     final = history[-1] if history else {}
     report = {
@@ -208,6 +256,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         "mfu": final.get("mfu"), "world_sizes": sorted({h["world_size"] for h in history}),
         "checkpoint": checkpoint_uri(result.checkpoint),
     }
+    if curriculum is not None:
+        report["curriculum"] = curriculum
     if cfg.early_stopping is not None:
         record = next((e for e in reversed(ctx.history("event")) if e["event"] == "early_stopping"), None)
         report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, record, cfg.steps)
@@ -227,5 +277,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
          if "export" in report else [])
     if "early_stopping" in report:
         report["summary"].insert(1, report["early_stopping"]["summary"])
+    if curriculum is not None:
+        report["summary"].insert(1, curriculum["summary"])
     report["summary"] += summary_line(memory)
     return ctx.write_report(report)
