@@ -73,3 +73,32 @@ def test_optimizer_parity_with_single_process(layout, packed, optimizer_referenc
     for got, want in zip(steps, reference, strict=True):
         assert abs(got["loss"] - want["loss"]) <= REL_TOL * abs(want["loss"]), (layout, got["step"], got["loss"],
                                                                                 want["loss"])
+
+
+MOE = {"num_experts": 4, "top_k": 2, "capacity_factor": 1.0}  # capacity 1.0: some assignments are dropped
+MOE_LAYOUTS = {
+    "moe-ddp": dict(parallel__strategy="ddp"),
+    "moe-fsdp": dict(parallel__strategy="fsdp"),
+    "moe-zero2": dict(parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=2),
+}
+
+
+@pytest.fixture(scope="session")
+def moe_reference(packed, tmp_path_factory):
+    steps, _ = pretrain(tmp_path_factory.mktemp("moe"), packed, parallel__strategy="none", model__moe=MOE)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    for s in steps:  # each step's share of the assignments per expert, the auxiliary losses, the dropped share
+        assert sum(s[f"expert_load/{e}"] for e in range(4)) == pytest.approx(1.0)
+        assert 0.9 < s["moe_aux_loss"] < 1.5 and s["moe_z_loss"] > 0  # ~1 when balanced
+    assert max(s["moe_dropped"] for s in steps) > 0
+    return steps
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_moe_parity_with_single_process(layout, packed, moe_reference, tmp_path):
+    steps, _ = pretrain(tmp_path, packed, name=layout, model__moe=MOE, scaling__num_workers=2, **MOE_LAYOUTS[layout])
+    for got, want in zip(steps, moe_reference, strict=True):
+        assert abs(got["loss"] - want["loss"]) <= REL_TOL * abs(want["loss"]), (layout, got["step"], got["loss"],
+                                                                                want["loss"])
+        assert got["moe_aux_loss"] == pytest.approx(want["moe_aux_loss"], rel=1e-4)
+        assert got["expert_load/0"] == pytest.approx(want["expert_load/0"], rel=1e-4)

@@ -9,6 +9,24 @@ from pydantic import Field, model_validator
 from lmfleet.config import StrictModel
 
 
+class MoEConfig(StrictModel):
+    """`model.moe`: sparse Mixture-of-Experts feed-forward layers (lmfleet.model.moe)."""
+
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1, description="Experts per token (1: Switch; 2: Mixtral).")
+    capacity_factor: float | None = Field(None, gt=0, description="Assignments an expert takes per forward "
+                                          "pass, x tokens x top_k / experts; null: dropless.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Load-balancing loss (Switch) weight.")
+    z_loss_coef: float = Field(0.001, ge=0, description="Router z-loss (ST-MoE) weight.")
+    every_n_layers: int = Field(1, ge=1, description="Every n-th layer is MoE (the last of each n); 1: all.")
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} is more than num_experts {self.num_experts}")
+        return self
+
+
 class ModelConfig(StrictModel):
     vocab_size: int | None = Field(None, ge=2, description="Default: the data stage tokenizer's vocab size.")
     n_layers: int = Field(4, ge=1)
@@ -33,6 +51,7 @@ class ModelConfig(StrictModel):
     causal: bool = Field(True, description="False: a bidirectional encoder (each token attends to its whole "
                                            "document segment), for objective mlm / mlm_nsp; ties the embeddings "
                                            "unless tie_embeddings is set.")
+    moe: MoEConfig | None = Field(None, description="Mixture-of-Experts feed-forward layers; null: dense.")
     init_std: float = Field(0.02, gt=0)
     attention_impl: Literal["sdpa", "flex"] = Field(
         "sdpa", description="sdpa: a dense boolean mask (or is_causal where every row is one document); "
@@ -75,6 +94,9 @@ class ModelConfig(StrictModel):
             return 8 * ((8 * self.d_model // 3 + 7) // 8)
         return 4 * self.d_model
 
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i % self.moe.every_n_layers == self.moe.every_n_layers - 1
+
     def layer_kind(self, i: int) -> str:
         return self.attention[i % len(self.attention)]
 
@@ -82,12 +104,27 @@ class ModelConfig(StrictModel):
     def llama_compatible(self) -> bool:
         """Exportable as HF LlamaForCausalLM with identical logits."""
         return (self.positions == "rope" and self.norm == "rmsnorm" and self.activation == "swiglu"
-                and self.norm_placement == "pre" and "local" not in self.attention and self.causal)
+                and self.norm_placement == "pre" and "local" not in self.attention and self.causal and self.moe is None)
+
+    @property
+    def mixtral_compatible(self) -> bool:
+        """Exportable as HF MixtralForCausalLM with identical logits: Llama's attention, every layer MoE,
+        dropless, top_k >= 2 (Mixtral renormalizes the k gates)."""
+        m = self.moe
+        dense = self.model_copy(update={"moe": None})
+        return (m is not None and dense.llama_compatible and m.every_n_layers == 1 and m.capacity_factor is None
+                and m.top_k >= 2)
 
     def flops_params(self, params: int, embedding: int) -> int:
         """The parameters whose matmuls a token pays for, of `params` in all with an input embedding of
-        `embedding`: all but that lookup, though a tied output projection still costs its matmul."""
-        return params if self.tie_embeddings else params - embedding
+        `embedding`: all but that lookup, though a tied output projection still costs its matmul; of an MoE
+        layer's experts only the top_k a token goes to."""
+        active = params if self.tie_embeddings else params - embedding
+        if self.moe is not None:
+            expert = (3 if self.activation == "swiglu" else 2) * self.d_model * self.hidden_dim
+            moe_layers = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+            active -= moe_layers * (self.moe.num_experts - self.moe.top_k) * expert
+        return active
 
     def flops_per_token(self, params: int, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B): 6 x params outside the input embedding

@@ -2,7 +2,8 @@
 
 Llama-compatible configs (RoPE, RMSNorm, SwiGLU, pre-LN, no sliding window) are saved as a HF
 `LlamaForCausalLM` dir (safetensors + config + tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads with identical logits: the input of the post-training stages. Other configs are saved in
+loads with identical logits: the input of the post-training stages. The same with dropless top-k (k >= 2)
+MoE in every layer: a `MixtralForCausalLM` dir. Other configs are saved in
 lmfleet's own format (`model.safetensors` + `lmfleet_model.json`), loaded by `load_model`.
 """
 
@@ -29,6 +30,9 @@ _TO_HF = [
     (r"^layers\.(\d+)\.attention\.wk\.", r"model.layers.\1.self_attn.k_proj."),
     (r"^layers\.(\d+)\.attention\.wv\.", r"model.layers.\1.self_attn.v_proj."),
     (r"^layers\.(\d+)\.attention\.wo\.", r"model.layers.\1.self_attn.o_proj."),
+    # MoE layers as HF Mixtral's per-expert names (transformers 5 merges them into its fused experts on load)
+    (r"^layers\.(\d+)\.feed_forward\.router\.", r"model.layers.\1.block_sparse_moe.gate."),
+    (r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.", r"model.layers.\1.block_sparse_moe.experts.\2.\3."),
     (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
     (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
     (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
@@ -60,18 +64,33 @@ def llama_config(cfg: ModelConfig, eos_id: int | None = None, pad_id: int | None
     )
 
 
+def mixtral_config(cfg: ModelConfig, eos_id: int | None = None, pad_id: int | None = None):
+    from transformers import MixtralConfig
+
+    dense = llama_config(cfg, eos_id, pad_id).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    return MixtralConfig(**{k: dense[k] for k in keep}, rope_theta=cfg.rope_theta, sliding_window=None,
+                         num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
+                         router_jitter_noise=0.0, router_aux_loss_coef=cfg.moe.aux_loss_coef,
+                         architectures=["MixtralForCausalLM"])
+
+
 def export_model(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path,
                  tokenizer_dir: Path | None = None, eos_id: int | None = None, pad_id: int | None = None) -> str:
-    """Write `state` (full, unsharded) to out_dir; returns the format written ("hf_llama" or "lmfleet")."""
+    """Write `state` (full, unsharded) to out_dir; returns the format written ("hf_llama", "hf_mixtral" or
+    "lmfleet")."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:
         state.pop("output.weight", None)  # safetensors refuses shared storage; tied on load
-    if cfg.llama_compatible:
-        llama_config(cfg, eos_id, pad_id).save_pretrained(str(out_dir))
+    if cfg.llama_compatible or cfg.mixtral_compatible:
+        hf = llama_config(cfg, eos_id, pad_id) if cfg.llama_compatible else mixtral_config(cfg, eos_id, pad_id)
+        hf.save_pretrained(str(out_dir))
         save_file({to_hf_name(k): v for k, v in state.items()}, str(out_dir / "model.safetensors"),
                   metadata={"format": "pt"})
-        fmt = "hf_llama"
+        fmt = "hf_llama" if cfg.llama_compatible else "hf_mixtral"
     else:
         (out_dir / OWN_CONFIG).write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
         save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -11,7 +11,7 @@ from pyarrow import fs
 
 from lmfleet import uri
 from lmfleet.errors import InputError
-from lmfleet.model.config import ModelConfig
+from lmfleet.model.config import ModelConfig, MoEConfig
 
 OWN_CONFIG = "lmfleet_model.json"
 # Settings of the run, not of the weights: a continued run may change them.
@@ -50,8 +50,16 @@ def llama_model_config(hf: dict, where: str) -> ModelConfig:
         raise InputError(f"{where}: {field} {value!r}: {why} (lmfleet imports LlamaForCausalLM checkpoints with "
                          "RoPE, RMSNorm, SwiGLU and no biases)")
 
-    if hf.get("model_type") != "llama":
-        refuse("model_type", hf.get("model_type"), "not a Llama model")
+    if hf.get("model_type") not in ("llama", "mixtral"):
+        refuse("model_type", hf.get("model_type"), "not a Llama or Mixtral model")
+    moe = None
+    if hf["model_type"] == "mixtral":
+        if hf.get("sliding_window"):
+            refuse("sliding_window", hf["sliding_window"], "Mixtral's sliding window does not map")
+        if hf.get("router_jitter_noise"):
+            refuse("router_jitter_noise", hf["router_jitter_noise"], "router noise does not map")
+        moe = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.01))
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", hf["hidden_act"], "expected silu (SwiGLU)")
     for flag in ("attention_bias", "mlp_bias"):
@@ -68,6 +76,7 @@ def llama_model_config(hf: dict, where: str) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
+        moe=moe,
     )
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfleet.model.config import ModelConfig
+from lmfleet.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -192,7 +193,7 @@ class Block(nn.Module):
         self.local = cfg.layer_kind(layer) == "local"
         self.pre_norm = cfg.norm_placement == "pre"
         self.attention = Attention(cfg, cfg.sliding_window if self.local else None)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg, lambda: FeedForward(cfg)) if cfg.is_moe_layer(layer) else FeedForward(cfg)
         self.attention_norm = make_norm(cfg)
         self.ffn_norm = make_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -322,6 +322,17 @@ class PretrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _moe(self):
+        p = self.parallel
+        if self.model.moe is None:
+            return self
+        if p.tp_size > 1 or p.pp_size > 1:
+            raise ValueError("model.moe runs with data parallelism (none, ddp, fsdp, deepspeed): tp_size and pp_size 1")
+        if p.activation_checkpointing:
+            raise ValueError("model.moe: not with activation_checkpointing (recomputing a layer would route twice)")
+        return self
+
+    @model_validator(mode="after")
     def _curriculum(self):
         c = self.curriculum
         if c is not None and c.steps is not None and c.steps > self.steps:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from lmfleet.data.mixing import LossAdaptiveSchedule, MixingSchedule, PiecewiseSchedule
 from lmfleet.data.packing import PackedDataset
+from lmfleet.model import moe
 from lmfleet.model.export import load_weights, parameter_shapes
 from lmfleet.model.transformer import initial_value
 from lmfleet.outputs import publish, workdir
@@ -110,6 +111,7 @@ class Trainer:
                 model=self.model, optimizer=self.optimizer, config=ds_config)
             self.model = self.engine
         self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
+        moe.set_micro_batches(self._module(), self.accum)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stopping = EarlyStopping(cfg.early_stopping) if cfg.early_stopping else None
@@ -266,6 +268,7 @@ class Trainer:
         }
         if self.plan.schedule is not None:
             metrics.update({f"weight/{k}": v for k, v in self.plan.schedule.weights(step + 1).items()})
+        metrics.update(self._moe_metrics())
         if self.plan.curriculum is not None and step < self.plan.curriculum.steps:
             metrics["curriculum_fraction"] = self.plan.curriculum.fraction(step)
         return metrics, batch
@@ -275,6 +278,18 @@ class Trainer:
         t = self.objective_tokens
         pred = torch.where(first[:, t.isnext] > first[:, t.notnext], t.isnext, t.notnext)
         self._nsp += torch.tensor([float((pred == labels).sum()), float(len(labels))], device=self._nsp.device)
+
+    def _moe_metrics(self) -> dict:
+        """The MoE layers' auxiliary losses, dropped fraction and each expert's share of the assignments over this
+        step's forward passes (mean over layers and micro-batches, all ranks)."""
+        stats = moe.take_stats(self._module())
+        if stats is None:
+            return {}
+        stats = self._reduce(stats.to(self.device)).cpu()
+        passes = float(stats[0])
+        out = {"moe_aux_loss": float(stats[1]) / passes, "moe_z_loss": float(stats[2]) / passes,
+               "moe_dropped": float(stats[3]) / passes}
+        return out | {f"expert_load/{e}": float(v) / passes for e, v in enumerate(stats[4:])}
 
     def evaluate(self) -> dict:
         if self.val_ds is None or len(self.val_ds) == 0:

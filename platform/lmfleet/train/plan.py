@@ -44,9 +44,12 @@ def layer_tensors(m: ModelConfig, i: int) -> list[Tensor]:
     norms = [Tensor(p + f"{n}.weight", (d,)) for n in ("attention_norm", "ffn_norm")]
     if m.norm == "layernorm":
         norms += [Tensor(p + f"{n}.bias", (d,)) for n in ("attention_norm", "ffn_norm")]
-    ffn = [Tensor(p + "feed_forward.w1.weight", (h, d), 0), Tensor(p + "feed_forward.w2.weight", (d, h), 1)]
-    if m.activation == "swiglu":
-        ffn.append(Tensor(p + "feed_forward.w3.weight", (h, d), 0))
+    experts = [f"experts.{e}." for e in range(m.moe.num_experts)] if m.is_moe_layer(i) else [""]
+    ffn = [Tensor(p + "feed_forward.router.weight", (m.moe.num_experts, d))] if m.is_moe_layer(i) else []
+    for x in experts:  # (MoE: never TP-sharded, the config refuses it)
+        ffn += [Tensor(p + f"feed_forward.{x}w1.weight", (h, d), 0), Tensor(p + f"feed_forward.{x}w2.weight", (d, h), 1)]
+        if m.activation == "swiglu":
+            ffn.append(Tensor(p + f"feed_forward.{x}w3.weight", (h, d), 0))
     return [
         Tensor(p + "attention.wq.weight", (m.n_heads * hd, d), 0),
         Tensor(p + "attention.wk.weight", (m.kv_heads * hd, d), 0),
