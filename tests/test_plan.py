@@ -33,6 +33,7 @@ def config(**parallel) -> PretrainConfig:
     {"positions": "learned", "norm": "layernorm", "activation": "gelu"},
     {"norm_placement": "post", "n_kv_heads": 1, "ffn_dim": 100, "activation": "relu"},
     {"attention": ["local", "global"], "sliding_window": 8, "n_layers": 3},
+    {"moe": {"num_experts": 4, "top_k": 1, "every_n_layers": 2}, "n_layers": 4},
 ])
 def test_parameter_counts_are_the_built_models(model):
     cfg = ModelConfig.model_validate({**MODEL, **model})
@@ -40,8 +41,11 @@ def test_parameter_counts_are_the_built_models(model):
     plan = plan_pretrain(PretrainConfig.model_validate({"data": "d", "model": cfg.model_dump()}), 512, 32)
     assert plan.params == sum(p.numel() for p in built.parameters())
     # The FLOPs count (as the training loop's MFU): parameters outside the input embedding, a tied output's too.
+    # MoE: a token pays for its top_k experts of each MoE layer
     outside = sum(p.numel() for n, p in built.named_parameters() if not n.startswith("tok_embeddings"))
-    assert plan.non_embedding_params == outside + (built.output.weight.numel() if cfg.tie_embeddings else 0)
+    experts = sum(p.numel() for n, p in built.named_parameters() if ".experts." in n)
+    inactive = experts * (1 - cfg.moe.top_k / cfg.moe.num_experts) if cfg.moe else 0
+    assert plan.non_embedding_params == outside - inactive + (built.output.weight.numel() if cfg.tie_embeddings else 0)
     assert plan.flops_per_token == 6 * plan.non_embedding_params + 12 * cfg.n_layers * cfg.d_model * 32
 
 

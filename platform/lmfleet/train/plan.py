@@ -207,7 +207,8 @@ def ddp_setup(s: Sharding, weights: int) -> int:
 @dataclass
 class Plan:
     params: int
-    non_embedding_params: int  # outside the input embedding (a tied output still costs its matmul): FLOPs
+    non_embedding_params: int  # outside the input embedding (a tied output still costs its matmul; MoE: a token's
+    # top_k experts only): FLOPs
     flops_per_token: float
     seq_len: int
     tokens_per_step: int
@@ -225,6 +226,7 @@ class Plan:
     tokens_per_s: float | None = None
     device_memory: int | None = None
     notes: list[str] = field(default_factory=list)
+    moe: bool = False  # Mixture of Experts: non_embedding_params counts a token's experts
 
     def as_dict(self) -> dict:
         return {**asdict(self), "memory": {**asdict(self.memory), "peak": self.memory.peak}}
@@ -299,7 +301,7 @@ def plan_pretrain(cfg: PretrainConfig, vocab_size: int, seq_len: int, world: int
     memory = RankMemory(weights, grads, optimizer, gathered, act * act_bytes, logits, ddp_setup(sharding, weights))
     tokens_per_step = cfg.batch.global_batch * seq_len
     plan = Plan(
-        params=params, non_embedding_params=non_embedding, flops_per_token=flops, seq_len=seq_len,
+        params=params, non_embedding_params=non_embedding, flops_per_token=flops, seq_len=seq_len, moe=m.moe is not None,
         tokens_per_step=tokens_per_step, total_tokens=tokens_per_step * cfg.steps,
         compute_optimal_tokens=CHINCHILLA_TOKENS_PER_PARAM * params, world=world,
         mesh={"pp": pp, "dp": dp, "tp": tp}, strategy=strategy, micro_batches_in_flight=in_flight,
@@ -335,7 +337,8 @@ def plan_lines(plan: Plan) -> list[str]:
     mem, mesh = plan.memory, plan.mesh
     ratio = plan.total_tokens / plan.params
     lines = [
-        f"parameters: {plan.params:,} ({plan.non_embedding_params:,} outside the input embedding)",
+        f"parameters: {plan.params:,} ({plan.non_embedding_params:,} outside the input embedding"
+        + (", a token's active ones)" if plan.moe else ")"),
         f"compute: {_count(plan.flops_per_token)}FLOPs per token; {plan.tokens_per_step:,} tokens per step "
         f"({plan.seq_len} per sample); {_count(plan.total_tokens)} tokens in all = {ratio:.1f} per parameter "
         f"(compute-optimal ~{CHINCHILLA_TOKENS_PER_PARAM}: {_count(plan.compute_optimal_tokens)} tokens)",
