@@ -26,7 +26,7 @@ def test_variant_trains(name):
     cfg = ModelConfig(**BASE, **VARIANTS[name])
     model = Transformer(cfg)
     if cfg.kv_heads < cfg.n_heads:
-        assert model.layers["0"].attention.wk.out_features == cfg.kv_heads * cfg.head_dim
+        assert model.layers["0"].attention.wk.out_features == cfg.kv_heads * cfg.dim_per_head
     # A learnable pattern: each sequence repeats a random 4-token motif.
     data = torch.randint(0, 64, (16, 4)).repeat(1, 5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -77,7 +77,7 @@ def test_an_encoder_reads_the_whole_document_and_no_other(variant):
         if variant == "llama_gqa":  # one document per row: no mask at all, and no is_causal either
             one = torch.arange(12)[None].repeat(2, 1)
             assert model.masks(one) == {"global": None}
-            h, rope = model.tok_embeddings(tokens[:, :12]), rope_cos_sin(one, cfg.head_dim, cfg.rope_theta)
+            h, rope = model.tok_embeddings(tokens[:, :12]), rope_cos_sin(one, cfg.dim_per_head, cfg.rope_theta)
             dense = {"global": attention_mask(one, None, causal=False)}
             block = model.layers["0"]
             torch.testing.assert_close(block(h, {"global": None}, rope), block(h, dense, rope), atol=1e-5, rtol=1e-5)
@@ -164,7 +164,7 @@ def test_one_document_per_row_takes_the_causal_path_without_a_mask():
     # SDPA's is_causal path equals the dense causal mask it replaces
     attention = model.layers["1"].attention
     x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(2))
-    rope = rope_cos_sin(single, cfg.head_dim, cfg.rope_theta)
+    rope = rope_cos_sin(single, cfg.dim_per_head, cfg.rope_theta)
     with torch.no_grad():
         torch.testing.assert_close(attention(x, None, rope), attention(x, attention_mask(single, None), rope),
                                    atol=1e-6, rtol=1e-5)

@@ -36,6 +36,11 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.train.stage:check_inputs",
         resumes=True,
     ),
+    "prune": _Entry(
+        "lmfleet.prune.config:PruneStageConfig",
+        "lmfleet.prune.stage:run_prune_stage",
+        "lmfleet.prune.stage:check_inputs",
+    ),
     "sft": _Entry(
         "lmfleet.posttrain.config:SFTStageConfig",
         "lmfleet.posttrain.sft:SFT.run",

@@ -33,6 +33,7 @@ class ModelConfig(StrictModel):
     d_model: int = Field(256, ge=8)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="None: = n_heads (MHA); 1: MQA; between: GQA.")
+    head_dim: int | None = Field(None, ge=2, description="None: d_model / n_heads (set where heads were pruned).")
     ffn_dim: int | None = Field(None, ge=1, description="Default: 4*d_model, or 8/3*d_model for SwiGLU.")
     activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
@@ -66,12 +67,12 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _shapes(self):
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.kv_heads > self.n_heads or self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+        if self.positions == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"rope needs an even head dim, got {self.dim_per_head}")
         if "local" in self.attention and self.sliding_window is None:
             raise ValueError("attention has local layers: set sliding_window")
         if self.attention_impl == "flex" and self.dropout > 0:
@@ -79,8 +80,8 @@ class ModelConfig(StrictModel):
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:

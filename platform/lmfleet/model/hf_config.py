@@ -69,11 +69,11 @@ def llama_model_config(hf: dict, where: str) -> ModelConfig:
     if (rope.get("rope_type") or "default") != "default" or hf.get("rope_scaling"):
         refuse("rope_parameters", rope or hf.get("rope_scaling"), "RoPE scaling does not map: plain rope_theta only")
     heads, d = hf["num_attention_heads"], hf["hidden_size"]
-    if hf.get("head_dim") not in (None, d // heads):
-        refuse("head_dim", hf["head_dim"], f"expected hidden_size / num_attention_heads = {d // heads}")
+    head_dim = hf.get("head_dim")
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=d, n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
+        head_dim=head_dim if head_dim not in (None, d // heads) or d % heads else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
         moe=moe,

@@ -142,7 +142,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
         self.cfg, self.window = cfg, window
-        hd = cfg.head_dim
+        hd = cfg.dim_per_head
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=False)
@@ -152,7 +152,7 @@ class Attention(nn.Module):
         """mask: boolean or additive (SDPA), a FlexMask, or None: causal only (SDPA's is_causal), or no mask
         at all for an encoder (`causal: false`)."""
         b, t, _ = x.shape
-        hd = self.cfg.head_dim
+        hd = self.cfg.dim_per_head
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, t, -1, hd).transpose(1, 2)
         k = self.wk(x).view(b, t, -1, hd).transpose(1, 2)
@@ -285,7 +285,7 @@ class Transformer(nn.Module):
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(positions)
             h = self.dropout(h)
-        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.positions == "rope" else None
+        rope = rope_cos_sin(positions, self.cfg.dim_per_head, self.cfg.rope_theta) if self.cfg.positions == "rope" else None
         masks = self.masks(positions)
         for layer in self.layers.values():
             h = layer(h, masks, rope)

@@ -185,7 +185,7 @@ def plan_posttrain(kind: str, cfg, models: dict[str, ModelConfig], world: int | 
         # The rollout: generation's KV cache (keys and values of every layer, every sampled sequence), then one
         # no-grad pass over them all for the log-probs (logits and their log-softmax).
         m = policy
-        kv = 2 * m.n_layers * m.kv_heads * m.head_dim * per_worker * seq * act_bytes
+        kv = 2 * m.n_layers * m.kv_heads * m.dim_per_head * per_worker * seq * act_bytes
         rollout = kv + 2 * 4 * per_worker * seq * m.vocab_size
     else:
         seqs = cfg.batch.micro_batch * (2 if kind in PAIRED else 1)

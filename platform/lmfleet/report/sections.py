@@ -86,6 +86,8 @@ def stage_section(run: RunView, stage: StageView) -> Section:
         body, plots = _pretrain(stage)
     elif stage.kind in RL_KINDS:
         body, plots = _rl(stage)
+    elif stage.kind == "prune":
+        body, plots = _prune(stage)
     else:
         body, plots = _hf(stage)
     status = {"skipped": "up to date: not re-run; its last run's results"}.get(stage.status, stage.status)
@@ -158,6 +160,25 @@ def _data(stage: StageView) -> tuple[str, int]:
     if extra:
         body += m.h3("dedup and filters") + m.kv({k: m.fmt(v) for k, v in extra.items()})
     return body, 1
+
+
+# -- pruning --
+
+def _prune(stage: StageView) -> tuple[str, int]:
+    r = stage.report
+    parts = [p for p in ("before", "pruned", "recovered") if p in r]
+    if not parts:
+        return "<p>the stage did not finish: no figures</p>", 0
+    fig, (a, b, c) = grid(3, 3)
+    bars(a, parts, [r[p]["val_perplexity"] for p in parts], "validation perplexity", "C3")
+    bars(b, parts, [r[p]["params"] for p in parts], "parameters", "C0")
+    bars(c, parts, [100 * r[p]["sparsity"] for p in parts], "prunable weights at zero (%)", "C2")
+    body = m.figure(data_uri(fig), "the model before pruning, pruned, and after recovery")
+    rows = [[p, r[p]["params"], r[p]["sparsity"], r[p]["val_loss"], r[p]["val_perplexity"]] for p in parts]
+    body += m.table(rows, ["model", "parameters", "zero fraction (prunable)", "val loss", "val perplexity"])
+    records = _steps(stage, "step")
+    uri = panels_figure(records, "step", [Panel("loss", ["loss", "val_loss"])]) if records else None
+    return body + (m.figure(uri, "recovery fine-tuning") if uri else ""), 1 + bool(uri)
 
 
 # -- training stages --

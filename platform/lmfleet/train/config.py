@@ -266,6 +266,8 @@ class PretrainConfig(StrictModel):
     mixing: MixingScheduleConfig | None = None
     curriculum: CurriculumConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None
+    keep_zeros: bool = Field(False, description="Hold the weights that are zero in init_from at zero (recovery "
+                                                "after magnitude pruning: the prune stage sets it).")
     log_every: int = Field(10, ge=1)
     log_samples: bool = Field(False, description="Write the sample ids of every step to samples.jsonl.")
     peak_flops: float | None = Field(None, gt=0, description="Per-device peak FLOP/s for MFU; None: known GPUs only.")
@@ -319,6 +321,13 @@ class PretrainConfig(StrictModel):
                     f"pipeline: {self.batch.global_batch // (dp * self.batch.micro_batch)} micro-batches per step "
                     f"(at {world} workers) is fewer than pp_size {p.pp_size}: raise global_batch or lower micro_batch"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _keep_zeros(self):
+        if self.keep_zeros and (self.init_from is None or self.parallel.strategy == "deepspeed"):
+            raise ValueError("keep_zeros needs init_from (the zeros to keep) and not deepspeed (its fp32 master "
+                             "weights would bring them back)")
         return self
 
     @model_validator(mode="after")

@@ -114,6 +114,9 @@ class Trainer:
         moe.set_micro_batches(self._module(), self.accum)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # keep_zeros: the block matrices' zeros of init_from (pruned weights) stay zero after every step
+        self.zeros = [(p, p.detach() == 0) for n, p in self.model.named_parameters()
+                      if cfg.keep_zeros and p.dim() == 2 and "layers." in n]
         self.stopping = EarlyStopping(cfg.early_stopping) if cfg.early_stopping else None
         self.objective_tokens = inputs.objective_tokens
         self._nsp = None  # mlm_nsp evaluation: [right, pairs] of this rank's next-sentence predictions
@@ -251,6 +254,9 @@ class Trainer:
             grad_norm = clip_grad_norm(self.params, self.cfg.optimizer.grad_clip, self.layout)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, zero in self.zeros:
+                    p.masked_fill_(zero, 0.0)
         if self.plan.schedule is not None and self.cfg.mixing and (step + 1) % self.cfg.mixing.update_every == 0:
             self.plan.schedule.update(step, per_source)
         if self.device.type == "cuda":

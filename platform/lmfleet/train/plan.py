@@ -39,7 +39,7 @@ class Tensor:
 def layer_tensors(m: ModelConfig, i: int) -> list[Tensor]:
     """The parameters of block i (names as in the model), with the dim the TP plan shards
     (lmfleet.train.parallel.apply_tp: colwise = output features, dim 0 of the weight; rowwise = dim 1)."""
-    d, hd, h = m.d_model, m.head_dim, m.hidden_dim
+    d, hd, h = m.d_model, m.dim_per_head, m.hidden_dim
     p = f"layers.{i}."
     norms = [Tensor(p + f"{n}.weight", (d,)) for n in ("attention_norm", "ffn_norm")]
     if m.norm == "layernorm":
@@ -238,7 +238,7 @@ def activation_elements(m: ModelConfig, tokens: int, tp: int) -> int:
     and their rotated copies (2 (n_heads + 2 kv_heads) head_dim, split by TP), the attention output and
     the out-projection's input (2 d), the FFN's up / gate projections, activation and product (4 hidden
     for SwiGLU, 2 for GeLU / ReLU, split by TP)."""
-    qkv = 2 * (m.n_heads + 2 * m.kv_heads) * m.head_dim // tp
+    qkv = 2 * (m.n_heads + 2 * m.kv_heads) * m.dim_per_head // tp
     ffn = (4 if m.activation == "swiglu" else 2) * m.hidden_dim // tp
     return tokens * (7 * m.d_model + qkv + ffn)
 
