@@ -5,7 +5,12 @@
 - objectives: clm vs fim vs span_infill, each on its own validation loss, and every causal model's plain
   left-to-right (clm) validation loss (FIM "for free": does rearranging half the documents cost left-to-right
   quality?);
-- optimizers: AdamW vs 8-bit AdamW (bitsandbytes): optimizer state bytes, final training and validation loss.
+- curriculum: clm with and without a length curriculum (validation loss);
+- Mixture of Experts: dense vs MoE at equal active parameters (4 experts of half the dense FFN, top 2):
+  validation loss and tokens/s;
+- optimizers: AdamW vs 8-bit AdamW (bitsandbytes): optimizer state bytes, final training and validation loss;
+- pruning: the clm model magnitude-pruned to 30 / 50 / 70% (global), validation perplexity as pruned and after
+  50 recovery steps.
 
 Without --data it first runs a data stage on ../shared/data (C4 and Shakespeare, 2,048-token BPE, 128-token
 samples). Each variant is a pretrain stage of one run config; all share seed, data order and initial weights.
@@ -34,7 +39,11 @@ VARIANTS = {
     "fim": {"objective": {"kind": "fim", "rate": 0.5}},
     "span_infill": {"objective": {"kind": "span_infill"}},
     "adamw_8bit": {"optimizer": {"name": "adamw_8bit", "lr": 3e-3}},
+    "curriculum": {"curriculum": {"score": "length", "start_fraction": 0.25}},
+    "moe": {"model": {**MODEL, "ffn_dim": 172, "moe": {"num_experts": 4, "top_k": 2}}},  # dense: 344 (SwiGLU of 128)
 }
+PRUNE = (0.3, 0.5, 0.7)
+RECOVERY = 50
 
 
 def data_stage() -> dict:
@@ -73,6 +82,12 @@ def clm_val_loss(model_dir: Path, packed: Path, batches: int = 8) -> float:
     return total / tokens
 
 
+def _params(model_dir: Path) -> int:
+    from lmfleet.model.export import load_model
+
+    return sum(p.numel() for p in load_model(model_dir).parameters())
+
+
 def optimizer_bytes(name: str, vocab: int) -> int:
     """Optimizer state bytes after one step of the benchmark's model."""
     from lmfleet.model import ModelConfig, Transformer
@@ -96,6 +111,11 @@ def main() -> None:
         stages = {} if args.data else {"data": data_stage()}
         data = str(args.data.resolve()) if args.data else "data"
         stages.update({name: pretrain_stage(data, args.steps, **over) for name, over in VARIANTS.items()})
+        for sparsity in PRUNE:
+            for steps in (0, RECOVERY):
+                stages[f"prune{int(100 * sparsity)}_{steps}"] = {
+                    "kind": "prune", "model": "clm", "data": data, "sparsity": sparsity, "eval_batches": 8,
+                    "recovery": {"steps": steps, "batch": BATCH, "scaling": {"num_workers": 1, "cpus_per_worker": 2}}}
         path = work / "recipes.yaml"
         path.write_text(yaml.safe_dump({"name": "recipes", "output_dir": str(work / "run"), "stages": stages}, sort_keys=False))
         proc = subprocess.run([sys.executable, "-m", "lmfleet.cli", "run", str(path)], capture_output=True, text=True)
@@ -107,7 +127,7 @@ def main() -> None:
         reports = {name: json.loads((run / name / "report.json").read_text()) for name in VARIANTS}
         print(f"settings: model {MODEL}, batch {BATCH}, {args.steps} steps, vocab {vocab}, torch {torch.__version__}")
         print("objectives (each on its own validation loss; clm val loss: every model read left to right):")
-        print("| objective | final train loss | own val loss | clm val loss | clm val perplexity | tokens/s |")
+        print("| objective | final train loss | own val loss | clm val loss | clm val perplexity | target tokens/s |")
         print("|---|---|---|---|---|---|")
         for name in ("clm", "fim", "span_infill"):
             r = reports[name]
@@ -121,6 +141,27 @@ def main() -> None:
             r = reports[name]
             print(f"| {opt} | {optimizer_bytes(opt, vocab):,} | {r['final_loss']:.4f} | {r['val_loss']:.4f} | "
                   f"{r['tokens_per_s']:,.0f} |")
+        print("curriculum (clm):")
+        print("| run | final train loss | val loss |")
+        print("|---|---|---|")
+        for name in ("clm", "curriculum"):
+            print(f"| {name} | {reports[name]['final_loss']:.4f} | {reports[name]['val_loss']:.4f} |")
+        print("dense vs MoE at equal active parameters:")
+        print("| model | parameters | val loss | tokens/s |")
+        print("|---|---|---|---|")
+        for name in ("clm", "moe"):
+            count = _params(run / name / "model")
+            print(f"| {'dense' if name == 'clm' else 'MoE 4 x top 2'} | {count:,} | {reports[name]['val_loss']:.4f} | "
+                  f"{reports[name]['tokens_per_s']:,.0f} |")
+        print("magnitude pruning of the clm model (global):")
+        print(f"| sparsity | val perplexity, pruned | after {RECOVERY} recovery steps |")
+        print("|---|---|---|")
+        print(f"| 0 | {math.exp(reports['clm']['val_loss']):.2f} | |")
+        for sparsity in PRUNE:
+            pruned = json.loads((run / f"prune{int(100 * sparsity)}_0" / "report.json").read_text())
+            recovered = json.loads((run / f"prune{int(100 * sparsity)}_{RECOVERY}" / "report.json").read_text())
+            print(f"| {pruned['pruned']['sparsity']:.0%} | {pruned['pruned']['val_perplexity']:.2f} | "
+                  f"{recovered['recovered']['val_perplexity']:.2f} |")
 
 
 if __name__ == "__main__":
