@@ -237,9 +237,15 @@ def activation_elements(m: ModelConfig, tokens: int, tp: int) -> int:
     kernels keep no score matrix): the block input and the two norms' inputs and outputs (5 d), q, k, v
     and their rotated copies (2 (n_heads + 2 kv_heads) head_dim, split by TP), the attention output and
     the out-projection's input (2 d), the FFN's up / gate projections, activation and product (4 hidden
-    for SwiGLU, 2 for GeLU / ReLU, split by TP)."""
+    for SwiGLU, 2 for GeLU / ReLU, split by TP). An MoE layer runs the FFN for each of a token's top_k experts,
+    on a gathered copy of its input, and keeps the gated output and the router's logits and probabilities
+    (averaged over the layers: MoE layers' share; counted, not measured)."""
     qkv = 2 * (m.n_heads + 2 * m.kv_heads) * m.dim_per_head // tp
     ffn = (4 if m.activation == "swiglu" else 2) * m.hidden_dim // tp
+    if m.moe is not None:
+        share = sum(m.is_moe_layer(i) for i in range(m.n_layers)) / m.n_layers
+        routed = m.moe.top_k * (ffn + 2 * m.d_model) + 2 * m.moe.num_experts
+        ffn = round(ffn + share * (routed - ffn))
     return tokens * (7 * m.d_model + qkv + ffn)
 
 
