@@ -46,9 +46,11 @@ def test_pretraining_stops_when_validation_loss_rises_and_exports_the_best_step(
     assert json.loads((tmp_path / "stopped" / "pretrain" / "ray" / "train" / "step_00000004" / "trainer_state.json")
                       .read_text())["early_stopping"]["stopped_at"] == 4  # its last checkpoint is where it stopped
 
-    pretrain(tmp_path, packed, name="two", steps=2, parallel__strategy="none", **common)
+    # The same layout (FSDP, 2 ranks): at lr 0.2 Adam turns fp32 rounding between layouts into steps of up to
+    # the lr where a gradient is ~0 (3.6e-3 seen against one process), so compare like with like.
+    pretrain(tmp_path, packed, name="two", steps=2, parallel__strategy="fsdp", scaling__num_workers=2, **common)
     got = load_file(tmp_path / "stopped" / "pretrain" / "model" / "model.safetensors")
     want = load_file(tmp_path / "two" / "pretrain" / "model" / "model.safetensors")
     assert got.keys() == want.keys()
-    for k in want:  # FSDP vs one process (fp32 rounding, 2e-5 seen); step 4's weights are ~0.2 away at this lr
-        assert (got[k] - want[k]).abs().max() < 1e-3, k
+    for k in want:  # step 4's weights are ~0.2 away at this lr
+        assert (got[k] - want[k]).abs().max() < 1e-6, k

@@ -42,11 +42,10 @@ def test_parity_with_single_process(name, packed, reference, tmp_path):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
 
 
-# Each optimizer where its states meet shards: LAMB's per-tensor norms over FSDP2 / TP DTensor shards,
+# Each optimizer where its states meet shards: LAMB's per-tensor norms over FSDP2's DTensor shards,
 # 8-bit AdamW's states partitioned by ZeRO-2 (flat fp32 partitions) and replicated under DDP.
 OPTIMIZER_LAYOUTS = {
     "lamb-fsdp": ("lamb", dict(parallel__strategy="fsdp", scaling__num_workers=2)),
-    "lamb-tp2": ("lamb", dict(parallel__strategy="fsdp", parallel__tp_size=2, scaling__num_workers=2)),
     "adamw_8bit-ddp": ("adamw_8bit", dict(parallel__strategy="ddp", scaling__num_workers=2)),
     "adamw_8bit-zero2": ("adamw_8bit", dict(parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=2,
                                             scaling__num_workers=2)),

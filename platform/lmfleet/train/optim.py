@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -98,9 +97,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     if cfg.name == "adamw_8bit":
         # bitsandbytes' blockwise 8-bit states (Dettmers et al. 2022: 256-element blocks, dynamic quantization
         # maps): its CPU kernels run here. Tensors under min_8bit_size (4096) elements keep fp32 states.
-        # Its import warns, on CPU, that a kernel for 4-bit matmuls (unused here) is not installed.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-        import bitsandbytes
+        import bitsandbytes  # (its CPU warning about 4-bit kernels is silenced in lmfleet/__init__.py)
 
         return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                             min_8bit_size=MIN_8BIT_SIZE)
