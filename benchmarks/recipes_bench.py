@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -62,24 +61,13 @@ def pretrain_stage(data: str, steps: int, **over) -> dict:
 
 
 def clm_val_loss(model_dir: Path, packed: Path, batches: int = 8) -> float:
-    """Left-to-right loss of an exported causal model on the first batches of the val split (as the stage
-    evaluates clm)."""
-    from lmfleet.data.packing import PackedDataset
+    """Left-to-right loss of an exported causal model on the first batches of the val split (the samples the
+    stages evaluate on)."""
     from lmfleet.model.export import load_model
-    from lmfleet.train.data import load_batch
-    from lmfleet.train.loss import per_sample_ce
+    from lmfleet.prune.stage import val_loss
 
-    model = load_model(model_dir).eval()
-    ds = PackedDataset(packed, "val")
     pad = json.loads((packed / "index.json").read_text())["pad_id"]
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for b in range(batches):
-            idx = np.arange(b * BATCH["global_batch"], (b + 1) * BATCH["global_batch"]) % len(ds)
-            inputs, positions, targets = load_batch(ds, idx, pad, torch.device("cpu"))
-            total += float(per_sample_ce(model(inputs, positions), targets).sum())
-            tokens += int((targets != -100).sum())
-    return total / tokens
+    return val_loss(load_model(model_dir).eval(), str(packed), batches, BATCH["global_batch"], pad)
 
 
 def _params(model_dir: Path) -> int:

@@ -289,9 +289,8 @@ class HFStage(PostTrainStage):
             report["memory"] = memory
         stopping = []
         if cfg.early_stopping is not None:
-            record = next((e for e in reversed(ctx.history("event")) if e["event"] == "early_stopping"), {})
-            report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, record,
-                                                                     record.get("max_steps", report["steps"]))
+            report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, ctx.history("event"),
+                                                                     report["steps"])
             stopping = [report["early_stopping"]["summary"]]
         report["summary"] = [
             f"records: {counts['train']} train, {counts['val']} val, {counts['rejected']} quarantined "

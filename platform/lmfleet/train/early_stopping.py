@@ -59,11 +59,14 @@ class EarlyStopping:
             setattr(self, k, v)
 
 
-def report_section(cfg: EarlyStoppingConfig, summary: dict | None, steps: int) -> dict:
-    """The stage report's `early_stopping` from the trainer's last `summary()` record, with a summary line."""
+def report_section(cfg: EarlyStoppingConfig, events: list[dict], steps: int) -> dict:
+    """The stage report's `early_stopping`, with a summary line, from the stage's event records: the trainer's
+    last `summary()` record (`event: early_stopping`; its `max_steps`, where the trainer logs one, over `steps`)."""
+    summary = next((e for e in reversed(events) if e.get("event") == "early_stopping"), {})
+    steps = summary.get("max_steps", steps)
     keys = ("metric", "best", "best_step", "stopped_at", "reason")
     section = {"metric": cfg.metric, "patience": cfg.patience, "min_delta": cfg.min_delta,
-               **{k: v for k, v in (summary or {}).items() if k in keys}}
+               **{k: v for k, v in summary.items() if k in keys}}
     if section.get("stopped_at") is not None:
         line = f"early stopping: stopped at step {section['stopped_at']} of {steps}: {section['reason']}"
     elif section.get("best") is not None:

@@ -259,8 +259,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     if curriculum is not None:
         report["curriculum"] = curriculum
     if cfg.early_stopping is not None:
-        record = next((e for e in reversed(ctx.history("event")) if e["event"] == "early_stopping"), None)
-        report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, record, cfg.steps)
+        report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, ctx.history("event"), cfg.steps)
     memory = report_section(ctx.history("memory_per_rank"))
     if memory:
         report["memory"] = memory
