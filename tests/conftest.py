@@ -56,14 +56,21 @@ def write_config(path: Path, config: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def packed(tmp_path_factory, ray_local):
-    """A small data stage output (C4 docs) shared by the pretraining tests."""
+    """A small data stage output (C4 docs, Shakespeare) shared by the pretraining tests. The C4 records carry a
+    numeric field `quality` (their type-token ratio; missing on every 10th), packed as a column."""
     out = tmp_path_factory.mktemp("data")
+    c4 = tmp_path_factory.mktemp("c4") / "c4_demo.jsonl"  # the shared file's name: the same document ids
+    with c4.open("w", encoding="utf-8") as f:
+        for i, line in enumerate(shared("c4_demo.jsonl").read_text(encoding="utf-8").splitlines()):
+            record = json.loads(line)
+            words = record["text"].split()
+            f.write(json.dumps(record if i % 10 == 0 else {**record, "quality": len(set(words)) / len(words)}) + "\n")
     cfg = {"name": "d", "output_dir": str(out), "stages": {"data": {
-        "sources": [{"name": "c4", "format": "jsonl", "paths": [str(shared("c4_demo.jsonl"))]},
+        "sources": [{"name": "c4", "format": "jsonl", "paths": [str(c4)]},
                     {"name": "plays", "format": "text", "text_unit": "block",
                      "paths": [str(shared("tinyshakespeare.txt"))]}],
         "tokenizer": {"vocab_size": 512},
-        "pack": {"seq_len": 32, "val_fraction": 0.05},
+        "pack": {"seq_len": 32, "val_fraction": 0.05, "columns": ["quality"]},
     }}}
     run(load_run(write_config(out / "c.yaml", cfg)))
     return out / "data"

@@ -65,6 +65,16 @@ def test_cross_field_checks(tmp_path):
         load_run(path)
 
 
+def test_pack_columns_are_field_names(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _with(pack={"columns": ["quality", "../x", "tokens"]}))
+    with pytest.raises(ConfigError, match=r"stages.data.pack.columns: .*\['../x', 'tokens'\]: a column is a top-level "
+                                          "field name"):
+        load_run(path)
+    path = write_config(tmp_path / "c.yaml", _with(pack={"columns": ["q", "q"]}))
+    with pytest.raises(ConfigError, match="a column is named twice"):
+        load_run(path)
+
+
 def test_stage_names_are_folder_names(tmp_path):
     path = write_config(tmp_path / "c.yaml", {"name": "t", "stages": {"/data": {"kind": "data"}}})
     with pytest.raises(ConfigError, match="stage name '/data'"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lmfleet.data.mixing import MixingSchedule
+from lmfleet.errors import InputError
 from lmfleet.train.config import CurriculumConfig
 from lmfleet.train.curriculum import Curriculum, length_scores
 from lmfleet.train.data import BatchPlan
@@ -29,6 +30,9 @@ def test_order_and_pool():
     assert Curriculum(CurriculumConfig(order="hard_first"), scores, 8).ordered(np.arange(8)).tolist()[:2] == [4, 6]
     assert sorted(c.draw(c.ordered(np.arange(8)), 4, 0, seed=1).tolist()) == [1, 1, 3, 3]  # 2 in the pool at step 0
     assert set(c.draw(c.ordered(np.arange(8)), 8, 2, seed=1).tolist()) == {1, 3, 5, 2, 7}  # ceil(0.625 x 8)
+    unscored = np.array([2.0, np.nan, 1.0, 3.0])  # column scores: NaN (no value) last in either order
+    assert Curriculum(CurriculumConfig(), unscored, 8).ordered(np.arange(4)).tolist() == [2, 0, 3, 1]
+    assert Curriculum(CurriculumConfig(order="hard_first"), unscored, 8).ordered(np.arange(4)).tolist() == [3, 0, 2, 1]
 
 
 def test_length_scores():
@@ -65,21 +69,33 @@ def test_plan_with_a_curriculum_is_deterministic_and_resumes_exactly(mixing):
     assert len({i for b in after for i in b}) == 60
 
 
-def test_pretraining_with_length_and_loss_curricula(packed, tmp_path):
-    """A clm stage, then one ordered by its loss and one by length: their first steps draw from the easiest
-    quarter of the samples by the scores they wrote."""
+def test_pretraining_with_length_loss_and_column_curricula(packed, tmp_path):
+    """A clm stage, then one ordered by its loss, one by length and one by the packed column `quality` (hardest
+    first): their first steps draw from the first quarter of the samples by the scores they wrote."""
     stages = {
         "proxy": {"kind": "pretrain", **pretrain_stage(packed, steps=5, export=True)},
         "by_loss": {"kind": "pretrain", **pretrain_stage(packed, steps=8, log_samples=True,
                                                          curriculum={"score": "loss", "proxy": "proxy", "steps": 4})},
         "by_length": {"kind": "pretrain", **pretrain_stage(packed, steps=8, log_samples=True,
                                                            curriculum={"steps": 4, "pacing": "step", "buckets": 2})},
+        "by_column": {"kind": "pretrain", **pretrain_stage(packed, steps=8, log_samples=True, curriculum={
+            "score": "column:quality", "order": "hard_first", "steps": 4})},
     }
     report, out = run_stages(tmp_path, stages)
-    for name in ("by_loss", "by_length"):
+    index = json.loads((packed / "packed" / "index.json").read_text())
+    quality = np.concatenate([np.load(packed / "packed" / s["columns"]["quality"])
+                              for s in index["splits"]["train"]["shards"]])
+    for name in ("by_loss", "by_length", "by_column"):
         scores = np.load(out / name / "curriculum" / "scores.npy")
-        assert len(scores) == json.loads((packed / "packed" / "index.json").read_text())["splits"]["train"]["num_samples"]
-        easiest = set(np.argsort(scores, kind="stable")[: int(np.ceil(0.25 * len(scores)))].tolist())
+        assert len(scores) == index["splits"]["train"]["num_samples"]
+        first = int(np.ceil(0.25 * len(scores)))
+        if name == "by_column":  # the packed column as it is; samples without a value (Shakespeare's) never first
+            assert np.array_equal(scores, quality, equal_nan=True) and 0 < np.isnan(scores).sum() < len(scores) - first
+            scored = np.flatnonzero(~np.isnan(scores))
+            easiest = set(scored[np.argsort(-scores[scored], kind="stable")][:first].tolist())
+            assert report["stages"][name]["curriculum"]["unscored_samples"] == np.isnan(scores).sum()
+        else:
+            easiest = set(np.argsort(scores, kind="stable")[:first].tolist())
         steps = [json.loads(x) for x in (out / name / "samples.jsonl").read_text().splitlines()]
         assert all(set(s["samples"]) <= easiest for s in steps if s["step"] == 1)
         assert not all(set(s["samples"]) <= easiest for s in steps if s["step"] == 8)  # every sample by then
@@ -88,3 +104,10 @@ def test_pretraining_with_length_and_loss_curricula(packed, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     fractions = [x["curriculum_fraction"] for x in lines if x.get("stage") == "by_length" and "curriculum_fraction" in x]
     assert fractions == [0.25, 0.25, 0.625, 0.625]
+
+
+def test_a_column_the_data_did_not_pack_is_an_input_error(packed, tmp_path):
+    stages = {"p": {"kind": "pretrain", **pretrain_stage(packed, steps=2, curriculum={"score": "column:length"})}}
+    with pytest.raises(InputError, match=r"curriculum.score 'column:length': the packed data at .* has no column "
+                                         r"'length' \(it has \['quality'\]\): add it to the data stage's pack.columns"):
+        run_stages(tmp_path, stages)

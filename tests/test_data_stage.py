@@ -47,7 +47,11 @@ def corpus(tmp_path_factory):
     c4 = [json.loads(line) for line in shared("c4_demo.jsonl").read_text().splitlines()]
     vocab = sorted({w for d in c4 for w in d["text"].split()})
     (root / "web").mkdir()
-    (root / "web" / "c4.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in c4))
+    # `quality` (packed as a column): a float, an int, a string (not a number) or missing
+    quality = [{} if i % 10 == 0 else {"quality": "0.5"} if i % 10 == 1 else {"quality": i % 7} if i % 10 == 2
+               else {"quality": len(d["text"]) % 101 / 10} for i, d in enumerate(c4)]
+    (root / "web" / "c4.jsonl").write_text("".join(json.dumps({"text": d["text"], **q}) + "\n"
+                                                   for d, q in zip(c4, quality, strict=True)))
     injected = []
     long_docs = [i for i, d in enumerate(c4) if len(d["text"].split()) > 150]
     for i in long_docs[:10]:  # exact duplicates, one with only whitespace/NFKC differences
@@ -83,7 +87,7 @@ def data_config(corpus, out, seed=1, **data):
             "filter": {"max_chars": 100_000},
             "dedup": {"threshold": THRESHOLD},
             "tokenizer": {"vocab_size": 1000},
-            "pack": {"seq_len": 128, "val_fraction": 0.05, "samples_per_shard": 256},
+            "pack": {"seq_len": 128, "val_fraction": 0.05, "samples_per_shard": 256, "columns": ["quality"]},
             **data,
         }},
     }
@@ -274,6 +278,65 @@ def test_packing_roundtrip_boundaries_and_efficiency(result):
     from lmfleet.data.packing import _load_tokenizer
 
     assert not {eos, pad} & set(_load_tokenizer(str(out / "tokenizer")).encode("a <|endoftext|> <|pad|> b").ids)
+
+
+def test_column_means_by_hand():
+    from lmfleet.data.packing import column_values, sample_means
+
+    # documents of 3, 4 and 2 tokens (EOS included) cut into samples of 4: [0 0 0 1] [1 1 1 2] [2 pad pad pad]
+    lengths = np.array([3, 4, 2])
+    assert sample_means(np.array([1.0, 2.0, 4.0]), lengths, 4, 3).tolist() == [1.25, 2.5, 4.0]
+    assert sample_means(np.array([1.0, np.nan, 4.0]), lengths, 4, 3).tolist() == [1.0, 4.0, 4.0]
+    assert np.isnan(sample_means(np.full(3, np.nan), lengths, 4, 3)).all()
+    assert sample_means(np.array([3.0]), np.array([10]), 4, 3).tolist() == [3.0] * 3  # one over three samples
+    got = sample_means(np.array([5.0, np.nan]), np.array([1, 9]), 4, 3)
+    assert got[0] == 5.0 and np.isnan(got[1:]).all()
+    assert len(sample_means(np.empty(0), np.empty(0, dtype=np.int64), 4, 0)) == 0
+    meta = ['{"q": 1}', '{"q": "1"}', "{}", '{"q": NaN}', '{"q": true}', '{"q": 2.5}', None, '{"q": [1]}']
+    assert np.array_equal(column_values(meta, "q"), [1, np.nan, np.nan, np.nan, 1, 2.5, np.nan, np.nan], equal_nan=True)
+
+
+def test_packed_column_is_the_token_weighted_mean_of_its_documents(result):
+    """Brute force: every shard's token stream cut back into documents at EOS, each document found among the kept
+    ones by its decoded text, its `quality` spread over its tokens (EOS included); a sample's value is the mean
+    over its tokens that have one."""
+    from tokenizers import Tokenizer
+
+    report, out = result
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    index = json.loads((out / "packed" / "index.json").read_text())
+    eos, pad = index["eos_id"], index["pad_id"]
+    assert index["columns"] == ["quality"]
+    quality = {}
+    for r in pq.read_table(out / "kept").to_pylist():
+        q = json.loads(r["meta"]).get("quality")
+        quality[r["text"]] = float(q) if isinstance(q, int | float) else np.nan
+    docs_without, samples_without = 0, 0
+    for split in ("train", "val"):
+        for shard in index["splits"][split]["shards"]:
+            tokens = np.load(out / "packed" / shard["tokens"])
+            got = np.load(out / "packed" / shard["columns"]["quality"])
+            assert got.shape == (len(tokens),) and got.dtype == np.float64
+            stream = tokens.reshape(-1)
+            values = np.full(len(stream), np.nan)
+            start = 0
+            for end in np.flatnonzero(stream == eos):
+                text = tok.decode(stream[start:end].tolist(), skip_special_tokens=False)
+                assert text in quality
+                values[start : end + 1] = quality[text]
+                docs_without += bool(np.isnan(quality[text]))
+                start = end + 1
+            assert np.all(stream[start:] == pad)  # only the tail pads
+            rows = values.reshape(tokens.shape)
+            has = ~np.isnan(rows)
+            want = np.where(has.any(axis=1), np.nansum(rows, axis=1) / np.maximum(has.sum(axis=1), 1), np.nan)
+            np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+            samples_without += int(np.isnan(want).sum())
+    # alpaca and plays records have no quality; a tenth of the web ones none and a tenth a string
+    assert report["packing"]["columns"] == {"quality": {"docs_without_value": docs_without,
+                                                        "samples_without_value": samples_without}}
+    assert 0 < samples_without < index["splits"]["train"]["num_samples"]
+    assert any("column quality kept per sample" in line for line in report["summary"])
 
 
 def test_all_rejected_is_a_clear_error(tmp_path, ray_local):

@@ -38,6 +38,9 @@ def _cfg(**pretrain):
     (dict(early_stopping={"metric": "loss"}), "early_stopping.metric 'loss': pretraining evaluates val_loss"),
     (dict(early_stopping={}, parallel__strategy="deepspeed", parallel__deepspeed__zero_stage=3),
      "early_stopping keeps the best weights"),
+    (dict(curriculum={"score": "column:"}), "curriculum: score 'column:': length, loss or column:NAME"),
+    (dict(curriculum={"score": "quality"}), "score 'quality': length, loss or column:NAME"),
+    (dict(curriculum={"score": "column:quality", "proxy": "x"}), "proxy is only for loss"),
 ])
 def test_bad_parallel_configs(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("[", r"\[")):

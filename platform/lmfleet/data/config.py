@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -256,6 +257,23 @@ class PackConfig(StrictModel):
     seq_len: int = Field(256, ge=8, description="Model context; each stored sample holds seq_len + 1 tokens.")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Documents held out for validation.")
     samples_per_shard: int = Field(4096, ge=16)
+    columns: list[str] = Field(
+        default_factory=list,
+        description="Numeric fields of the records (their other fields, `meta`) kept per packed sample as the "
+        "token-weighted mean over its documents, for `curriculum.score: column:NAME` of pretrain. A document "
+        "without a finite number there adds nothing; a sample with none gets NaN.")
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, names: list[str]) -> list[str]:
+        # a name is part of a file name (<shard>.<NAME>.npy) beside the tokens and positions
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_-]+", n) or n in ("tokens", "positions")]
+        if bad:
+            raise ValueError(f"{bad}: a column is a top-level field name of letters, digits, _ and - (not tokens "
+                             "or positions)")
+        if len(set(names)) < len(names):
+            raise ValueError(f"{names}: a column is named twice")
+        return names
 
 
 class DataConfig(StrictModel):

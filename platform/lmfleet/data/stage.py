@@ -428,7 +428,8 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
     refs = hash_shuffle(
         kept.to_arrow_refs(), functools.partial(_group_of, groups={g: i for i, g in enumerate(groups)}),
         functools.partial(_pack_groups, tokenizer_dir=tok["path"], out_dir=str(out), sample_len=sample_len,
-                          eos_id=tok["eos_id"], pad_id=tok["pad_id"], vocab_size=tok["vocab_size"], seed=seed),
+                          eos_id=tok["eos_id"], pad_id=tok["pad_id"], vocab_size=tok["vocab_size"], seed=seed,
+                          columns=tuple(cfg.pack.columns)),
         max(1, min(len(groups), 4 * cpus)),
         prepare=functools.partial(_mixed_with_part, rates=rates, seed=seed,
                                   val_fraction=cfg.pack.val_fraction, parts=parts))
@@ -437,7 +438,7 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
     index = packing.write_index(index_dir, shards, {
         "sample_len": sample_len, "seq_len": cfg.pack.seq_len, "eos_id": tok["eos_id"], "pad_id": tok["pad_id"],
         "vocab_size": tok["vocab_size"], "tokenizer": _relative(tok["path"], out),
-        "tokens_dtype": str(packing.token_dtype(tok["vocab_size"])),
+        "tokens_dtype": str(packing.token_dtype(tok["vocab_size"])), "columns": list(cfg.pack.columns),
     })
     real = sum(s["real_tokens"] for s in shards)
     total = real + sum(s["pad_tokens"] for s in shards)
@@ -446,10 +447,13 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
         d = per_source.setdefault(s["source"], {"train_tokens": 0, "val_tokens": 0, "docs": 0})
         d[f"{s['split']}_tokens"] += s["real_tokens"]
         d["docs"] += s["docs"]
+    gaps = [json.loads(s["column_gaps"]) for s in shards]
+    columns = {c: {"docs_without_value": sum(g[c][0] for g in gaps), "samples_without_value": sum(g[c][1] for g in gaps)}
+               for c in cfg.pack.columns}
     return {
         "seq_len": cfg.pack.seq_len, "samples": {k: v["num_samples"] for k, v in index["splits"].items()},
         "real_tokens": real, "pad_tokens": total - real, "efficiency": round(real / total, 5) if total else 0.0,
-        "shards": len(shards), "per_source": per_source,
+        "shards": len(shards), "per_source": per_source, **({"columns": columns} if columns else {}),
     }
 
 
@@ -488,4 +492,7 @@ def _summary(r: dict) -> list[str]:
         p = r["packing"]
         lines.append(f"packed: {p['samples']} samples of {p['seq_len']}+1 tokens, {p['real_tokens']} real tokens, "
                      f"efficiency {100 * p['efficiency']:.2f}%")
+        lines += [f"column {c} kept per sample (token-weighted mean): {g['docs_without_value']} packed documents "
+                  f"without a number there, {g['samples_without_value']} samples with none (NaN)"
+                  for c, g in p.get("columns", {}).items()]
     return lines

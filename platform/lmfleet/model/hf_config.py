@@ -92,6 +92,16 @@ def checkpoint_model_config(location: str, key: str) -> ModelConfig:
     return llama_model_config(hf, f"{key} {location}: config.json")
 
 
+def loss_model(location: str, vocab_size: int, key: str, why: str) -> ModelConfig:
+    """The ModelConfig of the checkpoint at `location` that computes token losses on packed data of `vocab_size`
+    tokens (`why`: what for): a causal model whose vocabulary covers them, else an InputError naming `key`."""
+    found = checkpoint_model_config(location, key)
+    if not found.causal or found.vocab_size < vocab_size:
+        raise InputError(f"{key} {location}: {why} needs a causal model over the packed data's tokenizer "
+                         f"({vocab_size} tokens); it has {found.vocab_size}" + ("" if found.causal else " and is an encoder"))
+    return found
+
+
 def continued_model(wanted: ModelConfig, found: ModelConfig, key: str, where: str) -> ModelConfig:
     """The model to continue training: the checkpoint's architecture (`found`) with the run settings the
     config sets (max_seq_len, dropout, init_std, attention_impl). A field the config sets to another value

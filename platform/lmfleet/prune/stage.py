@@ -17,7 +17,7 @@ import numpy as np
 from lmfleet import outputs, uri
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
-from lmfleet.model.hf_config import checkpoint_model_config, input_model
+from lmfleet.model.hf_config import checkpoint_model_config, input_model, loss_model
 from lmfleet.prune.config import PruneStageConfig
 
 
@@ -115,11 +115,7 @@ def run_prune_stage(cfg: PruneStageConfig, ctx) -> dict:
     packed = packed_dir(cfg, ctx.run_dir)
     index = read_index(packed)
     location = input_model(cfg.model, ctx.run_dir)
-    found = checkpoint_model_config(location, "prune.model")
-    if not found.causal or found.vocab_size < index["vocab_size"]:
-        raise InputError(f"prune.model {location}: perplexity needs a causal model over the packed data's tokenizer "
-                         f"({index['vocab_size']} tokens); it has {found.vocab_size}"
-                         + ("" if found.causal else " and is an encoder"))
+    found = loss_model(location, index["vocab_size"], "prune.model", "perplexity")
     if cfg.method == "structured" and found.moe is not None:
         raise InputError(f"prune.model {location}: structured pruning of MoE layers is not supported: use method "
                          "magnitude")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -58,7 +59,8 @@ class ObjectiveConfig(StrictModel):
 class CurriculumConfig(StrictModel):
     """`curriculum:` of the pretrain stage: easy samples first (lmfleet.train.curriculum)."""
 
-    score: str = Field("length", description="length: a sample's mean document length; loss: `proxy`'s loss on it.")
+    score: str = Field("length", description="length: a sample's mean document length; loss: `proxy`'s loss on it; "
+                                             "column:NAME: the packed data's column NAME (data stage pack.columns).")
     proxy: str | None = Field(None, description="score loss: the model scoring samples: a stage of this run (its "
                                                 "model/) or a model dir / URI.")
     order: Literal["easy_first", "hard_first"] = "easy_first"
@@ -69,14 +71,17 @@ class CurriculumConfig(StrictModel):
 
     @model_validator(mode="after")
     def _score(self):
-        if self.score.startswith("column:"):
-            raise ValueError(f"score {self.score!r}: packed samples keep no per-document columns yet; use length or "
-                             "loss")
-        if self.score not in ("length", "loss"):
-            raise ValueError(f"score {self.score!r}: length or loss")
+        if self.score not in ("length", "loss") and not re.fullmatch(r"column:[A-Za-z0-9_-]+", self.score):
+            raise ValueError(f"score {self.score!r}: length, loss or column:NAME (a column the data stage packed: "
+                             "pack.columns)")
         if (self.score == "loss") != (self.proxy is not None):
             raise ValueError("score loss needs proxy (the model that scores the samples); proxy is only for loss")
         return self
+
+    @property
+    def column(self) -> str | None:
+        """score column:NAME: NAME."""
+        return self.score.removeprefix("column:") if self.score.startswith("column:") else None
 
 
 class EarlyStoppingConfig(StrictModel):

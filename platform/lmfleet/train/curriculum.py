@@ -13,7 +13,10 @@ Scores, computed by the driver before training (lmfleet.train.scoring; one numbe
 - `length`: a sample's mean document length in tokens (its real tokens / its document segments): packed
   samples all have seq_len tokens, so the documents they hold are what differs;
 - `loss`: a proxy model's mean token loss on the sample (e.g. an earlier pretrain stage), one Ray task per
-  packed shard.
+  packed shard;
+- `column:NAME`: a numeric field of the records the data stage kept per sample (`pack.columns`: the
+  token-weighted mean over the sample's documents). Samples without a value (NaN) come last in either order:
+  they join the pool at the end of the curriculum.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ class Curriculum:
         return c.start_fraction + (1.0 - c.start_fraction) * progress
 
     def ordered(self, indices: np.ndarray) -> np.ndarray:
-        """`indices` (global sample ids) easiest first (hardest first for hard_first); ties in index order."""
+        """`indices` (global sample ids) easiest first (hardest first for hard_first); ties in index order,
+        unscored (NaN) samples last."""
         s = self.scores[indices]
-        return indices[np.lexsort((indices, -s if self.cfg.order == "hard_first" else s))]
+        return indices[np.lexsort((indices, -s if self.cfg.order == "hard_first" else s, np.isnan(s)))]
 
     def draw(self, ordered: np.ndarray, n: int, step: int, seed: int) -> np.ndarray:
         """`n` samples from the pool of `step`: a seeded permutation of the pool (repeating it if n is larger)."""

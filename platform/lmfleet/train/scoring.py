@@ -1,5 +1,6 @@
 """Per-sample difficulty scores for a curriculum (lmfleet.train.curriculum), computed before training: `length`
-on the driver from the packed positions, `loss` by a proxy model in one Ray task per packed shard."""
+on the driver from the packed positions, `column:NAME` read from the packed column's files, `loss` by a proxy
+model in one Ray task per packed shard."""
 
 from __future__ import annotations
 
@@ -39,11 +40,22 @@ def shard_scores(packed: str, shard: dict, score: str, pad: int, proxy: str | No
     return out
 
 
+def column_scores(packed: str, shard: dict, name: str) -> np.ndarray:
+    """The packed column `name` of one shard (data stage pack.columns): only its file is read, not the tokens."""
+    import io
+
+    from lmfleet import uri
+
+    return np.load(io.BytesIO(uri.read_bytes(uri.join(packed, shard["columns"][name]))))
+
+
 def compute_scores(packed: str, index: dict, cfg: CurriculumConfig, proxy: str | None) -> np.ndarray:
     """Every train sample's score, in global sample order (shards in the index's order); `loss`: one Ray task
     per shard."""
     shards = index["splits"]["train"]["shards"]
-    if cfg.score == "length":
+    if cfg.column is not None:
+        parts = [column_scores(packed, s, cfg.column) for s in shards]
+    elif cfg.score == "length":
         parts = [shard_scores(packed, s, "length", index["pad_id"], None) for s in shards]
     else:
         import ray

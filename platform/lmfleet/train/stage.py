@@ -22,7 +22,7 @@ from lmfleet.config import format_validation_error
 from lmfleet.errors import InputError
 from lmfleet.inputs import Input
 from lmfleet.model.config import ModelConfig
-from lmfleet.model.hf_config import checkpoint_model_config, continued_model, input_model
+from lmfleet.model.hf_config import checkpoint_model_config, continued_model, input_model, loss_model
 from lmfleet.runlog import LineLog, MetricsLog
 from lmfleet.runtime import WorkerRun
 from lmfleet.storage import checkpoint_uri
@@ -116,12 +116,13 @@ def _resolved(cfg: PretrainConfig, index: dict, packed: str, run_dir=None) -> Pr
     objective_tokens(cfg, packed, index)  # its special tokens are in the tokenizer
     if cfg.curriculum is not None and cfg.curriculum.proxy is not None:
         location = input_model(cfg.curriculum.proxy, run_dir)
-        proxy = checkpoint_model_config(location, "pretrain.curriculum.proxy")
-        if not proxy.causal or proxy.vocab_size < index["vocab_size"]:
-            raise InputError(f"pretrain.curriculum.proxy {location}: scores need a causal model over the packed data's "
-                             f"tokenizer ({index['vocab_size']} tokens); it has {proxy.vocab_size}"
-                             + ("" if proxy.causal else " and is an encoder"))
+        loss_model(location, index["vocab_size"], "pretrain.curriculum.proxy", "scoring samples by loss")
         cfg = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"proxy": location})})
+    column = cfg.curriculum.column if cfg.curriculum is not None else None
+    if column is not None and column not in index.get("columns", []):
+        raise InputError(f"pretrain.curriculum.score {cfg.curriculum.score!r}: the packed data at {packed} has no "
+                         f"column {column!r} (it has {index.get('columns') or 'none'}): add it to the data stage's "
+                         "pack.columns and pack again")
     if cfg.early_stopping is not None and not index["splits"].get("val", {}).get("num_samples"):
         raise InputError(f"pretrain.early_stopping: the packed data at {packed} has no val split to evaluate on "
                          "(set the data stage's pack.val_fraction)")
@@ -178,13 +179,21 @@ def curriculum_scores(cfg: PretrainConfig, packed: str, index: dict, out: Path |
     buffer = io.BytesIO()
     np.save(buffer, scores)
     outputs.write_bytes(outputs.child(where, "scores.npy"), buffer.getvalue())
+    scored = scores[~np.isnan(scores)]  # column scores: NaN where no document of the sample has a value
+    if len(scores) and not len(scored):
+        raise InputError(f"pretrain.curriculum.score {c.score!r}: no train sample of the packed data at {packed} has "
+                         "a value (see the data stage's report: packing.columns)")
     steps = Curriculum(c, scores, cfg.steps).steps
-    q = np.quantile(scores, [0, 0.5, 1]).tolist() if len(scores) else [0.0] * 3
-    what = "mean document length" if c.score == "length" else f"loss of {c.proxy}"
+    q = np.quantile(scored, [0, 0.5, 1]).tolist() if len(scored) else [0.0] * 3
+    what = {"length": "mean document length", "loss": f"loss of {c.proxy}"}.get(
+        c.score, f"token-weighted mean of the documents' {c.column}")
+    unscored = len(scores) - len(scored)
     section = {**c.model_dump(), "steps": steps, "scores": {"min": q[0], "median": q[1], "max": q[2]},
+               "unscored_samples": unscored,
                "summary": f"curriculum: {c.score} scores ({what}) {q[0]:.2f}-{q[2]:.2f}, median {q[1]:.2f}; "
                           f"{'easiest' if c.order == 'easy_first' else 'hardest'} {c.start_fraction:.0%} at step 0, "
-                          f"every sample from step {steps} ({c.pacing} pacing)"}
+                          f"every sample from step {steps} ({c.pacing} pacing)"
+                          + (f"; {unscored} samples without a value come last" if unscored else "")}
     return str(where), section
 
 
