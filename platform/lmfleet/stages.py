@@ -41,6 +41,11 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.prune.stage:run_prune_stage",
         "lmfleet.prune.stage:check_inputs",
     ),
+    "eval": _Entry(
+        "lmfleet.eval.config:EvalStageConfig",
+        "lmfleet.eval.stage:run_eval_stage",
+        "lmfleet.eval.stage:check_inputs",
+    ),
     "sft": _Entry(
         "lmfleet.posttrain.config:SFTStageConfig",
         "lmfleet.posttrain.sft:SFT.run",

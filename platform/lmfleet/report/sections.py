@@ -88,6 +88,8 @@ def stage_section(run: RunView, stage: StageView) -> Section:
         body, plots = _rl(stage)
     elif stage.kind == "prune":
         body, plots = _prune(stage)
+    elif stage.kind == "eval":
+        body, plots = _eval(stage)
     else:
         body, plots = _hf(stage)
     status = {"skipped": "up to date: not re-run; its last run's results"}.get(stage.status, stage.status)
@@ -179,6 +181,41 @@ def _prune(stage: StageView) -> tuple[str, int]:
     records = _steps(stage, "step")
     uri = panels_figure(records, "step", [Panel("loss", ["loss", "val_loss"])]) if records else None
     return body + (m.figure(uri, "recovery fine-tuning") if uri else ""), 1 + bool(uri)
+
+
+# -- evaluation --
+
+def _eval(stage: StageView) -> tuple[str, int]:
+    r = stage.report
+    results, tasks = r.get("results") or {}, r.get("tasks") or {}
+    if not results:
+        return "<p>the stage did not finish: no results</p>", 0
+    models = list(results)
+    pct = f"{r.get('confidence', 0.95):.0%}"
+    metrics = {t: [k for k in results[models[0]][t] if k != "per_class"] for t in tasks}
+    fig, axes = grid(len(tasks), 3)
+    for ax, (t, info) in zip(axes, tasks.items(), strict=True):
+        key = metrics[t][0] if info["kind"] != "multiple_choice" else "acc_norm"
+        cells = [results[n][t][key] for n in models]
+        y = list(range(len(models)))[::-1]
+        err = [[c["value"] - c["ci"][0] if c.get("ci") else 0 for c in cells],
+               [c["ci"][1] - c["value"] if c.get("ci") else 0 for c in cells]]
+        ax.barh(y, [c["value"] for c in cells], xerr=err, color="C0", capsize=3)
+        ax.set_yticks(y, models, fontsize=7)
+        ax.set_title(f"{t}: {key} ({pct} interval)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    body = m.figure(data_uri(fig), f"the first metric of each task per model, with its {pct} interval")
+    for t, info in tasks.items():
+        rows = [[n, *[_interval(results[n][t][k]) for k in metrics[t]]] for n in models]
+        rejected = ", ".join(f"{k} {v}" for k, v in info["rejected"].items())
+        body += m.h3(f"{t} ({info['kind']}, {info['records']} records{'; rejected: ' + rejected if rejected else ''})")
+        body += m.table(rows, ["model", *[f"{k} [{pct}]" for k in metrics[t]]])
+    return body, 1
+
+
+def _interval(cell: dict) -> str:
+    v, ci = cell["value"], cell.get("ci")
+    return f"{v:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
 
 
 # -- training stages --

@@ -1,0 +1,151 @@
+"""Config of the `eval` stage: models x tasks (lmfleet.eval.stage)."""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmfleet.config import StrictModel
+from lmfleet.train.config import ScalingConfig
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a prompt template names ({question} -> question)."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+class _Task(StrictModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the task in the report and "
+                                                                                 "its predictions file.")
+    path: str = Field(..., description="A JSONL file or JSON list of records (a path or URI).")
+    limit: int | None = Field(None, ge=1, description="Only the first `limit` valid records.")
+
+
+class PerplexityTask(_Task):
+    """Held-out text: the model's log-likelihood of each document in windows of max_length tokens (lm-eval's
+    loglikelihood_rolling), as token and word perplexity and bits per byte (comparable across tokenizers)."""
+
+    kind: Literal["perplexity"]
+    text_field: str = "text"
+
+    def record_fields(self) -> list[str]:
+        return [self.text_field]
+
+
+class _Prompted(_Task):
+    prompt: str = Field(..., description="The context, a template over the record's fields: '{question}\\nAnswer:'.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            names = template_fields(v)
+        except ValueError as err:
+            raise ValueError(f"{v!r}: not a template of {{field}} names ({err}); write {{{{ and }}}} for braces") from None
+        odd = [n for n in names if not n.isidentifier()]
+        if odd:
+            raise ValueError(f"{v!r}: {{{odd[0]}}}: name a top-level field of the records")
+        return v
+
+    def own_fields(self) -> list[str]:
+        raise NotImplementedError
+
+    def record_fields(self) -> list[str]:
+        """The record fields the task reads: those its prompt names, then its own."""
+        return [*template_fields(self.prompt), *self.own_fields()]
+
+
+class MultipleChoiceTask(_Prompted):
+    """Log-likelihood of each choice after the prompt: accuracy (the likeliest) and normalized accuracy (the
+    likeliest per byte), as lm-eval's multiple_choice output type."""
+
+    kind: Literal["multiple_choice"]
+    choices_field: str = "choices"
+    answer_field: str = Field("answer", description="The right choice: its index, or its text.")
+    delimiter: str = Field(" ", description="Between the prompt and each choice (lm-eval's target_delimiter).")
+
+    def own_fields(self) -> list[str]:
+        return [self.choices_field, self.answer_field]
+
+
+class ClassificationTask(_Prompted):
+    """Each label's verbalizer scored as a choice; accuracy and per-class precision / recall / F1."""
+
+    kind: Literal["classification"]
+    label_field: str = "label"
+    labels: list[str] | dict[str, str] = Field(..., min_length=2, description="The classes: a list of the texts "
+                                               "scored after the prompt, or {label in the records: text scored}.")
+    delimiter: str = " "
+
+    def own_fields(self) -> list[str]:
+        return [self.label_field]
+
+    @property
+    def verbalizers(self) -> dict[str, str]:
+        return self.labels if isinstance(self.labels, dict) else {v: v for v in self.labels}
+
+
+GenerateMetric = Literal["exact_match", "f1", "bleu", "rouge_l", "python"]
+
+
+class GenerateTask(_Prompted):
+    """Generation after the prompt, cut at the first stop string, against the reference answer(s)."""
+
+    kind: Literal["generate"]
+    answer_field: str = Field("answer", description="The reference: a string or a list of acceptable ones.")
+    metrics: list[GenerateMetric] = Field(["exact_match", "f1"], min_length=1, description=(
+        "exact_match / f1: SQuAD-normalized; bleu: sacrebleu corpus BLEU; rouge_l; python: the prompt + generation "
+        "+ the record's `test_field` code run by Python (needs allow_code_execution)."))
+    max_new_tokens: int = Field(64, ge=1)
+    stop: list[str] = Field(["\n\n"], description="Generation ends at the first of these (not included).")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; else sampled, seeded by (stage seed, record).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    chat: bool = Field(False, description="Wrap the prompt in the model's chat template (post-trained models).")
+    test_field: str = "test"
+    allow_code_execution: bool = Field(False, description="python: runs model-written code in a subprocess of this "
+                                       "Python (timeout, no other sandbox): set only where that is acceptable.")
+    timeout_s: float = Field(10.0, gt=0, description="python: per record.")
+
+    def own_fields(self) -> list[str]:
+        return [self.answer_field, *([self.test_field] if "python" in self.metrics else [])]
+
+    @model_validator(mode="after")
+    def _code(self):
+        if "python" in self.metrics and not self.allow_code_execution:
+            raise ValueError("metric python runs the model's code: set allow_code_execution: true to allow it")
+        return self
+
+
+Task = Annotated[PerplexityTask | MultipleChoiceTask | ClassificationTask | GenerateTask, Field(discriminator="kind")]
+
+
+class EvalScalingConfig(ScalingConfig):
+    """The pretraining vocabulary: `num_workers` here is the Ray actors per model (each loads the model and
+    scores a share of every task's batches); models are evaluated one after another."""
+
+    num_workers: int = Field(1, ge=1, description="Actors per model.")
+
+
+class EvalStageConfig(StrictModel):
+    models: list[str] = Field(..., min_length=1, description="Stages of this run (their model/) or model dirs / URIs: "
+                                                            "HF causal LMs or lmfleet exports.")
+    tasks: list[Task] = Field(..., min_length=1)
+    max_length: int = Field(2048, ge=8, description="Tokens a model sees at once (capped by its own context).")
+    batch_size: int = Field(8, ge=1, description="Records per batch; a batch is scored whole by one actor, so the "
+                                                 "results do not depend on the actor count.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Of the reported intervals.")
+    bootstrap: int = Field(1000, ge=0, description="Resamples for the intervals of corpus metrics (perplexity, BLEU, "
+                                                   "macro F1); 0: none.")
+    scaling: EvalScalingConfig = EvalScalingConfig()
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        if len(set(self.models)) < len(self.models):
+            raise ValueError(f"models: a model is listed twice: {self.models}")
+        return self

@@ -1,0 +1,161 @@
+"""The eval stage: models x tasks, scored by Ray actors, merged into one table with intervals.
+
+Each task's usable records are cut into batches of `batch_size` in file order; the batches are dealt to the
+actors of a model (one model loaded per actor), and each batch is scored whole by one actor, so the numbers do
+not depend on how many actors there are. Models are evaluated one after another, each over all the actors
+the cluster fits.
+
+Outputs (in the stage dir, a path or URI):
+  predictions/<model>/<task>.jsonl   per record: its id and what the model gave (log-likelihoods, the pick,
+                                     the generation, per-record metrics)
+  report.json                        per model x task: metrics with intervals, records used and rejected (by
+                                     reason, with ids); a comparison table across the models
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from lmfleet import outputs, uri
+from lmfleet.errors import InputError
+from lmfleet.eval.config import EvalStageConfig
+from lmfleet.eval.tasks import Examples, aggregate, fmt_metric, primary_metric, read_examples, score
+from lmfleet.inputs import Input
+from lmfleet.model.hf_config import OWN_CONFIG, checkpoint_model_config, input_model
+
+
+def check_model(location: str, key: str) -> None:
+    """A model the stage can score: a HF causal LM dir (or a PEFT adapter on its base) or an lmfleet causal
+    export; InputError naming `key` otherwise."""
+    has = lambda name: uri.info(uri.join(location, name), key).is_file  # noqa: E731 - a path or URI
+    if has(OWN_CONFIG):
+        if not checkpoint_model_config(location, key).causal:
+            raise InputError(f"{key} {location}: an encoder (causal: false) has no left-to-right likelihood to "
+                             "evaluate with these task kinds")
+        return
+    if not has("config.json") and not has("adapter_config.json"):
+        raise InputError(f"{key} {location}: no model there (expected a stage of this run, a HF model dir or an "
+                         f"lmfleet export with {OWN_CONFIG})")
+
+
+def check_inputs(cfg: EvalStageConfig, upstream: set[str] = frozenset(), run_dir=None) -> list[Input]:
+    inputs = []
+    for k, ref in enumerate(cfg.models):
+        location = input_model(ref, run_dir)
+        if ref not in upstream:
+            check_model(location, f"eval.models[{k}] {ref!r}:")
+        inputs.append(Input(f"models.{k}", (location if uri.is_uri(location) else Path(location),)))
+    for t in cfg.tasks:
+        if not uri.info(t.path, f"eval.tasks.{t.name}.path").is_file:
+            raise InputError(f"eval.tasks.{t.name}.path {t.path!r}: no such file (expected JSONL or a JSON list)")
+        inputs.append(Input(f"tasks.{t.name}", (t.path if uri.is_uri(t.path) else Path(t.path),)))
+    return inputs
+
+
+class EvalActor:
+    """One model, loaded once, scoring batches of records of any task."""
+
+    def __init__(self, location: str, max_length: int, batch_size: int, use_gpu: bool, cpus_per_actor: float):
+        import torch
+
+        from lmfleet.eval.lm import EvalModel
+
+        if not use_gpu:  # Ray gives the actor cpus_per_actor CPUs; torch would take every core of the node
+            torch.set_num_threads(max(1, int(cpus_per_actor)))
+        path = uri.local_copy(location, "eval.models")
+        self.model = EvalModel(path, max_length, batch_size, torch.device("cuda" if use_gpu else "cpu"))
+
+    def score(self, task, items: list[tuple[int, dict]], seed: int) -> list[dict]:
+        return score(self.model, task, items, seed)
+
+
+def display_names(refs: list[str]) -> list[str]:
+    """A short name per model for tables and file names: the stage name or the dir's name, the whole
+    reference where two would clash."""
+    short = [ref.rstrip("/").rsplit("/", 1)[-1] for ref in refs]
+    short = [s if short.count(s) == 1 else ref for s, ref in zip(short, refs, strict=True)]
+    return [re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or f"model{k}" for k, s in enumerate(short)]
+
+
+def run_eval_stage(cfg: EvalStageConfig, ctx) -> dict:
+    import ray
+
+    check_inputs(cfg, run_dir=ctx.run_dir)
+    names = display_names(cfg.models)
+    with ctx.step("read") as said:
+        examples = {t.name: read_examples(t) for t in cfg.tasks}
+        for ex in examples.values():
+            if not ex.items:
+                raise InputError(f"eval.tasks.{ex.task.name}: no usable record in {ex.task.path} (rejected: "
+                                 f"{dict(ex.rejects) or 'the file has no records'})")
+        said.append(", ".join(f"{n} {len(ex.items)}" for n, ex in examples.items()))
+    units = [(ex.task, list(range(a, min(a + cfg.batch_size, len(ex.items)))))
+             for ex in examples.values() for a in range(0, len(ex.items), cfg.batch_size)]
+    s = cfg.scaling
+    use_gpu = s.resolve_gpu()
+    actors_per_model = min(len(units), s.num_workers)
+    actor = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=1,
+                       max_task_retries=1)(EvalActor)  # scoring is pure: a retried batch gives the same rows
+    results: dict[str, dict] = {}
+    for ref, name in zip(cfg.models, names, strict=True):
+        location = input_model(ref, ctx.run_dir)
+        with ctx.step(f"score {name}") as said:
+            actors = [actor.remote(location, cfg.max_length, cfg.batch_size, use_gpu, s.cpus_per_worker) for _ in range(actors_per_model)]
+            try:
+                refs = [actors[j % len(actors)].score.remote(task, [(i, examples[task.name].items[i]) for i in chunk],
+                                                              ctx.seed) for j, (task, chunk) in enumerate(units)]
+                rows = ray.get(refs)
+            finally:
+                for a in actors:
+                    ray.kill(a)
+            per_task: dict[str, list[dict]] = {t.name: [] for t in cfg.tasks}
+            for (task, _), batch in zip(units, rows, strict=True):
+                per_task[task.name] += batch
+            results[name] = {}
+            for t in cfg.tasks:
+                ex = examples[t.name]
+                _write_predictions(ctx, name, t.name, ex, per_task[t.name])
+                results[name][t.name] = aggregate(t, ex.items, per_task[t.name], cfg.confidence, cfg.bootstrap,
+                                                  ctx.seed)
+            said.append(", ".join(f"{t.name} {primary_metric(t)} {results[name][t.name][primary_metric(t)]['value']:.4g}"
+                                  for t in cfg.tasks))
+    report = {
+        "models": {name: {"ref": ref, "path": input_model(ref, ctx.run_dir)} for ref, name in zip(cfg.models, names,
+                                                                                                 strict=True)},
+        "tasks": {n: {"kind": ex.task.kind, "path": ex.task.path, "records": len(ex.items),
+                      "rejected": dict(ex.rejects), "reject_ids": ex.reject_ids} for n, ex in examples.items()},
+        "confidence": cfg.confidence, "actors_per_model": actors_per_model,
+        "results": results, "outputs": {"predictions": ctx.uri("predictions")},
+    }
+    report["summary"] = _summary(cfg, report, names)
+    ctx.metrics.write(ctx.name, **{f"{t.name}/{primary_metric(t)}/{n}": results[n][t.name][primary_metric(t)]["value"]
+                                   for n in names for t in cfg.tasks})
+    return ctx.write_report(report)
+
+
+def _write_predictions(ctx, model: str, task: str, ex: Examples, rows: list[dict]) -> None:
+    lines = "".join(json.dumps({"id": it["id"], **row}) + "\n" for it, row in zip(ex.items, rows, strict=True))
+    outputs.write_bytes(outputs.child(ctx.out, "predictions", model, f"{task}.jsonl"), lines.encode("utf-8"))
+
+
+def _summary(cfg: EvalStageConfig, report: dict, names: list[str]) -> list[str]:
+    lines = []
+    for n, t in report["tasks"].items():
+        rejected = sum(t["rejected"].values())
+        lines.append(f"task {n} ({t['kind']}): {t['records']} records"
+                     + (f", {rejected} rejected ({', '.join(f'{k} {v}' for k, v in t['rejected'].items())})"
+                        if rejected else ""))
+    pct = f"{cfg.confidence:.0%}"
+    header = ["task", "metric", *[f"{n} [{pct} interval]" for n in names]]
+    rows = []
+    for t in cfg.tasks:
+        for metric in report["results"][names[0]][t.name]:
+            if metric == "per_class":
+                continue
+            rows.append([t.name, metric, *[fmt_metric(report["results"][n][t.name][metric]) for n in names]])
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
