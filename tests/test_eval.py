@@ -14,7 +14,7 @@ from lmfleet.eval.lm import EvalModel
 from lmfleet.eval.tasks import run_python
 from lmfleet.runner import load_run
 
-from conftest import run_stages, shared, write_config
+from conftest import REPO, run_stages, shared, write_config
 
 
 def test_metrics_by_hand():
@@ -71,15 +71,21 @@ def test_loglikelihood_rolling_and_greedy_against_the_model_itself(base_lm):
     # lm-eval's split: a trailing space of the context belongs to the continuation; an empty context is the prefix
     assert em.split_pair("Question: 2+2 =  ", "4")[0] == tok.encode("Question: 2+2 =", add_special_tokens=False)
     assert em.split_pair("", "Hello")[0] == [em.prefix]
-    # rolling windows of 16 tokens: each window's tokens after the token before it (the first: after the prefix)
+    # rolling windows of 16 tokens over 41: tokens 0-15 after the prefix, 16-31 after token 15, 32-40 after 24-31
     short = EvalModel(base_lm, max_length=16, batch_size=2, device=torch.device("cpu"))
     text = "Give three tips for staying healthy. Eat a balanced diet, exercise, and sleep well every night."
     tokens = tok.encode(text, add_special_tokens=False)
-    assert len(tokens) > 32
-    want = sum(_by_token(hf, tok, [short.prefix] if s == 0 else [tokens[s - 1]], tokens[s : s + 16])
-               for s in range(0, len(tokens), 16))
+    assert len(tokens) == 41
+    want = (_by_token(hf, tok, [short.prefix], tokens[:16]) + _by_token(hf, tok, tokens[15:16], tokens[16:32])
+            + _by_token(hf, tok, tokens[24:32], tokens[32:]))
     (lp, n), = short.rolling_loglikelihood([text])
     assert n == len(tokens) and lp == pytest.approx(want, abs=1e-3)
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    for size in (4, 16, 40, 41, 64):  # lm-eval's own windows, as (context + scored)[:-1] and the scored count
+        short.max_length = size
+        theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, short.prefix, size, 1)]
+        assert short.windows(tokens) == [((a + b)[:-1], len(b)) for a, b in theirs]
     # greedy generation = HF's generate, cut at the stop string
     prompt = "Give three tips for staying healthy."
     ids = tok.encode(prompt, add_special_tokens=False)
@@ -168,6 +174,33 @@ def test_the_eval_stage_is_the_same_on_one_actor_or_two(base_lm, tmp_path, ray_l
     assert ppl["bits_per_byte"]["ci"][0] < ppl["bits_per_byte"]["value"] < ppl["bits_per_byte"]["ci"][1]
     assert set(two["results"]["model"]["form"]["per_class"]) == {"play", "verse"}
     assert any(line.startswith("| modules | acc_norm |") for line in two["summary"])
+
+
+def test_lm_eval_through_the_adapter_scores_as_the_native_task(base_lm, tmp_path, ray_local):
+    """The shipped fluency task natively and as lm-eval's YAML (its data file beside it): the same log-likelihood
+    of every choice, so the same picks and accuracy; the shipped classification likewise."""
+    tasks = REPO / "jobs" / "eval_tasks"
+    stage = {"models": [str(base_lm)], "batch_size": 8, "bootstrap": 0, "tasks": [
+        {"name": "fluency", "kind": "multiple_choice", "path": str(tasks / "stdlib_fluency.jsonl"),
+         "prompt": "Docstring:", "limit": 24},
+        {"name": "kind", "kind": "classification", "path": str(tasks / "stdlib_kind.jsonl"), "limit": 24,
+         "prompt": "Docstring: {doc}\nThis documents a", "label_field": "kind", "labels": ["function", "class"]},
+        {"name": "harness", "kind": "lm_eval", "tasks": ["lmfleet_stdlib_fluency", "lmfleet_stdlib_kind"],
+         "include_path": str(tasks), "limit": 24}]}
+    report, out = run_stages(tmp_path, {"eval": stage})
+    r = report["stages"]["eval"]["results"]["model"]
+    assert report["stages"]["eval"]["tasks"]["harness"]["records"] == 48
+    lines = lambda name: [json.loads(x) for x in (out / "eval" / "predictions" / "model" / name).read_text().splitlines()]  # noqa: E731
+    harness = lines("harness.jsonl")
+    for native, lm_task in (("fluency.jsonl", "lmfleet_stdlib_fluency"), ("kind.jsonl", "lmfleet_stdlib_kind")):
+        theirs = sorted((x for x in harness if x["task"] == lm_task), key=lambda x: x["doc_id"])
+        ours = lines(native)
+        assert len(theirs) == len(ours) == 24
+        for a, b in zip(ours, theirs, strict=True):
+            assert a["logliks"] == pytest.approx([float(resp[0]) for resp in b["filtered_resps"]], abs=1e-4)
+    assert r["harness"]["lmfleet_stdlib_fluency/acc"]["value"] == r["fluency"]["acc"]["value"]
+    assert r["harness"]["lmfleet_stdlib_fluency/acc_norm"]["value"] == r["fluency"]["acc_norm"]["value"]
+    assert r["harness"]["lmfleet_stdlib_kind/acc"]["value"] == r["kind"]["acc"]["value"]
 
 
 def test_eval_config_and_input_errors(base_lm, tmp_path):

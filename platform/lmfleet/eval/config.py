@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import string
 from typing import Annotated, Literal
 
@@ -19,11 +20,14 @@ def template_fields(template: str) -> list[str]:
 class _Task(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the task in the report and "
                                                                                  "its predictions file.")
-    path: str = Field(..., description="A JSONL file or JSON list of records (a path or URI).")
     limit: int | None = Field(None, ge=1, description="Only the first `limit` valid records.")
 
 
-class PerplexityTask(_Task):
+class _FileTask(_Task):
+    path: str = Field(..., description="A JSONL file or JSON list of records (a path or URI).")
+
+
+class PerplexityTask(_FileTask):
     """Held-out text: the model's log-likelihood of each document in windows of max_length tokens (lm-eval's
     loglikelihood_rolling), as token and word perplexity and bits per byte (comparable across tokenizers)."""
 
@@ -34,7 +38,7 @@ class PerplexityTask(_Task):
         return [self.text_field]
 
 
-class _Prompted(_Task):
+class _Prompted(_FileTask):
     prompt: str = Field(..., description="The context, a template over the record's fields: '{question}\\nAnswer:'.")
 
     @field_validator("prompt")
@@ -118,7 +122,31 @@ class GenerateTask(_Prompted):
         return self
 
 
-Task = Annotated[PerplexityTask | MultipleChoiceTask | ClassificationTask | GenerateTask, Field(discriminator="kind")]
+class LmEvalTask(_Task):
+    """lm-evaluation-harness tasks run through lmfleet's model adapter (lmfleet.eval.harness): task YAMLs of a
+    local folder whose datasets are local files (dataset_path: json, data_files beside the YAML)."""
+
+    kind: Literal["lm_eval"]
+    tasks: list[str] = Field(..., min_length=1, description="lm-eval task, group or tag names.")
+    include_path: str | None = Field(None, description="A local folder of task YAMLs and their data files: shipped "
+                                     "to the actor that runs them (relative data_files resolve there).")
+    include_defaults: bool = Field(False, description="Also lm-eval's built-in tasks (their datasets come from "
+                                   "the Hugging Face Hub: only where the nodes reach it or have them cached).")
+    num_fewshot: int | None = Field(None, ge=0, description="None: each task's own setting.")
+    chat: bool = Field(False, description="lm-eval's apply_chat_template.")
+    allow_code_execution: bool = Field(False, description="lm-eval's confirm_run_unsafe_code (code tasks).")
+
+    @model_validator(mode="after")
+    def _installed(self):
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("kind lm_eval needs the 'lm-eval' package: pip install 'lmfleet[eval]'")
+        if self.include_path is None and not self.include_defaults:
+            raise ValueError("set include_path (a folder of task YAMLs) or include_defaults: true")
+        return self
+
+
+Task = Annotated[PerplexityTask | MultipleChoiceTask | ClassificationTask | GenerateTask | LmEvalTask,
+                 Field(discriminator="kind")]
 
 
 class EvalScalingConfig(ScalingConfig):

@@ -92,13 +92,19 @@ class EvalModel:
         return out
 
     def windows(self, tokens: list[int]) -> list[tuple[list[int], int]]:
-        """lm-eval's rolling windows (context length 1): (input ids, tokens it scores at its end); every token
-        is scored once, the first after the prefix token, each later window after the token before it."""
-        n, step = len(tokens), self.max_length
-        out = []
-        for s in range(0, n, step):
-            scored = min(step, n - s)
-            out.append((([self.prefix] if s == 0 else [tokens[s - 1]]) + tokens[s : s + scored - 1], scored))
+        """lm-eval's rolling windows (get_rolling_token_windows with context 1, made disjoint): (input ids, tokens
+        it scores at its end). Every token is scored once: the first max_length after the prefix token, each
+        later max_length after the token before them; the last window keeps a full max_length of context."""
+        n, size = len(tokens), self.max_length
+        if not n:
+            return []
+        first = min(size, n)
+        out, done = [([self.prefix] + tokens[: first - 1], first)], first
+        while done < n:
+            scored = min(n - done, size)
+            end = done + scored
+            out.append((tokens[max(0, end - size - 1) : end - 1], scored))
+            done = end
         return out
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[tuple[float, int]]:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lmfleet import outputs, uri
 from lmfleet.errors import InputError
-from lmfleet.eval.config import EvalStageConfig
+from lmfleet.eval.config import EvalStageConfig, LmEvalTask
+from lmfleet.eval.harness import harness_metrics
 from lmfleet.eval.tasks import Examples, aggregate, fmt_metric, primary_metric, read_examples, score
 from lmfleet.inputs import Input
 from lmfleet.model.hf_config import OWN_CONFIG, checkpoint_model_config, input_model
@@ -48,6 +49,13 @@ def check_inputs(cfg: EvalStageConfig, upstream: set[str] = frozenset(), run_dir
             check_model(location, f"eval.models[{k}] {ref!r}:")
         inputs.append(Input(f"models.{k}", (location if uri.is_uri(location) else Path(location),)))
     for t in cfg.tasks:
+        if isinstance(t, LmEvalTask):
+            if t.include_path is not None:
+                if uri.is_uri(t.include_path) or not Path(t.include_path).is_dir():
+                    raise InputError(f"eval.tasks.{t.name}.include_path {t.include_path!r}: no such local folder "
+                                     "(expected lm-eval task YAMLs and their data files)")
+                inputs.append(Input(f"tasks.{t.name}", (Path(t.include_path),)))
+            continue
         if not uri.info(t.path, f"eval.tasks.{t.name}.path").is_file:
             raise InputError(f"eval.tasks.{t.name}.path {t.path!r}: no such file (expected JSONL or a JSON list)")
         inputs.append(Input(f"tasks.{t.name}", (t.path if uri.is_uri(t.path) else Path(t.path),)))
@@ -55,7 +63,7 @@ def check_inputs(cfg: EvalStageConfig, upstream: set[str] = frozenset(), run_dir
 
 
 class EvalActor:
-    """One model, loaded once, scoring batches of records of any task."""
+    """One model, loaded once, scoring batches of records of any task, or running lm-eval tasks."""
 
     def __init__(self, location: str, max_length: int, batch_size: int, use_gpu: bool, cpus_per_actor: float):
         import torch
@@ -70,6 +78,11 @@ class EvalActor:
     def score(self, task, items: list[tuple[int, dict]], seed: int) -> list[dict]:
         return score(self.model, task, items, seed)
 
+    def harness(self, task, files: dict[str, bytes], seed: int, bootstrap: int) -> dict:
+        from lmfleet.eval.harness import run_harness
+
+        return run_harness(self.model, task, files, seed, bootstrap)
+
 
 def display_names(refs: list[str]) -> list[str]:
     """A short name per model for tables and file names: the stage name or the dir's name, the whole
@@ -79,64 +92,95 @@ def display_names(refs: list[str]) -> list[str]:
     return [re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or f"model{k}" for k, s in enumerate(short)]
 
 
+def _read(cfg: EvalStageConfig) -> tuple[dict[str, Examples], dict[str, dict[str, bytes]]]:
+    """Every file task's records (quarantined) and every lm_eval task's folder."""
+    from lmfleet.eval.harness import task_folder
+
+    examples, folders = {}, {}
+    for t in cfg.tasks:
+        if isinstance(t, LmEvalTask):
+            folders[t.name] = task_folder(t.include_path, f"eval.tasks.{t.name}.include_path") if t.include_path else {}
+            continue
+        ex = examples[t.name] = read_examples(t)
+        if not ex.items:
+            raise InputError(f"eval.tasks.{t.name}: no usable record in {t.path} (rejected: "
+                             f"{dict(ex.rejects) or 'the file has no records'})")
+    return examples, folders
+
+
 def run_eval_stage(cfg: EvalStageConfig, ctx) -> dict:
     import ray
 
     check_inputs(cfg, run_dir=ctx.run_dir)
     names = display_names(cfg.models)
     with ctx.step("read") as said:
-        examples = {t.name: read_examples(t) for t in cfg.tasks}
-        for ex in examples.values():
-            if not ex.items:
-                raise InputError(f"eval.tasks.{ex.task.name}: no usable record in {ex.task.path} (rejected: "
-                                 f"{dict(ex.rejects) or 'the file has no records'})")
+        examples, folders = _read(cfg)
         said.append(", ".join(f"{n} {len(ex.items)}" for n, ex in examples.items()))
+    # A unit of work: a batch of a file task's records, or a whole lm_eval task (lm-eval batches it itself).
     units = [(ex.task, list(range(a, min(a + cfg.batch_size, len(ex.items)))))
              for ex in examples.values() for a in range(0, len(ex.items), cfg.batch_size)]
+    units += [(t, None) for t in cfg.tasks if isinstance(t, LmEvalTask)]
     s = cfg.scaling
     use_gpu = s.resolve_gpu()
     actors_per_model = min(len(units), s.num_workers)
     actor = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=1,
                        max_task_retries=1)(EvalActor)  # scoring is pure: a retried batch gives the same rows
+    files = {n: ray.put(f) for n, f in folders.items()}
     results: dict[str, dict] = {}
+    counts: dict[str, int] = {n: len(ex.items) for n, ex in examples.items()}
     for ref, name in zip(cfg.models, names, strict=True):
         location = input_model(ref, ctx.run_dir)
         with ctx.step(f"score {name}") as said:
-            actors = [actor.remote(location, cfg.max_length, cfg.batch_size, use_gpu, s.cpus_per_worker) for _ in range(actors_per_model)]
+            actors = [actor.remote(location, cfg.max_length, cfg.batch_size, use_gpu, s.cpus_per_worker)
+                      for _ in range(actors_per_model)]
             try:
-                refs = [actors[j % len(actors)].score.remote(task, [(i, examples[task.name].items[i]) for i in chunk],
-                                                              ctx.seed) for j, (task, chunk) in enumerate(units)]
-                rows = ray.get(refs)
+                refs = [actors[j % len(actors)].harness.remote(task, files[task.name], ctx.seed, cfg.bootstrap)
+                        if chunk is None else
+                        actors[j % len(actors)].score.remote(task, [(i, examples[task.name].items[i]) for i in chunk],
+                                                             ctx.seed) for j, (task, chunk) in enumerate(units)]
+                done = ray.get(refs)
             finally:
                 for a in actors:
                     ray.kill(a)
-            per_task: dict[str, list[dict]] = {t.name: [] for t in cfg.tasks}
-            for (task, _), batch in zip(units, rows, strict=True):
-                per_task[task.name] += batch
+            rows: dict[str, list[dict]] = {n: [] for n in examples}
+            harnessed: dict[str, dict] = {}
+            for (task, chunk), out in zip(units, done, strict=True):
+                if chunk is None:
+                    harnessed[task.name] = out
+                else:
+                    rows[task.name] += out
             results[name] = {}
             for t in cfg.tasks:
+                if isinstance(t, LmEvalTask):
+                    out = harnessed[t.name]
+                    counts[t.name] = sum(out["counts"].values())
+                    _write_lines(ctx, name, t.name, [{"task": k, **x} for k, v in out["samples"].items() for x in v])
+                    results[name][t.name] = harness_metrics(out, cfg.confidence)
+                    continue
                 ex = examples[t.name]
-                _write_predictions(ctx, name, t.name, ex, per_task[t.name])
-                results[name][t.name] = aggregate(t, ex.items, per_task[t.name], cfg.confidence, cfg.bootstrap,
-                                                  ctx.seed)
-            said.append(", ".join(f"{t.name} {primary_metric(t)} {results[name][t.name][primary_metric(t)]['value']:.4g}"
-                                  for t in cfg.tasks))
+                _write_lines(ctx, name, t.name, [{"id": it["id"], **r} for it, r in zip(ex.items, rows[t.name],
+                                                                                         strict=True)])
+                results[name][t.name] = aggregate(t, ex.items, rows[t.name], cfg.confidence, cfg.bootstrap, ctx.seed)
+            said.append(", ".join(f"{t.name} {k} {results[name][t.name][k]['value']:.4g}"
+                                  for t in cfg.tasks for k in [primary_metric(t, results[name][t.name])]))
     report = {
         "models": {name: {"ref": ref, "path": input_model(ref, ctx.run_dir)} for ref, name in zip(cfg.models, names,
                                                                                                  strict=True)},
-        "tasks": {n: {"kind": ex.task.kind, "path": ex.task.path, "records": len(ex.items),
-                      "rejected": dict(ex.rejects), "reject_ids": ex.reject_ids} for n, ex in examples.items()},
+        "tasks": {t.name: {"kind": t.kind, "path": t.include_path if isinstance(t, LmEvalTask) else t.path,
+                           "records": counts[t.name],
+                           "rejected": dict(examples[t.name].rejects) if t.name in examples else {},
+                           "reject_ids": examples[t.name].reject_ids if t.name in examples else {}} for t in cfg.tasks},
         "confidence": cfg.confidence, "actors_per_model": actors_per_model,
         "results": results, "outputs": {"predictions": ctx.uri("predictions")},
     }
     report["summary"] = _summary(cfg, report, names)
-    ctx.metrics.write(ctx.name, **{f"{t.name}/{primary_metric(t)}/{n}": results[n][t.name][primary_metric(t)]["value"]
-                                   for n in names for t in cfg.tasks})
+    ctx.metrics.write(ctx.name, **{f"{t.name}/{k}/{n}": results[n][t.name][k]["value"]
+                                   for n in names for t in cfg.tasks for k in [primary_metric(t, results[n][t.name])]})
     return ctx.write_report(report)
 
 
-def _write_predictions(ctx, model: str, task: str, ex: Examples, rows: list[dict]) -> None:
-    lines = "".join(json.dumps({"id": it["id"], **row}) + "\n" for it, row in zip(ex.items, rows, strict=True))
+def _write_lines(ctx, model: str, task: str, rows: list[dict]) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     outputs.write_bytes(outputs.child(ctx.out, "predictions", model, f"{task}.jsonl"), lines.encode("utf-8"))
 
 

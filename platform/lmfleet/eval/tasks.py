@@ -210,8 +210,9 @@ def aggregate(task: Task, items: list[dict], rows: list[dict], confidence: float
 PRIMARY = {"perplexity": "bits_per_byte", "multiple_choice": "acc_norm", "classification": "acc"}
 
 
-def primary_metric(task: Task) -> str:
-    return PRIMARY.get(task.kind) or task.metrics[0]
+def primary_metric(task: Task, results: dict) -> str:
+    """The metric a task is summed up by: per kind, a generate task's first, an lm_eval task's first reported."""
+    return PRIMARY.get(task.kind) or (task.metrics[0] if task.kind == "generate" else next(iter(results)))
 
 
 def fmt_metric(m: dict) -> str:
