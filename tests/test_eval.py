@@ -60,7 +60,7 @@ def test_loglikelihood_rolling_and_greedy_against_the_model_itself(base_lm):
 
     hf = AutoModelForCausalLM.from_pretrained(str(base_lm)).eval()
     tok = AutoTokenizer.from_pretrained(str(base_lm))
-    em = EvalModel(base_lm, max_length=64, batch_size=3, device=torch.device("cpu"))
+    em = EvalModel.load(base_lm, max_length=64, batch_size=3, device=torch.device("cpu"))
     requests = [("Give three tips for staying healthy.", " Eat well."), ("What is", " the capital of France?"),
                 ("", "Hello there"), ("Question: 2+2 =  ", "4"), ("A longer context that goes on and on " * 3, " end")]
     got = em.loglikelihood(requests)
@@ -72,7 +72,7 @@ def test_loglikelihood_rolling_and_greedy_against_the_model_itself(base_lm):
     assert em.split_pair("Question: 2+2 =  ", "4")[0] == tok.encode("Question: 2+2 =", add_special_tokens=False)
     assert em.split_pair("", "Hello")[0] == [em.prefix]
     # rolling windows of 16 tokens over 41: tokens 0-15 after the prefix, 16-31 after token 15, 32-40 after 24-31
-    short = EvalModel(base_lm, max_length=16, batch_size=2, device=torch.device("cpu"))
+    short = EvalModel.load(base_lm, max_length=16, batch_size=2, device=torch.device("cpu"))
     text = "Give three tips for staying healthy. Eat a balanced diet, exercise, and sleep well every night."
     tokens = tok.encode(text, add_special_tokens=False)
     assert len(tokens) == 41
@@ -166,7 +166,7 @@ def test_the_eval_stage_is_the_same_on_one_actor_or_two(base_lm, tmp_path, ray_l
     # the report's numbers are the predictions' own; the adapter in this process gives the same log-likelihoods
     rows = [json.loads(x) for x in (two_dir / "predictions" / "model" / "modules.jsonl").read_text().splitlines()]
     assert two["results"]["model"]["modules"]["acc"]["value"] == pytest.approx(np.mean([x["acc"] for x in rows]))
-    em = EvalModel(base_lm, max_length=2048, batch_size=4, device=torch.device("cpu"))
+    em = EvalModel.load(base_lm, max_length=2048, batch_size=4, device=torch.device("cpu"))
     first = json.loads((tmp_path / "mc.jsonl").read_text().splitlines()[0])
     want = em.loglikelihood([(f"Docstring: {first['doc']}\nModule:", " " + c) for c in first["choices"]])
     assert rows[0]["logliks"] == pytest.approx([ll for ll, _ in want], abs=1e-4)
@@ -230,3 +230,56 @@ def test_eval_config_and_input_errors(base_lm, tmp_path):
     export_model(Transformer(cfg).state_dict(), cfg, tmp_path / "encoder")
     with pytest.raises(InputError, match="an encoder .* has no left-to-right likelihood"):
         check_inputs(load_run(write_config(tmp_path / "c.yaml", stage(models=[str(tmp_path / "encoder")]))).stages[0].config)
+
+
+def test_pretraining_scores_eval_tasks_as_the_eval_stage_does(packed, tmp_path):
+    """eval_tasks in a 2-worker FSDP pretraining run: logged at steps 3 and 4 (the last) by the first worker,
+    and at the last step equal to an eval stage's scores of the exported model."""
+    from conftest import pretrain_stage
+
+    tasks = [{"name": "fluency", "kind": "multiple_choice", "path": str(REPO / "jobs/eval_tasks/stdlib_fluency.jsonl"),
+              "prompt": "Docstring:", "limit": 16},
+             {"name": "plays", "kind": "perplexity", "path": str(tmp_path / "plays.jsonl")}]
+    blocks = [b for b in shared("tinyshakespeare.txt").read_text().split("\n\n") if b.strip()][-6:]
+    (tmp_path / "plays.jsonl").write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks))
+    stages = {
+        "p": {"kind": "pretrain", **pretrain_stage(packed, steps=4, export=True, parallel__strategy="fsdp",
+                                                   scaling__num_workers=2, eval_tasks={"every": 3, "tasks": tasks})},
+        "e": {"kind": "eval", "models": ["p"], "tasks": tasks, "bootstrap": 0, "max_length": 32},
+    }
+    report, out = run_stages(tmp_path, stages)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [x for x in lines if x.get("stage") == "p" and "task/fluency/acc" in x]
+    assert [x["step"] for x in scored] == [3, 4]
+    section = report["stages"]["p"]["eval_tasks"]
+    assert section["step"] == 4 and section["tasks"]["fluency"]["records"] == 16
+    assert section["summary"] in report["stages"]["p"]["summary"]
+    e = report["stages"]["e"]["results"]["p"]
+    assert section["last"]["fluency/acc"] == e["fluency"]["acc"]["value"]
+    assert section["last"]["fluency/acc_norm"] == e["fluency"]["acc_norm"]["value"]
+    assert section["last"]["plays/bits_per_byte"] == pytest.approx(e["plays"]["bits_per_byte"]["value"], rel=1e-5)
+
+
+def test_sft_scores_eval_tasks_as_the_eval_stage_does(base_lm, tmp_path, ray_local):
+    """eval_tasks in a 2-worker DDP SFT run: logged at steps 2 and 4 (the last), and then equal to an eval stage's
+    scores of the exported model, generations included."""
+    tasks = [{"name": "fluency", "kind": "multiple_choice", "path": str(REPO / "jobs/eval_tasks/stdlib_fluency.jsonl"),
+              "prompt": "Docstring:", "limit": 12},
+             {"name": "summaries", "kind": "generate", "path": str(REPO / "jobs/eval_tasks/stdlib_summaries.jsonl"),
+              "prompt": "{prompt}", "chat": True, "metrics": ["f1", "rouge_l"], "max_new_tokens": 8, "limit": 4}]
+    alpaca = {"paths": [str(shared("alpaca_5000.json"))], "max_records": 64, "val_fraction": 0.1}
+    stages = {
+        "sft": {"model": str(base_lm), "dataset": alpaca, "training": {"max_length": 128, "max_steps": 4},
+                "optimizer": {"lr": 3e-3}, "batch": {"micro_batch": 8}, "checkpoint": {"every": 100},
+                "eval": {"samples": 0}, "scaling": {"num_workers": 2}, "eval_tasks": {"every": 2, "tasks": tasks}},
+        "eval": {"models": ["sft"], "tasks": tasks, "bootstrap": 0, "max_length": 128},
+    }
+    report, out = run_stages(tmp_path, stages)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("stage") == "sft" and "task/fluency/acc" in x] == [2, 4]
+    section = report["stages"]["sft"]["eval_tasks"]
+    assert section["step"] == 4 and section["summary"] in report["stages"]["sft"]["summary"]
+    e = report["stages"]["eval"]["results"]["sft"]
+    for key in ("fluency/acc", "fluency/acc_norm", "summaries/f1", "summaries/rouge_l"):
+        task, metric = key.split("/")
+        assert section["last"][key] == pytest.approx(e[task][metric]["value"], abs=1e-9), key

@@ -19,26 +19,32 @@ from lmfleet.model.hf_config import OWN_CONFIG
 
 
 class EvalModel:
-    def __init__(self, path: Path, max_length: int, batch_size: int, device: torch.device):
+    """`model`: a HF causal LM (`hf`) or lmfleet's Transformer, in eval mode on `device`; `tok`: a HF tokenizer
+    with a pad token and a chat template (lmfleet.posttrain.models.load_tokenizer)."""
+
+    def __init__(self, model, tok, hf: bool, max_length: int, batch_size: int, device: torch.device):
+        self.model, self.tok, self.hf = model, tok, hf
+        self.device, self.batch_size = device, batch_size
+        context = (getattr(model.config, "max_position_embeddings", None) if hf else model.cfg.max_seq_len) or max_length
+        self.max_length = min(max_length, context)
+        # generation reuses HF's KV cache; a prompt-tuning adapter prepends virtual tokens: it reruns the sequence
+        self.cached = hf and not hasattr(model, "peft_config")
+        self.eos = tok.eos_token_id
+        self.prefix = tok.bos_token_id if tok.bos_token_id is not None else self.eos
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
+
+    @classmethod
+    def load(cls, path: Path, max_length: int, batch_size: int, device: torch.device) -> EvalModel:
+        """The model dir at `path` (HF, a PEFT adapter on its base, or lmfleet's own format)."""
         from lmfleet.posttrain.models import load_causal_lm, load_tokenizer
 
-        self.device, self.batch_size = device, batch_size
         if (path / OWN_CONFIG).exists():
             from lmfleet.model.export import load_model
 
-            self.model, self.hf = load_model(path), False
-            context = self.model.cfg.max_seq_len
+            model, hf = load_model(path), False
         else:
-            self.model, self.hf = load_causal_lm(path), True
-            context = getattr(self.model.config, "max_position_embeddings", None) or max_length
-        self.model.to(device).eval()
-        # generation reuses HF's KV cache; a prompt-tuning adapter prepends virtual tokens: it reruns the sequence
-        self.cached = self.hf and not hasattr(self.model, "peft_config")
-        self.tok = load_tokenizer(path)
-        self.max_length = min(max_length, context)
-        self.eos = self.tok.eos_token_id
-        self.prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+            model, hf = load_causal_lm(path), True
+        return cls(model.to(device).eval(), load_tokenizer(path), hf, max_length, batch_size, device)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)

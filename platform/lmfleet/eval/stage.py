@@ -20,9 +20,18 @@ from pathlib import Path
 
 from lmfleet import outputs, uri
 from lmfleet.errors import InputError
-from lmfleet.eval.config import EvalStageConfig, LmEvalTask
+from lmfleet.eval.config import EvalStageConfig
 from lmfleet.eval.harness import harness_metrics
-from lmfleet.eval.tasks import Examples, aggregate, fmt_metric, primary_metric, read_examples, score
+from lmfleet.eval.task_config import LmEvalTask
+from lmfleet.eval.tasks import (
+    Examples,
+    aggregate,
+    fmt_metric,
+    primary_metric,
+    read_examples,
+    score,
+    task_inputs,
+)
 from lmfleet.inputs import Input
 from lmfleet.model.hf_config import OWN_CONFIG, checkpoint_model_config, input_model
 
@@ -49,17 +58,12 @@ def check_inputs(cfg: EvalStageConfig, upstream: set[str] = frozenset(), run_dir
             check_model(location, f"eval.models[{k}] {ref!r}:")
         inputs.append(Input(f"models.{k}", (location if uri.is_uri(location) else Path(location),)))
     for t in cfg.tasks:
-        if isinstance(t, LmEvalTask):
-            if t.include_path is not None:
-                if uri.is_uri(t.include_path) or not Path(t.include_path).is_dir():
-                    raise InputError(f"eval.tasks.{t.name}.include_path {t.include_path!r}: no such local folder "
-                                     "(expected lm-eval task YAMLs and their data files)")
-                inputs.append(Input(f"tasks.{t.name}", (Path(t.include_path),)))
-            continue
-        if not uri.info(t.path, f"eval.tasks.{t.name}.path").is_file:
-            raise InputError(f"eval.tasks.{t.name}.path {t.path!r}: no such file (expected JSONL or a JSON list)")
-        inputs.append(Input(f"tasks.{t.name}", (t.path if uri.is_uri(t.path) else Path(t.path),)))
-    return inputs
+        if isinstance(t, LmEvalTask) and t.include_path is not None:
+            if uri.is_uri(t.include_path) or not Path(t.include_path).is_dir():
+                raise InputError(f"eval.tasks.{t.name}.include_path {t.include_path!r}: no such local folder "
+                                 "(expected lm-eval task YAMLs and their data files)")
+            inputs.append(Input(f"tasks.{t.name}", (Path(t.include_path),)))
+    return inputs + task_inputs([t for t in cfg.tasks if not isinstance(t, LmEvalTask)], "eval.tasks")
 
 
 class EvalActor:
@@ -73,7 +77,7 @@ class EvalActor:
         if not use_gpu:  # Ray gives the actor cpus_per_actor CPUs; torch would take every core of the node
             torch.set_num_threads(max(1, int(cpus_per_actor)))
         path = uri.local_copy(location, "eval.models")
-        self.model = EvalModel(path, max_length, batch_size, torch.device("cuda" if use_gpu else "cpu"))
+        self.model = EvalModel.load(path, max_length, batch_size, torch.device("cuda" if use_gpu else "cpu"))
 
     def score(self, task, items: list[tuple[int, dict]], seed: int) -> list[dict]:
         return score(self.model, task, items, seed)

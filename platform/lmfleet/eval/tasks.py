@@ -21,7 +21,7 @@ import numpy as np
 
 from lmfleet import uri
 from lmfleet.eval import metrics as M
-from lmfleet.eval.config import ClassificationTask, MultipleChoiceTask, PerplexityTask, Task
+from lmfleet.eval.task_config import ClassificationTask, MultipleChoiceTask, PerplexityTask, Task
 
 EXAMPLE_IDS = 5  # ids of rejected records kept per reason
 
@@ -220,3 +220,68 @@ def fmt_metric(m: dict) -> str:
     if m.get("ci") is None or any(not math.isfinite(x) for x in m["ci"]):
         return f"{v:.4g}"
     return f"{v:.4g} [{m['ci'][0]:.4g}, {m['ci'][1]:.4g}]"
+
+
+# -- tasks during training (`eval_tasks:` of pretrain and sft) --
+
+@dataclass(frozen=True)
+class TaskRecords:
+    """A task's usable records, read and quarantined by the driver: what a training worker scores."""
+
+    task: Task
+    items: tuple[dict, ...]
+
+
+def task_inputs(tasks, key: str) -> list:
+    """Preflight of file tasks (a training stage's eval_tasks.tasks, an eval stage's tasks): each file exists,
+    else InputError naming `key`.<task>.path; returns them as the stage's inputs (lmfleet.inputs)."""
+    from pathlib import Path
+
+    from lmfleet.errors import InputError
+    from lmfleet.inputs import Input
+
+    inputs = []
+    for t in tasks:
+        if not uri.info(t.path, f"{key}.{t.name}.path").is_file:
+            raise InputError(f"{key}.{t.name}.path {t.path!r}: no such file (expected JSONL or a JSON list)")
+        inputs.append(Input(f"{key.split('.', 1)[1]}.{t.name}", (t.path if uri.is_uri(t.path) else Path(t.path),)))
+    return inputs
+
+
+def training_tasks(tasks: list[Task], key: str) -> tuple[tuple[TaskRecords, ...], dict]:
+    """The records of `eval_tasks.tasks` for the workers, and the report's view of them (records, rejects);
+    InputError (naming `key`) for a task without a usable record."""
+    from lmfleet.errors import InputError
+
+    out, report = [], {}
+    task_inputs(tasks, key)
+    for t in tasks:
+        ex = read_examples(t)
+        if not ex.items:
+            raise InputError(f"{key}.{t.name}: no usable record in {t.path} (rejected: "
+                             f"{dict(ex.rejects) or 'the file has no records'})")
+        out.append(TaskRecords(t, tuple(ex.items)))
+        report[t.name] = {"kind": t.kind, "path": t.path, "records": len(ex.items), "rejected": dict(ex.rejects)}
+    return tuple(out), report
+
+
+def score_tasks(model, tasks: tuple[TaskRecords, ...], seed: int) -> dict[str, float]:
+    """Every task's metrics on `model` (an EvalModel) as task/<name>/<metric> values (no intervals: a curve)."""
+    out = {}
+    for tr in tasks:
+        rows = score(model, tr.task, list(enumerate(tr.items)), seed)
+        for metric, value in aggregate(tr.task, list(tr.items), rows, 0.95, 0, seed).items():
+            if metric != "per_class":
+                out[f"task/{tr.task.name}/{metric}"] = value["value"]
+    return out
+
+
+def tasks_section(tasks: dict, records: list[dict]) -> dict:
+    """A training stage report's `eval_tasks`: each task's records and rejects, and the metrics of its last
+    evaluation (the stage's metrics records hold every one: task/<name>/<metric>)."""
+    scored = [r for r in records if any(k.startswith("task/") for k in r)]
+    last = scored[-1] if scored else {}
+    values = {k.removeprefix("task/"): v for k, v in last.items() if k.startswith("task/")}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items()) or "none"
+    return {"tasks": tasks, "step": last.get("step"), "last": values,
+            "summary": f"eval tasks at step {last.get('step')}: {shown}"}

@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
+from lmfleet.eval.task_config import TrainingTasksConfig
 from lmfleet.train.config import (
     AdamConfig,
     CheckpointConfig,
@@ -239,6 +240,15 @@ class SFTStageConfig(_HFStage, _GeneratingStage):
     completion_only: bool = Field(True, description="Loss on assistant tokens only (prompt tokens masked).")
     packing: bool = False
     tune: TuneConfig | None = Field(None, description="A hyperparameter search over this config (lmfleet.tune).")
+    eval_tasks: TrainingTasksConfig | None = Field(None, description="Eval stage tasks scored on the model every "
+                                                   "eval_tasks.every steps (metrics task/<name>/<metric>).")
+
+    @model_validator(mode="after")
+    def _eval_tasks(self):
+        if self.eval_tasks is not None and self.parallel.strategy != "ddp":
+            raise ValueError(f"eval_tasks: the first worker scores the whole model, which parallel.strategy "
+                             f"{self.parallel.strategy!r} shards: use ddp")
+        return self
 
     @model_validator(mode="after")
     def _format(self):

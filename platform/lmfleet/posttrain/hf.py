@@ -116,6 +116,33 @@ class MetricsCallback(TrainerCallback):
             self.log.write(self.stage, **self.tags, step=state.global_step, **logs)
 
 
+class TaskEvalCallback(TrainerCallback):
+    """eval_tasks every `every` steps and at the last: the first worker scores the model in place (DDP keeps a
+    whole copy on every rank) while the others wait at the next step's all-reduce; logged with the step."""
+
+    def __init__(self, cfg, tasks, tokenizer, log: MetricsLog, stage: str, tags: dict, seed: int, max_length: int):
+        self.cfg, self.tasks, self.tok, self.log = cfg, tasks, tokenizer, log
+        self.stage, self.tags, self.seed, self.max_length = stage, tags, seed, max_length
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if not state.is_world_process_zero or (step % self.cfg.every and step != state.max_steps):
+            return
+        import torch
+
+        from lmfleet.eval.lm import EvalModel
+        from lmfleet.eval.tasks import score_tasks
+
+        was_training = model.training
+        model.eval()
+        em = EvalModel(model, self.tok, True, self.cfg.max_length or self.max_length, self.cfg.batch_size,
+                       next(model.parameters()).device)
+        with torch.no_grad():
+            metrics = score_tasks(em, self.tasks, self.seed)
+        model.train(was_training)
+        self.log.write(self.stage, **self.tags, step=step, **metrics)
+
+
 class ReportCheckpoints(RayTrainReportCallback):
     """Ray's callback, after a barrier: every rank copies the HF checkpoint dir to report it, and on one
     node they share it, so a rank must not copy while another still writes its files (seen: a
@@ -223,6 +250,9 @@ def _worker(config: dict) -> None:
     callbacks = [ReportCheckpoints(), MetricsCallback(run.metrics, run.stage, run.tags), ApplyHyperparams()]
     if args.get("load_best_model_at_end"):
         callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.min_delta))
+    if inputs.tasks:
+        callbacks.append(TaskEvalCallback(cfg.eval_tasks, inputs.tasks, tokenizer, run.metrics, run.stage, run.tags,
+                                          run.seed, cfg.training.max_length))
     for callback in callbacks:
         trainer.add_callback(callback)
     trainer = prepare_trainer(trainer)

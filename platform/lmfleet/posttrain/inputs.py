@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmfleet.eval.tasks import task_inputs
 from lmfleet.inputs import Input
 from lmfleet.model.hf_config import model_dir
 from lmfleet.posttrain.models import check_model_dir
@@ -26,6 +27,8 @@ def check_inputs(cfg, upstream: set[str] = frozenset(), run_dir: Path | None = N
             check_model_dir(ref, f"{kind}.{key}", upstream, run_dir, full_weights=True)
             inputs.append(Input(key, (model_dir(ref, run_dir),)))
     inputs.append(Input("dataset.paths", tuple(dataset_paths(cfg.dataset)), tuple(dataset_files(cfg.dataset))))
+    if getattr(cfg, "eval_tasks", None) is not None:
+        inputs += task_inputs(cfg.eval_tasks.tasks, f"{kind}.eval_tasks.tasks")
     return inputs
 
 

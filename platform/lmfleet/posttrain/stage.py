@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lmfleet.errors import InputError
+from lmfleet.eval.tasks import TaskRecords, tasks_section, training_tasks
 from lmfleet.model.hf_config import input_model
 from lmfleet.outputs import child
 from lmfleet.posttrain.inputs import MODEL_KEYS, check_inputs
@@ -34,6 +35,7 @@ class StageInputs:
     use_gpu: bool
     reward_model: str | None = None
     student_model: str | None = None
+    tasks: tuple[TaskRecords, ...] = ()  # eval_tasks: their records, read by the driver
 
     def local(self, name: str) -> str | None:
         """A model of this node: the path, or this node's copy of a URI."""
@@ -101,10 +103,15 @@ class PostTrainStage:
         if not records.train:
             raise InputError(f"{cfg.KIND}.dataset: no records left to train on ({records.counts()}); "
                              f"check the records or raise training.max_length ({cfg.training.max_length})")
+        eval_tasks = getattr(cfg, "eval_tasks", None)
+        tasks, task_section = training_tasks(eval_tasks.tasks, f"{cfg.KIND}.eval_tasks.tasks") if eval_tasks else ((), {})
         inputs = cls.worker_inputs(cfg, ctx, StageInputs(
             **models, train=ctx.uri("data", "train.jsonl"), val=ctx.uri("data", "val.jsonl"), out=str(ctx.out),
-            use_gpu=cfg.scaling.resolve_gpu()))
+            use_gpu=cfg.scaling.resolve_gpu(), tasks=tasks))
         report = {"data": records.counts(), "model": inputs.export, **cls.train(cfg, ctx, records, inputs)}
+        if tasks:
+            report["eval_tasks"] = tasks_section(task_section, ctx.history())
+            report["summary"] = [*report.get("summary", []), report["eval_tasks"]["summary"]]
         with ctx.step("evaluate"):
             report["eval"] = run_eval_task(cls, cfg, inputs)
         ctx.write_json("eval.json", report["eval"])

@@ -237,7 +237,8 @@ def _pretrain(stage: StageView) -> tuple[str, int]:
                     ["loss", "val_loss", *per_source]),
               Panel("learning rate", ["lr"]), Panel("grad norm", ["grad_norm"], log=True),
               Panel("tokens/s", ["tokens_per_s"]), Panel("MFU", ["mfu"]),
-              Panel("workers", ["world_size"], step=True), Panel("mixing weights", ["weight/*"])]
+              Panel("workers", ["world_size"], step=True), Panel("mixing weights", ["weight/*"]),
+              Panel("eval tasks (eval_tasks)", ["task/*"])]
     uri = panels_figure(records, "step", panels, marks)
     caption = ("pretraining over steps; dotted: checkpoints, dashed red: restarts of the workers"
                if marks.restarts else "pretraining over steps; dotted: checkpoints")
@@ -283,7 +284,8 @@ def _hf(stage: StageView) -> tuple[str, int]:
     records = _steps(stage, "step")
     panels = auto_panels(records, "step", [Panel("loss", ["loss", "eval_loss"]),
                                            Panel("learning rate", ["learning_rate"]),
-                                           Panel("grad norm", ["grad_norm"], log=True)], HF_SKIP)
+                                           Panel("grad norm", ["grad_norm"], log=True),
+                                           Panel("eval tasks (eval_tasks)", ["task/*"])], HF_SKIP)
     uri = panels_figure(records, "step", panels)
     body = m.figure(uri, f"{stage.kind} training over steps (eval_: held-out records)") if uri else "<p>no steps logged</p>"
     return body + _evaluation(stage.report) + _memory(stage.report), int(uri is not None)

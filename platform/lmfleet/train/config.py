@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
+from lmfleet.eval.task_config import TrainingTasksConfig
 from lmfleet.model.config import ModelConfig
 from lmfleet.tune.config import PBTConfig, TuneConfig
 
@@ -271,6 +272,8 @@ class PretrainConfig(StrictModel):
     mixing: MixingScheduleConfig | None = None
     curriculum: CurriculumConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None
+    eval_tasks: TrainingTasksConfig | None = Field(None, description="Eval stage tasks scored on the whole model "
+                                                   "every eval_tasks.every steps (metrics task/<name>/<metric>).")
     keep_zeros: bool = Field(False, description="Hold the weights that are zero in init_from at zero (recovery "
                                                 "after magnitude pruning: the prune stage sets it).")
     log_every: int = Field(10, ge=1)
@@ -360,6 +363,12 @@ class PretrainConfig(StrictModel):
             raise ValueError(f"objective {o.kind!r} trains a bidirectional encoder: set model.causal: false")
         if not o.bidirectional and not m.causal:
             raise ValueError(f"objective {o.kind!r} predicts the next token: model.causal: false needs mlm or mlm_nsp")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_tasks(self):
+        if self.eval_tasks is not None and not self.model.causal:
+            raise ValueError("eval_tasks: an encoder (model.causal false) has no left-to-right likelihood to score")
         return self
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, inputs, seed: int):  # inputs: lmfleet.train.stage.PretrainInputs
         import ray.train
 
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.inputs = cfg, seed, inputs
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = worker_device(inputs.use_gpu)
@@ -333,6 +333,32 @@ class Trainer:
     def restore_best(self) -> None:
         checkpoint.set_model_state(self._module(), self.best)
 
+    def score_tasks(self, step: int) -> dict:
+        """eval_tasks on the whole model: every rank hands in its weights (full_state_dict), the first scores
+        the tasks on a copy while the others go on to the next step's collectives, where they wait for it.
+        The metrics (task/<name>/<metric>) on the first rank, {} on the others."""
+        import torch
+
+        from lmfleet.eval.lm import EvalModel
+        from lmfleet.eval.tasks import score_tasks
+        from lmfleet.model.transformer import Transformer
+        from lmfleet.posttrain.models import load_tokenizer
+
+        sd = full_state_dict(self.model, self.layout, self.engine)
+        if sd is None:
+            return {}
+        with torch.device("meta"):
+            model = Transformer(self.cfg.model, seed=None)
+        model.load_state_dict(sd, strict=False, assign=True)  # tied embeddings: one tensor under two names
+        if self.cfg.model.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.to(self.device).eval()
+        t = self.cfg.eval_tasks
+        tok = load_tokenizer(local_copy(self.inputs.tokenizer, "pretrain.data"))
+        em = EvalModel(model, tok, False, t.max_length or self.cfg.model.max_seq_len, t.batch_size, self.device)
+        with torch.no_grad():
+            return score_tasks(em, self.inputs.tasks, self.seed)
+
     def evaluated(self, step: int, metrics: dict) -> None:
         """Early stopping's bookkeeping after an evaluation at `step` (adds best_<metric>, best_step)."""
         metric = self.cfg.early_stopping.metric
@@ -406,6 +432,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(trainer.evaluate())
             if stopping is not None:
                 trainer.evaluated(done, metrics)
+        if inputs.tasks and (done % cfg.eval_tasks.every == 0 or done == cfg.steps):
+            metrics.update(trainer.score_tasks(done))
         stopped = stopping is not None and stopping.stopped
         if metrics_log and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in metrics or done == start + 1):
             metrics_log.write(run.stage, **run.tags, **metrics)

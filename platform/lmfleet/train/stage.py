@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from lmfleet import outputs, runtime, uri
 from lmfleet.config import format_validation_error
 from lmfleet.errors import InputError
+from lmfleet.eval.tasks import TaskRecords, task_inputs, tasks_section, training_tasks
 from lmfleet.inputs import Input
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.hf_config import checkpoint_model_config, continued_model, input_model, loss_model
@@ -71,6 +72,8 @@ def check_inputs(cfg: PretrainConfig, upstream: set[str] = frozenset(), run_dir:
         else:  # a Llama / lmfleet model dir whose architecture the config agrees with
             location, _ = init_model(cfg, run_dir)
         inputs.append(Input("init_from", (location if uri.is_uri(location) else Path(location),)))
+    if cfg.eval_tasks is not None:
+        inputs += task_inputs(cfg.eval_tasks.tasks, "pretrain.eval_tasks.tasks")
     proxy = cfg.curriculum.proxy if cfg.curriculum is not None else None
     if proxy is not None:
         location = input_model(proxy, run_dir)
@@ -210,17 +213,19 @@ class PretrainInputs:
     init_from: str | None = None  # the checkpoint whose weights the model starts from (resolved init_from)
     objective_tokens: ObjectiveTokens | None = None  # the ids the objective uses (None: clm)
     curriculum_scores: str | None = None  # the dir holding scores.npy (a path or URI; None: no curriculum)
+    tasks: tuple[TaskRecords, ...] = ()  # eval_tasks: their records, read by the driver
 
 
 def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int, stage: str, *, storage: str,
            samples: LineLog | None = None, init_checkpoint=None, callbacks=(), export: bool = True,
-           steps: int | None = None, tags: dict | None = None, curriculum: str | None = None):
+           steps: int | None = None, tags: dict | None = None, curriculum: str | None = None,
+           tasks: tuple[TaskRecords, ...] = ()):
     """One training run of `cfg` (lmfleet.runtime), writing to `out` (model/: a path or URI),
     `metrics` and `samples` (logs of the driver's node, lmfleet.runlog), and its checkpoints to
     `storage`/train (a path or URI); returns its Result. init_checkpoint: where a run without checkpoints of
     its own starts (a Tune trial's donor). steps: stop there instead of at cfg.steps (the schedule still
     spans cfg.steps). tags: added to every metrics record. curriculum: the dir of its scores.npy
-    (curriculum_scores)."""
+    (curriculum_scores). tasks: eval_tasks' records (lmfleet.eval.tasks.training_tasks)."""
     from lmfleet.train.loop import train_loop_per_worker
 
     packed = cfg.data  # resolved by the caller (workers run in other working dirs): an absolute path or a URI
@@ -232,7 +237,7 @@ def launch(cfg: PretrainConfig, out: Path | str, metrics: MetricsLog, seed: int,
         use_gpu=use_gpu,
         samples=samples if cfg.log_samples else None, init_from=cfg.init_from,
         objective_tokens=objective_tokens(cfg, packed, index),
-        curriculum_scores=curriculum,
+        curriculum_scores=curriculum, tasks=tasks,
     )
     run = WorkerRun(cfg, None, inputs, seed, stage, metrics, tags=tags or {}, init_checkpoint=init_checkpoint,
                     stop_at=steps or cfg.steps, export=export)
@@ -247,14 +252,15 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     if cfg.curriculum is not None:
         with ctx.step("curriculum"):
             scores, curriculum = curriculum_scores(cfg, packed, read_index(packed), ctx.out)
+    tasks, task_section = training_tasks(cfg.eval_tasks.tasks, "pretrain.eval_tasks.tasks") if cfg.eval_tasks else ((), {})
     if cfg.tune is not None:
         from lmfleet.tune.search import run_search
 
-        return run_search(cfg, ctx, partial(launch, curriculum=scores))
+        return run_search(cfg, ctx, partial(launch, curriculum=scores, tasks=tasks))
     with ctx.step("train"):
         log = ctx.metrics.for_workers()
         result = launch(cfg, ctx.out, log, ctx.seed, ctx.name, storage=ctx.storage, export=cfg.export,
-                        samples=log.child(ctx.out_dir / "samples.jsonl"), curriculum=scores)
+                        samples=log.child(ctx.out_dir / "samples.jsonl"), curriculum=scores, tasks=tasks)
     history = ctx.history("loss")
     final = history[-1] if history else {}
     report = {
@@ -267,6 +273,8 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
     }
     if curriculum is not None:
         report["curriculum"] = curriculum
+    if tasks:
+        report["eval_tasks"] = tasks_section(task_section, ctx.history())
     if cfg.early_stopping is not None:
         report["early_stopping"] = early_stopping.report_section(cfg.early_stopping, ctx.history("event"), cfg.steps)
     memory = report_section(ctx.history("memory_per_rank"))
@@ -287,5 +295,7 @@ def run_pretrain_stage(cfg: PretrainConfig, ctx) -> dict:
         report["summary"].insert(1, report["early_stopping"]["summary"])
     if curriculum is not None:
         report["summary"].insert(1, curriculum["summary"])
+    if tasks:
+        report["summary"].append(report["eval_tasks"]["summary"])
     report["summary"] += summary_line(memory)
     return ctx.write_report(report)
