@@ -220,7 +220,7 @@ def plan(
     from lmfleet.train.config import PEAK_FLOPS
     from lmfleet.train.plan import data_shapes, plan_lines, plan_pretrain, planned_config
 
-    untrained = {"data", "prune", "eval"}  # (prune's optional recovery fine-tunes the model it pruned: not planned)
+    untrained = {"data", "prune", "eval", "distill_data"}  # (prune's optional recovery fine-tunes the model it pruned: not planned)
     try:
         loaded = runner.load_run(config, set_)
         names = {s.name: s for s in loaded.stages}

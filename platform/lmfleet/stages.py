@@ -30,6 +30,11 @@ _REGISTRY: dict[str, _Entry] = {
         "lmfleet.data.stage:run_data_stage",
         "lmfleet.data.stage:check_inputs",
     ),
+    "distill_data": _Entry(
+        "lmfleet.data.config:DistillDataConfig",
+        "lmfleet.data.distill:run_distill_data_stage",
+        "lmfleet.data.distill:check_inputs",
+    ),
     "pretrain": _Entry(
         "lmfleet.train.config:PretrainConfig",
         "lmfleet.train.stage:run_pretrain_stage",

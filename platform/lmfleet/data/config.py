@@ -298,3 +298,56 @@ class DataConfig(StrictModel):
             if unknown:
                 raise ValueError(f"mixing.{key}: unknown sources {unknown}; sources are {names}")
         return self
+
+
+class DsirConfig(StrictModel):
+    """`dsir:` of distill_data (lmfleet.data.dsir): the hashed n-gram features of both bag-of-n-gram models."""
+
+    buckets: int = Field(10_000, ge=16, description="Hash buckets of the n-grams (the paper: 10,000).")
+    ngrams: list[int] = Field([1, 2], min_length=1, description="Word n-gram lengths (the paper: unigrams and bigrams).")
+    smoothing: float = Field(1.0, gt=0, description="Add-k smoothing of the bucket counts.")
+
+    @field_validator("ngrams")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"{v}: n-gram lengths are 1 or more")
+        return sorted(set(v))
+
+
+class DistillDataConfig(StrictModel):
+    """Stage kind `distill_data`: a subset of a data stage's kept documents, packed as a data stage packs, which
+    pretrain reads like any data stage (lmfleet.data.distill)."""
+
+    data: str = Field(..., description="A data stage of this run (its dir) or a data stage's output dir: its kept/ "
+                                       "documents and tokenizer.")
+    method: Literal["dsir", "perplexity", "random"] = Field("dsir", description=(
+        "dsir: importance resampling toward `target` (Xie et al. 2023); perplexity: the documents `proxy` (a model "
+        "trained on reference text) finds likeliest (Wenzek et al. 2020, Marion et al. 2023); random: a seeded "
+        "uniform sample (the baseline)."))
+    fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of the documents (or `docs`).")
+    docs: int | None = Field(None, ge=1, description="Keep this many documents (or `fraction`).")
+    target: SourceConfig | None = Field(None, description="dsir: the reference texts, read as a data stage source.")
+    proxy: str | None = Field(None, description="perplexity: a causal model (a stage of this run or a model dir).")
+    dsir: DsirConfig = DsirConfig()
+    pack: PackConfig | None = Field(None, description="None: the input's seq_len, val_fraction 0.01.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_name(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("target"), dict) and "name" not in data["target"]:
+            data = {**data, "target": {"name": "target", **data["target"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _method(self):
+        if (self.fraction is None) == (self.docs is None):
+            raise ValueError("set one of fraction or docs (how much to keep)")
+        if (self.method == "dsir") != (self.target is not None):
+            raise ValueError("method dsir needs target (the reference texts); target is only for dsir")
+        if (self.method == "perplexity") != (self.proxy is not None):
+            raise ValueError("method perplexity needs proxy (a model trained on reference text); proxy is only for "
+                             "perplexity")
+        if self.target is not None and self.target.format == "hf_dataset":
+            raise ValueError("target.format hf_dataset: use jsonl, json, parquet or text files")
+        return self

@@ -3,7 +3,7 @@
 Outputs (in the stage dir, a path or URI: Ray Data and the packing tasks write there from any node):
   rejects/          Parquet: id, source, location, reject_reason, raw (prefix) of every bad record; pii
                     (kinds found, filter.pii: drop) and contaminated_by (evaluation files matched)
-  kept/             Parquet: id, source, text (normalized), meta (other fields as JSON) of surviving docs
+  kept/             Parquet: id, source, text (normalized), meta (other fields as JSON), uid of surviving docs
   clusters.parquet  Parquet dir: id, source, cluster_id for every doc that survived exact dedup
   pairs.parquet     Parquet dir: the near-duplicate pairs found: id_a, id_b, estimated Jaccard (null if
                     not verified)
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmfleet.data import decontaminate, dedup, mixing, packing, pii, quality
-from lmfleet.data.config import DataConfig, SourceConfig
+from lmfleet.data.config import DataConfig, PackConfig, SourceConfig
 from lmfleet.data.read import (
     ROW_SCHEMA,
     check_hf_split,
@@ -321,7 +321,7 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
             kept = dedup.drop_uids(unique, found.removed)
         _write_parquet(clustered, ctx.uri("clusters.parquet"), ["id", "source", "cluster_id"])
         kept = kept.select_columns(OUTPUT_COLUMNS + ["uid"]).materialize()
-        _write_parquet(kept, ctx.uri("kept"), OUTPUT_COLUMNS)
+        _write_parquet(kept, ctx.uri("kept"), OUTPUT_COLUMNS + ["uid"])  # uid: what distill_data re-packs by
         counts = found.counts if found else {}
         report.update(
             near_duplicates_removed=counts.get("removed", 0),
@@ -372,7 +372,8 @@ def run_data_stage(cfg: DataConfig, ctx) -> dict:
         with ctx.step("mix_and_pack") as said:
             report["mixing"] = plan = mixing.mixing_rates({k: kept_chars.get(k, 0) for k in
                                                             (s.name for s in cfg.sources)}, cfg.mixing)
-            report["packing"] = _mix_and_pack(kept, cfg, ctx.seed, tok, plan, ctx.uri("packed"), out / "packed", cpus)
+            report["packing"] = mix_and_pack(kept, cfg.pack, ctx.seed, tok, plan, ctx.uri("packed"), out / "packed",
+                                             cpus)
             report["outputs"]["packed"] = ctx.uri("packed")
             said.append(f"{sum(report['packing']['samples'].values()):,} samples of {cfg.pack.seq_len}+1 tokens")
 
@@ -409,19 +410,21 @@ def _pack_groups(table: pa.Table, **pack) -> pa.Table:
     return pa.concat_tables([packing.pack_group(table.slice(a, b - a), **pack) for a, b in itertools.pairwise(bounds)])
 
 
-def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: str, index_dir: Path,
-                  cpus: int) -> dict:
-    """Shards are written to `out` (a path or URI) by the packing tasks; index.json into `index_dir` (the
-    driver's copy of `out`)."""
-    sample_len = cfg.pack.seq_len + 1
+def mix_and_pack(kept, pack: PackConfig, seed: int, tok: dict, plan: dict, out: str, index_dir: Path,
+                 cpus: int) -> dict:
+    """Mix (`plan`: each source's rate and chars) and pack the `kept` documents (a Ray dataset of id, source,
+    text, meta, uid) with the tokenizer `tok` (path, eos_id, pad_id, vocab_size); returns the report's
+    packing section. Shards are written to `out` (a path or URI) by the packing tasks; index.json into
+    `index_dir` (the driver's copy of `out`)."""
+    sample_len = pack.seq_len + 1
     rates = {k: v["rate"] for k, v in plan.items()}
     # Shards per (source, split) from an estimate of its tokens (~4 chars per token): about
     # samples_per_shard samples each, but never so many that padded shard tails cost > 0.5%.
     parts = {}
     for name, p in plan.items():
-        for split, share in (("train", p["rate"] * (1 - cfg.pack.val_fraction)), ("val", cfg.pack.val_fraction)):
+        for split, share in (("train", p["rate"] * (1 - pack.val_fraction)), ("val", pack.val_fraction)):
             est_samples = p["chars"] * share / 4 / sample_len
-            parts[f"{name}/{split}"] = int(max(1, min(math.ceil(est_samples / cfg.pack.samples_per_shard),
+            parts[f"{name}/{split}"] = int(max(1, min(math.ceil(est_samples / pack.samples_per_shard),
                                                       est_samples // 200)))
     # One shard per (split, source, part) group; the groups are dealt round-robin to the packing tasks.
     groups = [f"{split}/{name}/{k}" for key, n in parts.items() for name, split in [key.rsplit("/", 1)] for k in range(n)]
@@ -429,16 +432,16 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
         kept.to_arrow_refs(), functools.partial(_group_of, groups={g: i for i, g in enumerate(groups)}),
         functools.partial(_pack_groups, tokenizer_dir=tok["path"], out_dir=str(out), sample_len=sample_len,
                           eos_id=tok["eos_id"], pad_id=tok["pad_id"], vocab_size=tok["vocab_size"], seed=seed,
-                          columns=tuple(cfg.pack.columns)),
+                          columns=tuple(pack.columns)),
         max(1, min(len(groups), 4 * cpus)),
         prepare=functools.partial(_mixed_with_part, rates=rates, seed=seed,
-                                  val_fraction=cfg.pack.val_fraction, parts=parts))
+                                  val_fraction=pack.val_fraction, parts=parts))
     shards = gather(refs, packing.SHARD_SCHEMA).to_pylist()
     index_dir.mkdir(parents=True, exist_ok=True)
     index = packing.write_index(index_dir, shards, {
-        "sample_len": sample_len, "seq_len": cfg.pack.seq_len, "eos_id": tok["eos_id"], "pad_id": tok["pad_id"],
+        "sample_len": sample_len, "seq_len": pack.seq_len, "eos_id": tok["eos_id"], "pad_id": tok["pad_id"],
         "vocab_size": tok["vocab_size"], "tokenizer": _relative(tok["path"], out),
-        "tokens_dtype": str(packing.token_dtype(tok["vocab_size"])), "columns": list(cfg.pack.columns),
+        "tokens_dtype": str(packing.token_dtype(tok["vocab_size"])), "columns": list(pack.columns),
     })
     real = sum(s["real_tokens"] for s in shards)
     total = real + sum(s["pad_tokens"] for s in shards)
@@ -449,9 +452,9 @@ def _mix_and_pack(kept, cfg: DataConfig, seed: int, tok: dict, plan: dict, out: 
         d["docs"] += s["docs"]
     gaps = [json.loads(s["column_gaps"]) for s in shards]
     columns = {c: {"docs_without_value": sum(g[c][0] for g in gaps), "samples_without_value": sum(g[c][1] for g in gaps)}
-               for c in cfg.pack.columns}
+               for c in pack.columns}
     return {
-        "seq_len": cfg.pack.seq_len, "samples": {k: v["num_samples"] for k, v in index["splits"].items()},
+        "seq_len": pack.seq_len, "samples": {k: v["num_samples"] for k, v in index["splits"].items()},
         "real_tokens": real, "pad_tokens": total - real, "efficiency": round(real / total, 5) if total else 0.0,
         "shards": len(shards), "per_source": per_source, **({"columns": columns} if columns else {}),
     }
