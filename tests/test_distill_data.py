@@ -11,7 +11,7 @@ from lmfleet.data import dsir
 from lmfleet.errors import ConfigError
 from lmfleet.runner import load_run
 
-from conftest import pretrain_stage, run_stages, shared, write_config
+from conftest import pretrain_stage, report_sections, run_stages, shared, write_config
 
 
 def test_dsir_by_hand():
@@ -83,3 +83,5 @@ def test_distill_data_stages_choose_and_pack_what_pretraining_reads(packed, tmp_
     index = json.loads((out / "dsir" / "packed" / "index.json").read_text())
     assert index["seq_len"] == 32 and r["dsir"]["packing"]["real_tokens"] > 0
     assert r["train"]["steps"] == 2 and np.isfinite(r["train"]["final_loss"])
+    sections = report_sections((out / "report.html").read_text())
+    assert all(sections[f"stage-{name}"] == 1 for name in ("dsir", "random", "ppl"))

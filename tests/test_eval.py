@@ -14,7 +14,7 @@ from lmfleet.eval.lm import EvalModel
 from lmfleet.eval.tasks import run_python
 from lmfleet.runner import load_run
 
-from conftest import REPO, run_stages, shared, write_config
+from conftest import REPO, report_sections, run_stages, shared, write_config
 
 
 def test_metrics_by_hand():
@@ -43,6 +43,13 @@ def test_python_checks_run_isolated_with_a_timeout():
     assert run_python("def f(x):\n    return x + 1\n\nassert f(1) == 2\n", 10) == 1.0
     assert run_python("assert 1 == 2\n", 10) == 0.0
     assert run_python("while True:\n    pass\n", 0.5) == 0.0
+    import os
+
+    os.environ["LMFLEET_TEST_SECRET"] = "x"  # a credential of this process is not the model's code's to see
+    try:
+        assert run_python("import os\nassert 'LMFLEET_TEST_SECRET' not in os.environ\n", 10) == 1.0
+    finally:
+        del os.environ["LMFLEET_TEST_SECRET"]
 
 
 def _by_token(model, tok, prefix: list[int], target: list[int]) -> float:
@@ -174,6 +181,9 @@ def test_the_eval_stage_is_the_same_on_one_actor_or_two(base_lm, tmp_path, ray_l
     assert ppl["bits_per_byte"]["ci"][0] < ppl["bits_per_byte"]["value"] < ppl["bits_per_byte"]["ci"][1]
     assert set(two["results"]["model"]["form"]["per_class"]) == {"play", "verse"}
     assert any(line.startswith("| modules | acc_norm |") for line in two["summary"])
+    html = (two_dir.parent / "report.html").read_text()
+    assert report_sections(html)["stage-eval"] == 1  # the chart of each task's first metric
+    assert "modules (multiple_choice, 12 records; rejected: missing_choices 1" in html
 
 
 def test_lm_eval_through_the_adapter_scores_as_the_native_task(base_lm, tmp_path, ray_local):

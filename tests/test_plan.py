@@ -141,6 +141,22 @@ def test_plan_command(tmp_path):
     assert "stages.data: a data stage; lmfleet plan covers training stages" in run("--stage", "data").stderr
 
 
+def test_plan_of_pretraining_on_distilled_data(tmp_path):
+    """A distill_data stage packs with its data stage's tokenizer, at its own seq_len when it sets one."""
+    stages = {
+        "data": {"sources": [{"name": "a", "format": "jsonl", "paths": ["x.jsonl"]}],
+                 "tokenizer": {"vocab_size": 512}, "pack": {"seq_len": 32}},
+        "small": {"kind": "distill_data", "data": "data", "method": "random", "fraction": 0.1,
+                  "pack": {"seq_len": 16}},
+        "pretrain": {"data": "small", "model": {k: v for k, v in MODEL.items() if k != "vocab_size"},
+                     "batch": {"global_batch": 8, "micro_batch": 4}, "scaling": {"num_workers": 2}},
+    }
+    path = write_config(tmp_path / "c.yaml", {"name": "p", "output_dir": str(tmp_path / "out"), "stages": stages})
+    proc = subprocess.run([*lmfleet_cmd(), "plan", str(path), "--json"], capture_output=True, text=True)
+    (row,) = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert row["params"] == PARAMS and row["seq_len"] == 16, proc.stderr
+
+
 def test_plan_without_data(tmp_path):
     """With no packed data and no data stage, model.vocab_size and model.max_seq_len give the shapes."""
     pretrain = {"data": str(tmp_path / "nowhere"), "model": MODEL, "batch": {"global_batch": 8, "micro_batch": 4},

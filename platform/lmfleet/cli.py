@@ -234,6 +234,10 @@ def plan(
             raise UserError(f"{config}: no training stage to plan (lmfleet plan covers pretraining and post-training)")
         run_dir = loaded.config.run_dir
         data = {s.name: s.config for s in loaded.stages if s.kind == "data"}
+        for s in loaded.stages:  # distill_data packs with its data stage's tokenizer (and its seq_len by default)
+            if s.kind == "distill_data" and s.config.data in data:
+                source = data[s.config.data]
+                data[s.name] = source.model_copy(update={"pack": s.config.pack or source.pack})
         specs = {s.name: (s.kind, s.config) for s in loaded.stages}
         limit = None if device_memory is None else _bytes(device_memory)
         out = []

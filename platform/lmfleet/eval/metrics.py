@@ -9,6 +9,7 @@ interval is a seeded percentile bootstrap over examples.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -58,12 +59,16 @@ def token_f1(prediction: str, references: Sequence[str]) -> float:
     return max(f1(words, normalize_answer(r).split()) for r in references)
 
 
-def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """ROUGE-L F1 (rouge_score, stemmed), the best over the references."""
+@functools.cache
+def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return max(scorer.score(r, prediction)["rougeL"].fmeasure for r in references)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F1 (rouge_score, stemmed), the best over the references."""
+    return max(_rouge_scorer().score(r, prediction)["rougeL"].fmeasure for r in references)
 
 
 def corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -165,18 +166,19 @@ def score(model, task: Task, items: list[tuple[int, dict]], seed: int) -> list[d
 
 
 def run_python(program: str, timeout_s: float) -> float:
-    """1.0 when `program` exits 0 in a fresh isolated Python (-I) within the timeout."""
+    """1.0 when `program` exits 0 in a fresh isolated Python (-I: no PYTHON* variables, no user site) within the
+    timeout (then killed). Its environment is PATH alone: model-written code never sees the credentials or
+    tokens of this process's environment."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False, encoding="utf-8") as f:
         f.write(program)
     try:
         proc = subprocess.run([sys.executable, "-I", f.name], capture_output=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+                              stdin=subprocess.DEVNULL, cwd=tempfile.gettempdir(),
+                              env={"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "utf-8"})
         return float(proc.returncode == 0)
     except subprocess.TimeoutExpired:
         return 0.0
     finally:
-        import os
-
         os.unlink(f.name)
 
 

@@ -90,6 +90,8 @@ def stage_section(run: RunView, stage: StageView) -> Section:
         body, plots = _prune(stage)
     elif stage.kind == "eval":
         body, plots = _eval(stage)
+    elif stage.kind == "distill_data":
+        body, plots = _distill_data(stage)
     else:
         body, plots = _hf(stage)
     status = {"skipped": "up to date: not re-run; its last run's results"}.get(stage.status, stage.status)
@@ -181,6 +183,34 @@ def _prune(stage: StageView) -> tuple[str, int]:
     records = _steps(stage, "step")
     uri = panels_figure(records, "step", [Panel("loss", ["loss", "val_loss"])]) if records else None
     return body + (m.figure(uri, "recovery fine-tuning") if uri else ""), 1 + bool(uri)
+
+
+# -- dataset distillation --
+
+def _distill_data(stage: StageView) -> tuple[str, int]:
+    r = stage.report
+    per_source = r.get("per_source") or {}
+    if not per_source:
+        return "<p>the stage did not finish: no counts</p>", 0
+    names = list(per_source)
+    fig, (a, b) = grid(2, 2)
+    for ax, key, title in ((a, "docs", "documents per source"), (b, "chars", "characters per source")):
+        y = list(range(len(names)))[::-1]
+        ax.barh([v + 0.2 for v in y], [per_source[n][f"{key}_in"] for n in names], height=0.4, label="in")
+        ax.barh([v - 0.2 for v in y], [per_source[n][f"{key}_kept"] for n in names], height=0.4, label="kept")
+        ax.set_yticks(y, names, fontsize=7)
+        ax.legend(fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    body = m.figure(data_uri(fig), f"{r.get('method')}: what each source gave and kept")
+    rows = [[n, v["docs_in"], v["docs_kept"], v["chars_in"], v["chars_kept"]] for n, v in per_source.items()]
+    body += m.table(rows, ["source", "documents in", "kept", "characters in", "kept"])
+    scores = {k: v for k, v in (r.get("scores") or {}).items() if v}
+    if scores:
+        body += m.h3("scores (dsir: log importance weight; perplexity: mean token loss; random: the noise)")
+        body += m.table([[k, v["min"], v["median"], v["max"]] for k, v in scores.items()], ["documents", "min", "median",
+                                                                                           "max"])
+    return body, 1
 
 
 # -- evaluation --
