@@ -1,4 +1,4 @@
-"""Dataset distillation measured: the same model and steps trained on the full corpus, on 10% of its documents
+"""Dataset distillation measured: the same model and steps trained on the full corpus, on 10% of its characters
 chosen by distill_data (DSIR toward a target) and on a random 10%, three seeds each; validation loss on held-out
 target text from an eval stage.
 
@@ -98,6 +98,7 @@ def main() -> None:
         for kind in ("dsir", "random"):
             r = s1[kind]
             print(f"{kind} (seed {SEEDS[0]}): {r['docs_kept']:,} of {r['docs_in']:,} documents, "
+                  f"{sum(v['chars_kept'] for v in r['per_source'].values()):,} characters, "
                   f"{r['packing']['real_tokens']:,} tokens; per source kept/in: "
                   + ", ".join(f"{s} {v['docs_kept']}/{v['docs_in']}" for s, v in r["per_source"].items()))
         print(f"full corpus: {sum(s1['data']['packing']['samples'].values()):,} "

@@ -32,6 +32,10 @@ def test_dsir_by_hand():
     g = dsir.gumbel(uids, seed=3)
     assert np.array_equal(g, dsir.gumbel(uids, seed=3)) and not np.array_equal(g, dsir.gumbel(uids, seed=4))
     assert dsir.top_k(np.array([1.0, 3.0, 3.0, 0.0, 2.0]), uids, 3).tolist() == [2, 3, 5]  # ties: smaller uid
+    keys, sizes = np.array([1.0, 3.0, 3.0, 0.0, 2.0]), np.array([5, 4, 1, 9, 2])  # key order: uid 2, 3, 5, 1, 4
+    assert dsir.top_size(keys, uids, sizes, 5).tolist() == [2, 3]  # 4 + 1 reaches 5
+    assert dsir.top_size(keys, uids, sizes, 6).tolist() == [2, 3, 5]  # the crossing document is in
+    assert dsir.top_size(keys, uids, sizes, 100).tolist() == [1, 2, 3, 4, 5]
 
 
 def test_distill_data_config_errors(tmp_path):
@@ -61,7 +65,7 @@ def test_distill_data_stages_choose_and_pack_what_pretraining_reads(packed, tmp_
                  "pack": {"seq_len": 32, "val_fraction": 0.05}},
         "dsir_again": {"kind": "distill_data", "data": data, "fraction": 0.2, "target": target,
                        "pack": {"seq_len": 32, "val_fraction": 0.05}},
-        "random": {"kind": "distill_data", "data": data, "method": "random", "fraction": 0.2},
+        "random": {"kind": "distill_data", "data": data, "method": "random", "fraction": 0.2, "unit": "docs"},
         "proxy": {"kind": "pretrain", **pretrain_stage(packed, steps=6, export=True)},
         "ppl": {"kind": "distill_data", "data": data, "method": "perplexity", "proxy": "proxy", "docs": 100},
         "train": {"kind": "pretrain", **pretrain_stage("dsir", steps=2)},
@@ -70,10 +74,14 @@ def test_distill_data_stages_choose_and_pack_what_pretraining_reads(packed, tmp_
     r = report["stages"]
     src = r["dsir"]["per_source"]
     n = r["dsir"]["docs_in"]
-    assert r["dsir"]["docs_kept"] == round(0.2 * n) == sum(v["docs_kept"] for v in src.values())
+    chars_in, chars_kept = (sum(v[k] for v in src.values()) for k in ("chars_in", "chars_kept"))
+    assert r["dsir"]["budget"] == {"unit": "chars", "target": round(0.2 * chars_in)}
+    assert 0.2 * chars_in <= chars_kept < 0.2 * chars_in + 20_000  # the crossing document at most (C4's < 20k)
+    assert r["dsir"]["docs_kept"] == sum(v["docs_kept"] for v in src.values())
     plays_in = src["plays"]["docs_in"] / n
     assert src["plays"]["docs_kept"] / r["dsir"]["docs_kept"] > min(0.95, 2 * plays_in)  # toward the target
     rand = r["random"]["per_source"]
+    assert r["random"]["docs_kept"] == round(0.2 * n) == sum(v["docs_kept"] for v in rand.values())
     assert abs(rand["plays"]["docs_kept"] / r["random"]["docs_kept"] - plays_in) < 0.1  # the input's shares
     ids = lambda name: sorted(pq.read_table(out / name / "kept", columns=["uid"])["uid"].to_pylist())  # noqa: E731
     assert ids("dsir") == ids("dsir_again") != ids("random")

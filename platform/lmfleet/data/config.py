@@ -325,7 +325,9 @@ class DistillDataConfig(StrictModel):
         "dsir: importance resampling toward `target` (Xie et al. 2023); perplexity: the documents `proxy` (a model "
         "trained on reference text) finds likeliest (Wenzek et al. 2020, Marion et al. 2023); random: a seeded "
         "uniform sample (the baseline)."))
-    fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of the documents (or `docs`).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of the corpus (`unit`), or `docs`.")
+    unit: Literal["chars", "docs"] = Field("chars", description="What `fraction` measures: the characters (a subset "
+                                           "of that size, whatever its documents' lengths) or the documents.")
     docs: int | None = Field(None, ge=1, description="Keep this many documents (or `fraction`).")
     target: SourceConfig | None = Field(None, description="dsir: the reference texts, read as a data stage source.")
     proxy: str | None = Field(None, description="perplexity: a causal model (a stage of this run or a model dir).")

@@ -136,9 +136,8 @@ def run_distill_data_stage(cfg: DistillDataConfig, ctx) -> dict:
         n = docs.count()
         if n == 0:
             raise InputError(f"distill_data.data {where}/kept: no documents")
-        k = min(n, cfg.docs if cfg.docs is not None else max(1, round(cfg.fraction * n)))
-        said.append(f"{n:,} documents, keeping {k:,}")
-    report: dict = {"method": cfg.method, "docs_in": n, "docs_kept": k, "input": where}
+        said.append(f"{n:,} documents")
+    report: dict = {"method": cfg.method, "docs_in": n, "input": where}
     with ctx.step("score") as said:
         if cfg.method == "dsir":
             d = cfg.dsir
@@ -164,9 +163,17 @@ def run_distill_data_stage(cfg: DistillDataConfig, ctx) -> dict:
         else:
             keys = docs.map_batches(_keys, batch_format="pyarrow", fn_kwargs={"method": "random", "seed": ctx.seed})
         table = pa.concat_tables(ray.get(keys.to_arrow_refs()))
-        uids, key = table["uid"].to_numpy(), table["key"].to_numpy()
-        chosen = dsir.top_k(key, uids, k)
-        said.append(f"{cfg.method}: {k:,} of {n:,} kept")
+        uids, key, chars = table["uid"].to_numpy(), table["key"].to_numpy(), table["chars"].to_numpy()
+        if cfg.docs is not None or cfg.unit == "docs":
+            k = min(n, cfg.docs) if cfg.docs is not None else max(1, round(cfg.fraction * n))
+            chosen = dsir.top_k(key, uids, k)
+            report["budget"] = {"unit": "docs", "target": k}
+        else:
+            budget = cfg.fraction * float(chars.sum())
+            chosen = dsir.top_size(key, uids, chars, budget)
+            report["budget"] = {"unit": "chars", "target": round(budget)}
+        report["docs_kept"] = len(chosen)
+        said.append(f"{cfg.method}: {len(chosen):,} of {n:,} documents kept")
     mask = np.isin(uids, chosen)
     score = table["score"].to_numpy()
     report["scores"] = {part: _quantiles(score[m]) for part, m in (("kept", mask), ("left", ~mask))}
@@ -215,7 +222,10 @@ def _summary(cfg: DistillDataConfig, r: dict) -> list[str]:
     method = {"dsir": "importance resampling toward the target (DSIR)", "perplexity": f"lowest loss under {cfg.proxy}",
               "random": "a seeded uniform sample"}[cfg.method]
     p = r["packing"]
-    return [f"kept {r['docs_kept']:,} of {r['docs_in']:,} documents: {method}",
+    chars_in = sum(v["chars_in"] for v in r["per_source"].values())
+    chars_kept = sum(v["chars_kept"] for v in r["per_source"].values())
+    return [f"kept {r['docs_kept']:,} of {r['docs_in']:,} documents, {chars_kept:,} of {chars_in:,} characters "
+            f"({r['budget']['unit']} budget {r['budget']['target']:,}): {method}",
             "per source (kept / in): " + ", ".join(f"{s} {v['docs_kept']}/{v['docs_in']}" for s, v in r["per_source"].items()),
             f"packed: {p['samples']} samples of {p['seq_len']}+1 tokens, {p['real_tokens']} real tokens"]
 

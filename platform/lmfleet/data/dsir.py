@@ -60,3 +60,12 @@ def top_k(keys: np.ndarray, uids: np.ndarray, k: int) -> np.ndarray:
     """The uids of the k largest keys (ties: the smaller uid), sorted."""
     order = np.lexsort((uids, -keys))
     return np.sort(uids[order[:k]])
+
+
+def top_size(keys: np.ndarray, uids: np.ndarray, sizes: np.ndarray, budget: float) -> np.ndarray:
+    """The uids of the largest keys, in key order (ties: the smaller uid), until their sizes reach `budget` (the
+    document that crosses it included), sorted. Gumbel top-k with a size budget instead of a count."""
+    order = np.lexsort((uids, -keys))
+    reached = np.cumsum(sizes[order]) >= budget
+    k = int(np.argmax(reached)) + 1 if reached.any() else len(order)
+    return np.sort(uids[order[:k]])

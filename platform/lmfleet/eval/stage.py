@@ -138,21 +138,10 @@ def run_eval_stage(cfg: EvalStageConfig, ctx) -> dict:
             actors = [actor.remote(location, cfg.max_length, cfg.batch_size, use_gpu, s.cpus_per_worker)
                       for _ in range(actors_per_model)]
             try:
-                refs = [actors[j % len(actors)].harness.remote(task, files[task.name], ctx.seed, cfg.bootstrap)
-                        if chunk is None else
-                        actors[j % len(actors)].score.remote(task, [(i, examples[task.name].items[i]) for i in chunk],
-                                                             ctx.seed) for j, (task, chunk) in enumerate(units)]
-                done = ray.get(refs)
+                rows, harnessed = _run_units(actors, units, examples, files, ctx.seed, cfg.bootstrap)
             finally:
                 for a in actors:
                     ray.kill(a)
-            rows: dict[str, list[dict]] = {n: [] for n in examples}
-            harnessed: dict[str, dict] = {}
-            for (task, chunk), out in zip(units, done, strict=True):
-                if chunk is None:
-                    harnessed[task.name] = out
-                else:
-                    rows[task.name] += out
             results[name] = {}
             for t in cfg.tasks:
                 if isinstance(t, LmEvalTask):
@@ -181,6 +170,24 @@ def run_eval_stage(cfg: EvalStageConfig, ctx) -> dict:
     ctx.metrics.write(ctx.name, **{f"{t.name}/{k}/{n}": results[n][t.name][k]["value"]
                                    for n in names for t in cfg.tasks for k in [primary_metric(t, results[n][t.name])]})
     return ctx.write_report(report)
+
+
+def _run_units(actors, units, examples, files, seed: int, bootstrap: int) -> tuple[dict, dict]:
+    """Every unit on one model's actors (unit j on actor j mod n): each file task's rows in record order, and
+    each lm_eval task's output."""
+    import ray
+
+    refs = [actors[j % len(actors)].harness.remote(task, files[task.name], seed, bootstrap) if chunk is None else
+            actors[j % len(actors)].score.remote(task, [(i, examples[task.name].items[i]) for i in chunk], seed)
+            for j, (task, chunk) in enumerate(units)]
+    rows: dict[str, list[dict]] = {n: [] for n in examples}
+    harnessed: dict[str, dict] = {}
+    for (task, chunk), out in zip(units, ray.get(refs), strict=True):
+        if chunk is None:
+            harnessed[task.name] = out
+        else:
+            rows[task.name] += out
+    return rows, harnessed
 
 
 def _write_lines(ctx, model: str, task: str, rows: list[dict]) -> None:
