@@ -76,7 +76,7 @@ def test_distill_data_stages_choose_and_pack_what_pretraining_reads(packed, tmp_
     n = r["dsir"]["docs_in"]
     chars_in, chars_kept = (sum(v[k] for v in src.values()) for k in ("chars_in", "chars_kept"))
     assert r["dsir"]["budget"] == {"unit": "chars", "target": round(0.2 * chars_in)}
-    assert 0.2 * chars_in <= chars_kept < 0.2 * chars_in + 20_000  # the crossing document at most (C4's < 20k)
+    assert 0.2 * chars_in <= chars_kept < 0.2 * chars_in + 40_000  # the crossing document at most (C4's < 40k)
     assert r["dsir"]["docs_kept"] == sum(v["docs_kept"] for v in src.values())
     plays_in = src["plays"]["docs_in"] / n
     assert src["plays"]["docs_kept"] / r["dsir"]["docs_kept"] > min(0.95, 2 * plays_in)  # toward the target
