@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from lmfleet.config import StrictModel
-from lmfleet.eval.task_config import Task
+from lmfleet.eval.task_config import Task, check_task_names
 from lmfleet.train.config import ScalingConfig
 
 
@@ -30,10 +30,7 @@ class EvalStageConfig(StrictModel):
 
     @model_validator(mode="after")
     def _names(self):
-        names = [t.name for t in self.tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        check_task_names(self.tasks)
         if len(set(self.models)) < len(self.models):
             raise ValueError(f"models: a model is listed twice: {self.models}")
         return self

@@ -149,6 +149,14 @@ Task = Annotated[PerplexityTask | MultipleChoiceTask | ClassificationTask | Gene
                  Field(discriminator="kind")]
 
 
+def check_task_names(tasks) -> None:
+    """A task's name names its report entry and predictions file: ValueError for a name used twice."""
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+
+
 class TrainingTasksConfig(StrictModel):
     """`eval_tasks:` of a training stage: eval stage tasks scored on the whole model every `every` steps by the
     first worker (the others wait at the next step), logged as task/<name>/<metric>. No lm_eval tasks here (an
@@ -162,8 +170,5 @@ class TrainingTasksConfig(StrictModel):
 
     @model_validator(mode="after")
     def _names(self):
-        names = [t.name for t in self.tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        check_task_names(self.tasks)
         return self
