@@ -121,6 +121,7 @@ class Trainer:
         self.objective_tokens = inputs.objective_tokens
         self._nsp = None  # mlm_nsp evaluation: [right, pairs] of this rank's next-sentence predictions
         self.best: dict | None = None  # early stopping: this rank's part of the best evaluated weights
+        self._task_tokenizer = None  # eval_tasks: the first rank's tokenizer (score_tasks)
 
     # -- set-up helpers --
 
@@ -354,8 +355,10 @@ class Trainer:
             model.output.weight = model.tok_embeddings.weight
         model.to(self.device).eval()
         t = self.cfg.eval_tasks
-        tok = load_tokenizer(local_copy(self.inputs.tokenizer, "pretrain.data"))
-        em = EvalModel(model, tok, False, t.max_length or self.cfg.model.max_seq_len, t.batch_size, self.device)
+        if self._task_tokenizer is None:  # loaded once, at the first evaluation
+            self._task_tokenizer = load_tokenizer(local_copy(self.inputs.tokenizer, "pretrain.data"))
+        em = EvalModel(model, self._task_tokenizer, False, t.max_length or self.cfg.model.max_seq_len, t.batch_size,
+                       self.device)
         with torch.no_grad():
             return score_tasks(em, self.inputs.tasks, self.seed)
 
