@@ -218,6 +218,8 @@ def _random_unicode(rng: random.Random, n: int) -> str:
 def test_vectorized_tokenizer_matches_re_on_random_unicode():
     rng = random.Random(0)
     texts = [_random_unicode(rng, 60) for _ in range(800)] + ["plain ascii text, with_underscores 42"]
+    # Each of the kernel's hash routes at its length bounds: one 8-byte word, two, polynomial (long or wide).
+    texts += [" ".join(c * n for n in (7, 8, 9, 16, 17, 40)) for c in ("a", "Z", "é", "ω", "_1")]
     prepared = [mh._prenormalize(t) for t in texts]
     joined = " ".join(["", *prepared, ""])
     lengths = np.array([len(p) for p in prepared])
