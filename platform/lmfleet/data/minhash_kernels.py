@@ -34,7 +34,7 @@ def _splitmix64(z):
 WORD_HIGH, NONWORD_HIGH = 0x80, 0x81
 IS_WORD = np.array([chr(c).isalnum() or c == 0x5F if c < 128 else c == WORD_HIGH for c in range(256)],
                    dtype=np.uint8)
-_BYTE_MASK = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
+_BYTE_MASK = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)  # a word's first n bytes
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -49,7 +49,7 @@ def _load8(words, pos):
 def word_token_hashes(raw, sym_words, wide_pos, wide_val, is_word, consts):
     """Hash every maximal run of word characters (``is_word[raw[i]]``) of a text. ``sym_words``: one
     symbol byte per character (ASCII letters case-folded by the 0x20 bit, digits, "_" -> 0x7F, Latin-1
-    lowered) as aligned little-endian uint64 words with 8 bytes to spare; ``wide_pos`` / ``wide_val``
+    lowered) as aligned little-endian uint64 words with 24 bytes to spare; ``wide_pos`` / ``wide_val``
     (sorted): the characters whose lowered code point is >= 256. Returns (hashes, token starts).
 
     A token of at most 16 characters without wide ones hashes as one or two 8-byte words (times
@@ -60,7 +60,8 @@ def word_token_hashes(raw, sym_words, wide_pos, wide_val, is_word, consts):
     n = raw.size
     starts = np.empty(n // 2 + 2, np.int64)
     ends = np.empty(n // 2 + 2, np.int64)
-    # Pass 1, branch-free (a branch per token boundary cost ~15 ns a token in mispredictions).
+    # Pass 1, branch-free: one loop branching at every token boundary took 8.2 ms on dedup_bench's ASCII
+    # text (2.3 M characters; mispredicted branches), the caller with these two passes 4.6 ms.
     n_start = n_end = 0
     prev = 0
     for i in range(n):
@@ -73,9 +74,7 @@ def word_token_hashes(raw, sym_words, wide_pos, wide_val, is_word, consts):
     ends[n_end] = n
     n_end += prev
     hashes = np.empty(n_start, np.uint64)
-    masks = np.empty(9, np.uint64)
-    for m in range(9):
-        masks[m] = (_U(1) << _U(8 * m)) - _U(1) if m < 8 else ~_U(0)
+    masks = _BYTE_MASK  # a global array: numba compiles it in as a constant
     wp = 0
     for t in range(n_start):
         s, e = starts[t], ends[t]
