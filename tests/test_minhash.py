@@ -175,6 +175,7 @@ def test_shingle_sets_are_the_contracts_sets(pairs):
         both = np.intersect1d(x, y).size
         assert both / (x.size + y.size - both) == pytest.approx(j)
     np.testing.assert_array_equal(sets[-3], sets[-2])
+    assert mh.shingle_sets([]) == []
     small = mh.shingle_sets(docs, batch_chars=500)
     assert all(np.array_equal(x, y) for x, y in zip(sets, small, strict=True))
     values, offsets = mh.shingle_set_arrays(docs, batch_chars=3000)

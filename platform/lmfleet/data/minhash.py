@@ -323,7 +323,7 @@ def shingle_sets(texts: Iterable[str], *, ngram: int = 5, seed: int = 1, char_ng
     for n shingles)."""
     values, offsets = shingle_set_arrays(texts, ngram=ngram, seed=seed, char_ngrams=char_ngrams,
                                          batch_chars=batch_chars)
-    return np.split(values, offsets[1:-1])
+    return np.split(values, offsets[1:-1]) if offsets.size > 1 else []  # (split would give one piece)
 
 
 def shingle_set_arrays(texts: Iterable[str], *, ngram: int = 5, seed: int = 1, char_ngrams: bool = False,
