@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import subprocess
+import sys
 import unicodedata
 from collections import deque
 from pathlib import Path
@@ -275,6 +278,24 @@ def test_deterministic_seeded_and_batch_independent(words):
     np.testing.assert_array_equal(a, one_by_one)
     np.testing.assert_array_equal(a[::-1], minhash_signatures(docs[::-1], seed=7))
     np.testing.assert_array_equal(a, minhash_signatures(docs, seed=7, batch_chars=500, batch_docs=3))
+
+
+def test_kernels_run_where_numba_has_nowhere_to_cache_them(tmp_path):
+    """A read-only install and home (a container with a read-only root filesystem): numba's
+    ``cache=True`` raises at import there; the kernels compile in the process instead, same signatures.
+    numba's own settings stand in for the read-only disk (root writes through file modes)."""
+    docs = ["naïve café " * 20, "the quick brown fox jumps over the lazy dog " * 5, "", "x"]
+    code = ("import sys, numpy as np; from lmfleet.data import minhash as mh, minhash_kernels as k; "
+            f"np.save(sys.argv[1], mh.minhash_signatures({docs!r}, seed=3)); print(k._uncached)")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "UserProvidedCacheLocator",
+           "NUMBA_CACHE_DIR": "/proc/lmfleet-no-such-dir", "PYTHONPATH": str(Path(mh.__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sig.npy")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "word_token_hashes" in out.stdout and "fast_similarity_sketch" in out.stdout
+    assert "NUMBA_CACHE_DIR" in out.stderr  # the warning, once
+    assert out.stderr.count("numba cannot cache") == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "sig.npy"), minhash_signatures(docs, seed=3))
 
 
 @pytest.mark.parametrize("num_perm", [16, 100, 128, 200])

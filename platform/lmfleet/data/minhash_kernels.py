@@ -5,7 +5,7 @@ numpy versions made several array passes (the sketch: ~6 per round over every un
 Measured on dedup_bench's corpus (5,670 docs, 3.2 M characters, 487k shingles, one core): text to
 shingle hashes 22 -> 11 ms, sketch 37 -> 10 ms. Compiled on a process's first call and cached on disk
 (``cache=True``: beside this file, or numba's user cache dir where that is read-only): 1.6 s once per
-machine, 0.18 s to load in a new process after that.
+machine, 0.18 s to load in a new process after that; 1.6 s in every process where neither is writable.
 
 Everything here is integer arithmetic modulo 2**64 on ``uint64``: every operand is a uint64 (numba,
 like numpy, would turn ``uint64 op int64`` into float64).
@@ -13,13 +13,34 @@ like numpy, would turn ``uint64 op int64`` into float64).
 
 from __future__ import annotations
 
+import logging
+
 import numba
 import numpy as np
 
 _U = np.uint64
+_log = logging.getLogger(__name__)
+_uncached: list[str] = []
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+def _jit(**options):
+    """``numba.njit(nogil=True)``, cached on disk where numba finds a writable place for it (beside this
+    file, NUMBA_CACHE_DIR, or the user's cache dir). Where it finds none (a read-only install and home,
+    as in a container with a read-only root filesystem) ``cache=True`` raises at import: compile in
+    every process instead (~1.6 s at its first call) and say so once."""
+    def decorate(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
+            if not _uncached:
+                _log.warning("numba cannot cache lmfleet's MinHash kernels (%s); each process compiles them "
+                             "(~1.6 s). Set NUMBA_CACHE_DIR to a writable directory to cache them.", e)
+            _uncached.append(fn.__name__)
+            return numba.njit(nogil=True, **options)(fn)
+    return decorate
+
+
+@_jit(inline="always")
 def _splitmix64(z):
     z ^= z >> _U(30)
     z *= _U(0xBF58476D1CE4E5B9)
@@ -37,7 +58,7 @@ IS_WORD = np.array([chr(c).isalnum() or c == 0x5F if c < 128 else c == WORD_HIGH
 _BYTE_MASK = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)  # a word's first n bytes
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _load8(words, pos):
     """The 8 bytes from byte offset ``pos`` as a little-endian uint64, from aligned words."""
     shift = _U((pos & 7) << 3)
@@ -45,7 +66,7 @@ def _load8(words, pos):
     return out | ((words[(pos >> 3) + 1] << _U(1)) << (_U(63) - shift))  # a shift by 64 must give 0
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit()
 def word_token_hashes(raw, sym_words, wide_pos, wide_val, is_word, consts):
     """Hash every maximal run of word characters (``is_word[raw[i]]``) of a text. ``sym_words``: one
     symbol byte per character (ASCII letters case-folded by the 0x20 bit, digits, "_" -> 0x7F, Latin-1
@@ -101,7 +122,7 @@ def word_token_hashes(raw, sym_words, wide_pos, wide_val, is_word, consts):
     return hashes, starts[:n_start]
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit()
 def shingle_hashes(th, tok_off, mul, seed_key, len_mul):
     """Seeded 64-bit hash and doc of every shingle, grouped by doc in doc order: doc d's tokens are
     ``th[tok_off[d]:tok_off[d + 1]]``; a shingle of n tokens hashes as ``splitmix64(sum_i th[i] * mul[i] +
@@ -132,7 +153,7 @@ def shingle_hashes(th, tok_off, mul, seed_key, len_mul):
     return v, doc
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit()
 def fast_similarity_sketch(v, doc, n_docs, k, shift, steps, round_xor, round_mul, step_tag):
     """Signatures (n_docs, k) uint32 of elements ``v`` (seeded 64-bit hashes) of docs ``doc`` (grouped
     by doc in doc order, as ``shingle_hashes`` gives them); see ``minhash._fast_similarity_sketch``. ``shift`` = 64 - log2(k) when k is a power
